@@ -1,0 +1,14 @@
+"""scgnn-scale: scGNN (single-cell graph neural network) as an out-of-core engine for million-cell atlases."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("scgnn-scale")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0"
+
+from .config import RunConfig, load_config  # noqa: E402
+from .errors import InputError  # noqa: E402
+from .pipeline import STAGE_NAMES, read_run, run  # noqa: E402
+
+__all__ = ["RunConfig", "load_config", "InputError", "STAGE_NAMES", "read_run", "run", "__version__"]

@@ -1,0 +1,191 @@
+"""``scgnn-scale``: argument parsing and error display; every command calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from typing import Any
+
+from .config import config_fields
+from .errors import InputError
+
+# short flags for the options people set most; every option also has --SECTION-OPTION
+_ALIASES = {
+    "--label-key": ("ingest", "label_key"),
+    "--orientation": ("ingest", "orientation"),
+    "--seed": ("runtime", "seed"),
+    "--device": ("runtime", "device"),
+    "--scheduler": ("runtime", "scheduler"),
+    "--n-workers": ("runtime", "n_workers"),
+    "--memory-limit": ("runtime", "memory_limit"),
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    aliased = {v: k for k, v in _ALIASES.items()}
+    groups: dict[str, Any] = {}
+    for section, f in config_fields():
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"[{section}] options (also settable in the --config TOML)")
+        flags = [f"--{section}-{f.name.replace('_', '-')}"]
+        if (section, f.name) in aliased:
+            flags.insert(0, aliased[(section, f.name)])
+        help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
+        groups[section].add_argument(*flags, dest=f"cfg__{section}__{f.name}", default=None,
+                                     metavar=type(f.default).__name__.upper(), help=help_text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg__") and value is not None:
+            _, section, name = key.split("__")
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import STAGE_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="scgnn-scale",
+        description="scGNN (single-cell graph neural network) clustering and imputation, out-of-core, "
+                    "for single-cell RNA-seq from a few hundred to millions of cells.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              scgnn-scale simulate --cells 3000 --genes 2000 --types 6 example.h5ad
+              scgnn-scale run example.h5ad --out demo_run --label-key label
+              scgnn-scale evaluate demo_run --label-key label
+              scgnn-scale export demo_run --format csv --to demo_csv
+            Run 'scgnn-scale COMMAND --help' for the options of each command."""),
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the scGNN pipeline on an input into a run directory",
+                       description="Run scGNN: ingest, preprocess, LTMG, feature AE, cell graph, graph AE, "
+                                   "clusters, iterations with cluster AEs, imputation. Finished stages are "
+                                   "skipped, so rerunning the same command resumes a killed run.")
+    p.add_argument("input", help="input: .h5ad, AnnData .zarr, 10x directory (matrix.mtx[.gz]), 10x .h5, "
+                                 ".csv/.tsv[.gz]; local path or fsspec URL")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds this run)")
+    p.add_argument("--config", help="TOML file with [section] tables of the options below")
+    p.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out to hold a run of another input or config (reuses what still matches)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    _add_config_flags(p)
+
+    p = sub.add_parser("simulate", help="write a synthetic atlas with planted cell types (the built-in example)",
+                       description="Simulate negative-binomial counts with dropout and planted cell types, "
+                                   "written block by block (any size in bounded memory). Labels in obs['label'].")
+    p.add_argument("out", help="output AnnData store: .zarr directory or .h5ad file")
+    p.add_argument("--cells", type=int, default=3000, help="number of cells (default 3000)")
+    p.add_argument("--genes", type=int, default=2000, help="number of genes (default 2000)")
+    p.add_argument("--types", type=int, default=6, help="number of planted cell types (default 6)")
+    p.add_argument("--dropout", type=float, default=0.3, help="extra dropout probability (default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--block-rows", type=int, default=16384, help="cells simulated per block (default 16384)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+
+    p = sub.add_parser("evaluate", help="ARI, NMI and silhouette of a run's clusters against a label column")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--label-key", default="label", help="obs column with the reference labels (default: label)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+
+    p = sub.add_parser("evaluate-imputation",
+                       help="the paper's dropout protocol: zero a fraction of non-zeros, impute, score them")
+    p.add_argument("input", help="input counts (any format 'run' reads)")
+    p.add_argument("--out", required=True, help="directory for the masked inputs, runs and the JSON report")
+    p.add_argument("--rate", type=float, default=0.1, help="fraction of non-zero entries set to zero (default 0.1)")
+    p.add_argument("--repeats", type=int, default=3, help="independent maskings (default 3)")
+    p.add_argument("--config", help="TOML config for the runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first masking (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+
+    p = sub.add_parser("export", help="export a run as h5ad or as the published scGNN's CSV files")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--format", choices=("h5ad", "csv"), default="h5ad", help="output format (default h5ad)")
+    p.add_argument("--to", required=True, help="output file (.h5ad) or directory (csv)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from .config import load_config
+        from .pipeline import run
+
+        config = load_config(args.config, _overrides(args))
+        store = run(args.input, args.out, config=config, until=args.until, overwrite=args.overwrite,
+                    quiet=args.quiet)
+        print(f"done: {store.root} (open with scgnn_scale.read_run('{store.root}'))")
+        return 0
+    if args.command == "simulate":
+        from .simulate import simulate_atlas
+
+        path = simulate_atlas(args.out, n_cells=args.cells, n_genes=args.genes, n_types=args.types,
+                              dropout=args.dropout, seed=args.seed, block_rows=args.block_rows,
+                              overwrite=args.overwrite)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "evaluate":
+        from .evaluate import evaluate_run
+
+        metrics = evaluate_run(args.run_dir, label_key=args.label_key)
+        for k, v in metrics.items():
+            print(f"{k}\t{v}")
+        return 0
+    if args.command == "evaluate-imputation":
+        from .config import load_config
+        from .dropout import evaluate_imputation
+
+        report = evaluate_imputation(args.input, args.out, rate=args.rate, repeats=args.repeats,
+                                     config=load_config(args.config), seed=args.seed, quiet=args.quiet)
+        import json
+
+        print(json.dumps(report, indent=1))
+        return 0
+    if args.command == "export":
+        from .export import export_run
+
+        path = export_run(args.run_dir, args.to, fmt=args.format, overwrite=args.overwrite)
+        print(f"wrote {path}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("scgnn_scale").setLevel(logging.INFO)
+    try:
+        return _dispatch(args)
+    except InputError as exc:
+        if args.debug:
+            raise
+        print(f"scgnn-scale: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scgnn-scale: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""One typed run configuration: a frozen dataclass per stage, all in :class:`RunConfig`.
+
+Defaults are the paper's (DESIGN.md section 1). The CLI and a TOML file only fill this in
+(:func:`load_config`); the resolved config is written into the run store (``uns/scgnn/config``).
+Every field carries a ``help`` text that ``scgnn-scale run --help`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    chunk_rows: int = _f(2048, "rows (cells) per chunk of every cells x genes array in the store")
+    chunk_genes: int = _f(256, "genes per chunk of every cells x genes array (gene blocks for LTMG)")
+    compression_level: int = _f(3, "zstd level for store arrays")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    orientation: str = _f(
+        "auto",
+        "CSV/TSV orientation: 'genes-x-cells' (the original scGNN's CSV), 'cells-x-genes', or 'auto' "
+        "(genes x cells unless the header row looks like gene names); h5ad/10x/zarr are always cells x genes",
+        ("auto", "genes-x-cells", "cells-x-genes"),
+    )
+    label_key: str = _f("", "obs column of the input carried into the run as a label (e.g. 'label'); never required")
+    block_rows: int = _f(8192, "cells read from the input per block")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    min_cell_fraction: float = _f(0.01, "keep genes non-zero in at least this fraction of cells")
+    min_gene_fraction: float = _f(0.01, "keep cells non-zero in at least this fraction of the kept genes")
+    n_top_genes: int = _f(2000, "number of most variable genes kept")
+    variance_on: str = _f("raw", "rank genes by the variance of 'raw' values (published code) or 'log' values",
+                          ("raw", "log"))
+    normalize_total: float = _f(0.0, "library-size normalise each cell to this total before log (0: off, the paper's default)")
+
+
+@dataclass(frozen=True)
+class LTMGConfig:
+    enabled: bool = _f(True, "compute LTMG states (off: the feature AE uses plain MSE, alpha term dropped)")
+    max_cells: int = _f(20000, "fit each gene on a random sample of at most this many cells; every cell is labelled")
+    block_genes: int = _f(256, "genes per Dask task")
+    k_min: int = _f(2, "smallest number of mixture components tried")
+    k_max: int = _f(5, "largest number of mixture components tried")
+    max_iter: int = _f(100, "EM iterations per K")
+    tol: float = _f(1e-5, "EM stops when the mean log-likelihood changes less than this")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    hidden: int = _f(512, "first hidden layer of the feature autoencoder")
+    latent: int = _f(128, "embedding size of the feature autoencoder")
+    lr: float = _f(1e-3, "Adam learning rate")
+    gamma: float = _f(0.1, "weight of the plain squared error")
+    alpha: float = _f(0.9, "weight of the LTMG-weighted squared error")
+    l1: float = _f(1.0, "weight of the L1 penalty on the network weights")
+    batch_size: int = _f(1024, "cells per minibatch")
+    min_steps: int = _f(500, "optimiser steps at least (the original: 500 full-batch epochs = 500 steps)")
+    max_epochs: int = _f(10, "passes over the data at most once min_steps is reached")
+    iter_steps: int = _f(200, "optimiser steps of the continued feature AE in each later iteration")
+    memory_budget_mb: int = _f(2048, "X is served from memory when it fits this budget, streamed from the store otherwise")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    k: int = _f(10, "neighbours per cell")
+    method: str = _f("auto", "KNN search: 'auto' (exact below 20,000 cells, else pynndescent), 'exact', "
+                     "'pynndescent', 'torch' (blocked brute force, GPU when present)",
+                     ("auto", "exact", "pynndescent", "torch"))
+    prune: str = _f("std", "edge pruning: 'std' (drop edges beyond mean + 1 std of the cell's k distances), "
+                    "'isolation_forest', or 'none'", ("std", "isolation_forest", "none"))
+    exact_max_cells: int = _f(20000, "'auto' uses exact search up to this many cells")
+
+
+@dataclass(frozen=True)
+class GAEConfig:
+    hidden: int = _f(32, "first GCN layer size")
+    latent: int = _f(16, "graph embedding size")
+    lr: float = _f(0.01, "Adam learning rate (0.01 in the published code)")
+    epochs: int = _f(200, "passes over the target nodes")
+    neg_ratio: float = _f(1.0, "sampled non-edges per edge in the BCE loss")
+    batch_size: int = _f(4096, "target nodes per minibatch in neighbour-sampling mode")
+    fanouts: str = _f("10,10", "neighbours sampled per hop (comma separated, one per GCN layer)")
+    full_graph_max_nodes: int = _f(50000, "train on the full graph (no sampling) up to this many cells")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    method: str = _f("leiden", "'louvaink' (paper: Louvain count x factor, KMeans on the embedding), "
+                     "'leiden' or 'louvain' directly on the graph", ("louvaink", "leiden", "louvain"))
+    resolution: float = _f(1.0, "resolution of Leiden/Louvain")
+    small_factor: float = _f(0.8, "LouvainK: factor below 2000 cells")
+    large_factor: float = _f(0.5, "LouvainK: factor from 2000 cells on")
+    max_clusters: int = _f(30, "at most this many clusters")
+    min_cluster_size: int = _f(5, "clusters smaller than this are merged into the nearest one")
+
+
+@dataclass(frozen=True)
+class IterateConfig:
+    max_iterations: int = _f(10, "iterations of feature AE, graph, GAE, clusters, cluster AEs at most")
+    ari_stop: float = _f(0.99, "stop when the ARI between consecutive clusterings exceeds this")
+    graph_lambda: float = _f(0.5, "lambda of the graph change criterion")
+    graph_tol: float = _f(0.01, "stop when mean|A'_t - A'_t-1| < graph_tol * mean|L0|")
+    cluster_steps: int = _f(200, "optimiser steps of each cluster autoencoder")
+
+
+@dataclass(frozen=True)
+class ImputeConfig:
+    gamma1: float = _f(0.3, "weight of the graph regulariser (per-cell degree weight)")
+    gamma2: float = _f(0.1, "weight of the cell-type regulariser (per-cell cluster-size weight)")
+    l1: float = _f(1.0, "weight of the L1 penalty on the network weights")
+    steps: int = _f(500, "optimiser steps at least")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    seed: int = _f(0, "seed of every random choice; the same seed on the same machine gives the same clusters")
+    device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
+    n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
+    memory_limit: str = _f("", "memory per Dask worker of the embedded cluster, e.g. '2GiB' (empty: Dask's default)")
+
+
+SECTIONS: dict[str, type] = {
+    "store": StoreConfig,
+    "ingest": IngestConfig,
+    "preprocess": PreprocessConfig,
+    "ltmg": LTMGConfig,
+    "feature": FeatureConfig,
+    "graph": GraphConfig,
+    "gae": GAEConfig,
+    "cluster": ClusterConfig,
+    "iterate": IterateConfig,
+    "impute": ImputeConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    ltmg: LTMGConfig = field(default_factory=LTMGConfig)
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    gae: GAEConfig = field(default_factory=GAEConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
+    impute: ImputeConfig = field(default_factory=ImputeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *names: str) -> str:
+        """A short hash of the named sections, for the manifest."""
+        payload = json.dumps({n: dataclasses.asdict(getattr(self, n)) for n in names}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _coerce(section: str, name: str, value: Any, kind: type) -> Any:
+    where = f"{section}.{name}"
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"config option {where}: {value!r} is not a valid {kind.__name__}") from None
+
+
+def config_fields():
+    """Yield (section, field) for every option, in order (used by --help and --set)."""
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            yield section, f
+
+
+def build_config(overrides: dict[str, dict[str, Any]] | None = None, base: RunConfig | None = None) -> RunConfig:
+    """Apply ``{section: {option: value}}`` on top of ``base`` (the defaults), checking names, types, choices."""
+    base = base or RunConfig()
+    sections = {}
+    for section, cls in SECTIONS.items():
+        current = getattr(base, section)
+        values = dict((overrides or {}).get(section, {}))
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise InputError(f"unknown config option(s) in [{section}]: {', '.join(sorted(unknown))}")
+        changes = {}
+        for name, value in values.items():
+            f = known[name]
+            kind = type(f.default)
+            value = _coerce(section, name, value, kind)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise InputError(f"config option {section}.{name}: {value!r} is not one of {', '.join(choices)}")
+            changes[name] = value
+        sections[section] = dataclasses.replace(current, **changes)
+    unknown_sections = set(overrides or {}) - set(SECTIONS)
+    if unknown_sections:
+        raise InputError(f"unknown config section(s): {', '.join(sorted(unknown_sections))}")
+    return RunConfig(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """Defaults, then a TOML file (``[section] option = value``), then ``overrides`` (CLI flags)."""
+    cfg = RunConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: not a valid TOML file ({exc})") from None
+        bad = [k for k, v in data.items() if not isinstance(v, dict)]
+        if bad:
+            raise InputError(f"{path}: options must sit in [section] tables; found top-level {', '.join(bad)}")
+        cfg = build_config(data, cfg)
+    return build_config(overrides or {}, cfg)
+
+
+def config_from_dict(data: dict[str, dict[str, Any]]) -> RunConfig:
+    """Rebuild a config stored in a run (``RunConfig.to_dict`` output)."""
+    return build_config(data)

@@ -1,0 +1,47 @@
+"""The Dask client: an embedded LocalCluster sized to the machine, or an existing scheduler by address."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .errors import InputError
+
+log = logging.getLogger("scgnn_scale")
+
+
+class ClientHolder:
+    """Starts the client on first use and closes what it started."""
+
+    def __init__(self, runtime_config):
+        self.cfg = runtime_config
+        self._client = None
+        self._cluster = None
+
+    def get(self):
+        if self._client is not None:
+            return self._client
+        from distributed import Client, LocalCluster
+
+        if self.cfg.scheduler:
+            try:
+                self._client = Client(self.cfg.scheduler, timeout="20s")
+            except (OSError, TimeoutError) as exc:
+                raise InputError(f"--scheduler {self.cfg.scheduler}: cannot connect ({exc})") from None
+            log.info("dask: connected to %s", self.cfg.scheduler)
+        else:
+            n = self.cfg.n_workers or os.cpu_count() or 1
+            kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+            if self.cfg.memory_limit:
+                kwargs["memory_limit"] = self.cfg.memory_limit
+            self._cluster = LocalCluster(**kwargs)
+            self._client = Client(self._cluster)
+            log.info("dask: embedded LocalCluster with %d worker(s)", n)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self._client = self._cluster = None

@@ -1,0 +1,1 @@
+"""Pure torch: networks, losses and samplers. Tensors in, tensors out; no files, no store."""

@@ -1,0 +1,185 @@
+"""The order of stages, skipping finished ones, resuming killed runs.
+
+Each stage is a module in :mod:`scgnn_scale.stages` with ``run(ctx) -> dict``. A stage's *chain
+hash* covers its own config sections and the chain hash of the stage before it, so changing an
+option redoes that stage and everything after it, and nothing before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .context import StageContext
+from .errors import InputError
+from .store import RunStore
+
+log = logging.getLogger("scgnn_scale")
+
+# stage name -> config sections it depends on (besides the chain before it)
+STAGES: dict[str, tuple[str, ...]] = {
+    "ingest": ("ingest",),
+    "preprocess": ("preprocess",),
+    "ltmg": ("ltmg",),
+    "feature": ("feature",),
+    "graph": ("graph",),
+    "gae": ("gae",),
+    "cluster": ("cluster",),
+    "iterate": ("iterate", "feature", "graph", "gae", "cluster"),
+    "impute": ("impute",),
+}
+STAGE_NAMES = tuple(STAGES)
+
+
+def input_identity(source: Any) -> dict:
+    """What identifies an input: its resolved path, size and modification time (or an AnnData's shape)."""
+    if isinstance(source, str | os.PathLike) and "://" not in str(source):
+        p = Path(source)
+        if not p.exists():
+            raise InputError(f"{p}: input file not found")
+        st = p.stat()
+        size = st.st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        return {"path": str(p.resolve()), "size": size, "mtime": int(st.st_mtime)}
+    if isinstance(source, str):
+        return {"url": source}
+    shape = getattr(source, "shape", None)
+    if shape is None:
+        raise InputError(f"input of type {type(source).__name__} is neither a path nor an AnnData")
+    names = hashlib.sha256("\n".join(map(str, source.obs_names)).encode()).hexdigest()[:16]
+    return {"anndata": list(shape), "obs_names": names}
+
+
+def chain_hashes(config: RunConfig, identity: dict) -> dict[str, str]:
+    hashes, prev = {}, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    seed = config.runtime.seed
+    for stage, sections in STAGES.items():
+        own = config.section_hash(*sections)
+        prev = hashlib.sha256(f"{prev}:{stage}:{own}:{seed}".encode()).hexdigest()[:16]
+        hashes[stage] = prev
+    return hashes
+
+
+def _setup_logging(store: RunStore, quiet: bool) -> logging.Handler:
+    handler = logging.FileHandler(store.log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def run(
+    source: Any,
+    out: str | Path,
+    *,
+    config: RunConfig | None = None,
+    until: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> RunStore:
+    """Run scGNN on ``source`` (a path to h5ad / 10x / CSV / zarr, or an AnnData) into the run directory ``out``.
+
+    Finished stages with the same config are skipped; a killed run resumes. Returns the run store;
+    :func:`scgnn_scale.read_run` opens its results as an AnnData.
+    """
+    config = config or RunConfig()
+    if until is not None and until not in STAGES:
+        raise InputError(f"--until {until}: not a stage; stages are {', '.join(STAGE_NAMES)}")
+    identity = input_identity(source)
+    run_identity = {"input": identity, "config": config.section_hash(*[s for s in config.to_dict() if s != "runtime"]),
+                    "seed": config.runtime.seed}
+    store = RunStore.create(out, identity=run_identity, config=config, overwrite=overwrite)
+    handler = _setup_logging(store, quiet)
+    hashes = chain_hashes(config, identity)
+    holder = None
+    try:
+        log.info("run %s -> %s", identity, out)
+        order = list(STAGES)
+        last = order.index(until) if until else len(order) - 1
+        for i, stage in enumerate(order[: last + 1]):
+            if store.stage_done(stage, hashes[stage]):
+                log.info("%s: already done, skipped", stage)
+                continue
+            store.forget_stages(order[i:])  # everything after a redone stage is stale
+            ctx = StageContext(store=store, config=config, stage=stage, chain_hash=hashes[stage],
+                               input=source, quiet=quiet, _client_holder=holder)
+            module = importlib.import_module(f".stages.{stage}", __package__)
+            log.info("%s: started", stage)
+            t0 = time.perf_counter()
+            info = module.run(ctx) or {}
+            holder = ctx._client_holder
+            seconds = time.perf_counter() - t0
+            store.record_stage(stage, hashes[stage], seconds, info)
+            log.info("%s: done in %.1f s %s", stage, seconds, _short(info))
+            if store.has("X"):
+                store.write_uns_summary(_uns_summary(store))
+    finally:
+        if holder is not None:
+            holder.close()
+        log.removeHandler(handler)
+        handler.close()
+    return store
+
+
+def _short(info: dict) -> str:
+    items = {k: v for k, v in info.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
+    return json.dumps(items)[:300] if items else ""
+
+
+def _uns_summary(store: RunStore) -> dict:
+    """``uns/scgnn``: config, per-stage results and timings, iteration history, versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("scgnn-scale", "torch", "zarr", "anndata", "dask", "pynndescent", "scikit-learn", "igraph"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    stages = store.manifest["stages"]
+    summary = {
+        "config": store.manifest["config"],
+        "versions": versions,
+        "timings": {s: e["seconds"] for s, e in stages.items()},
+        "stages": {s: json.dumps(e.get("info", {}), default=str) for s, e in stages.items()},
+    }
+    history = stages.get("iterate", {}).get("info", {}).get("history")
+    if history:
+        import pandas as pd
+
+        summary["history"] = pd.DataFrame(history)
+    metrics = {}
+    for entry in stages.values():
+        metrics.update(entry.get("info", {}).get("metrics", {}))
+    if metrics:
+        summary["metrics"] = metrics
+    return summary
+
+
+def read_run(run_dir: str | Path, *, lazy: bool = True):
+    """The run's results as an AnnData; large arrays (X, layers) are Dask arrays when ``lazy``."""
+    import anndata
+    import dask.array as da
+    import zarr
+
+    store = RunStore.open(run_dir)
+    if not store.has("X"):
+        raise InputError(f"{run_dir}: the run has not finished preprocessing yet; nothing to read")
+    if not lazy:
+        return anndata.read_zarr(store.adata_path)
+    root = zarr.open_group(store.adata_path, mode="r", zarr_format=3)
+    X = da.from_zarr(root["X"])
+    layers = {k: da.from_zarr(root["layers"][k]) for k in root["layers"].array_keys()}
+    obs = store.read_elem("obs")
+    var = store.read_elem("var")
+    obsm = {k: store.read_elem(f"obsm/{k}") for k in root["obsm"].keys()}
+    obsp = {k: store.read_elem(f"obsp/{k}") for k in root["obsp"].keys()}
+    varm = {k: store.read_elem(f"varm/{k}") for k in root["varm"].keys()}
+    uns = store.read_elem("uns")
+    return anndata.AnnData(X=X, obs=obs, var=var, layers=layers, obsm=obsm, obsp=obsp, varm=varm, uns=uns)

@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each has ``run(ctx) -> dict`` and reads and writes the run store."""

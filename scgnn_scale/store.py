@@ -1,0 +1,331 @@
+"""The run store: a run directory holding an AnnData-layout Zarr v3 group and its bookkeeping.
+
+Layout of ``RUN_DIR``::
+
+    adata.zarr/      AnnData on-disk layout (anndata.read_zarr opens it): X, obs, var, layers/, obsm/,
+                     obsp/, varm/, uns/scgnn
+    work.zarr/       working arrays (ingested input, per-iteration reconstructions, model weights)
+    staging/<stage>/ what a running stage writes; moved into place when the stage commits
+    manifest.json    finished stages with the hash of their config chain; the single source of truth
+    run.log          the log of every invocation
+
+A stage writes only through :meth:`RunStore.staging`. Its outputs become visible (renamed into
+``adata.zarr`` / ``work.zarr``) and the stage is recorded in the manifest only when it ends without
+error, so a run killed at any moment leaves either the old or the new outputs plus a manifest that
+says which stages to redo. This module knows zarr and anndata's element I/O; it knows no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import InputError
+
+FORMAT_VERSION = 1
+_DICT_GROUPS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
+
+warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+
+
+def _compressors(level: int):
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def _anndata_io():
+    import anndata
+
+    anndata.settings.zarr_write_format = 3
+    from anndata.io import read_elem, write_elem
+
+    return read_elem, write_elem
+
+
+class Staging:
+    """Where one stage writes. Each created element is moved into the store on commit."""
+
+    def __init__(self, store: RunStore, stage: str):
+        self.store = store
+        self.stage = stage
+        self.root = store.root / "staging" / stage
+        if self.root.exists():
+            shutil.rmtree(self.root)  # left by a killed attempt
+        self.root.mkdir(parents=True)
+        self.group = zarr.open_group(self.root, mode="w", zarr_format=3)
+        self.created: list[str] = []
+
+    def _register(self, key: str) -> None:
+        if key.split("/")[0] not in ("X", "obs", "var", "work", *_DICT_GROUPS):
+            raise ValueError(f"store key {key!r} is outside the run layout")
+        if key not in self.created:
+            self.created.append(key)
+
+    def path_of(self, key: str) -> str:
+        """Filesystem path of a staged element, for Dask workers that open it themselves."""
+        return str(self.root / key)
+
+    def create_matrix(self, key: str, shape: tuple[int, ...], dtype, *, chunks: tuple[int, ...] | None = None,
+                      fill_value=0) -> zarr.Array:
+        """A chunked array (cells x genes by default chunking) marked as an AnnData dense array."""
+        self._register(key)
+        cfg = self.store.store_config
+        if chunks is None:
+            if len(shape) == 2:
+                chunks = (min(cfg.chunk_rows, max(shape[0], 1)), min(cfg.chunk_genes, max(shape[1], 1)))
+            else:
+                chunks = (min(cfg.chunk_rows * 64, max(shape[0], 1)),) + tuple(shape[1:])
+        arr = self.group.create_array(
+            key, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
+            compressors=_compressors(cfg.compression_level), overwrite=True,
+        )
+        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        return arr
+
+    def create_group(self, key: str) -> zarr.Group:
+        """A plain group the stage fills as it likes (working data)."""
+        self._register(key)
+        return self.group.create_group(key, overwrite=True)
+
+    def write_elem(self, key: str, value: Any) -> None:
+        """Write a small element (DataFrame, sparse matrix, dense array, dict) in AnnData encoding."""
+        self._register(key)
+        _, write_elem = _anndata_io()
+        parent, _, name = key.rpartition("/")
+        group = self.group.require_group(parent) if parent else self.group
+        write_elem(group, name, value)
+
+    def commit(self) -> None:
+        for key in self.created:
+            self.store._move_into_place(self.root / key, key)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RunStore:
+    """One run directory. Open with :meth:`open` (existing) or :meth:`create` (new or resumed)."""
+
+    def __init__(self, root: str | Path, store_config=None):
+        self.root = Path(root)
+        self.adata_path = self.root / "adata.zarr"
+        self.work_path = self.root / "work.zarr"
+        self.manifest_path = self.root / "manifest.json"
+        self.log_path = self.root / "run.log"
+        self._manifest: dict | None = None
+        if store_config is None:
+            from .config import config_from_dict
+
+            store_config = config_from_dict(self.manifest.get("config", {})).store
+        self.store_config = store_config
+
+    # -- creation and identity -------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, *, identity: dict, config, overwrite: bool = False) -> RunStore:
+        """Open ``root`` for this input and config, creating it if needed.
+
+        An existing run of a different input or config is refused unless ``overwrite``; then the
+        stages whose config chain still matches are kept and the rest is redone.
+        """
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise InputError(f"{root}: --out exists and is not a directory")
+        if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").is_file():
+            raise InputError(f"{root}: --out is a non-empty directory that is not a scgnn-scale run; choose another")
+        store = cls(root, store_config=config.store)
+        if store.manifest_path.is_file():
+            old = store.manifest
+            if old.get("format") != FORMAT_VERSION:
+                raise InputError(f"{root}: run store format {old.get('format')} is not supported "
+                                 f"(this version reads {FORMAT_VERSION})")
+            if old.get("identity") != identity:
+                if not overwrite:
+                    raise InputError(
+                        f"{root}: holds a run of another input or config; pass --overwrite to replace it "
+                        "or choose another --out")
+                old["identity"] = identity
+            if old.get("config", {}).get("store") != config.to_dict()["store"]:
+                if not overwrite:
+                    raise InputError(f"{root}: holds a run with another store layout; pass --overwrite")
+                old["stages"] = {}  # chunking changed: nothing can be reused
+            old["config"] = config.to_dict()
+            store._save_manifest()
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            from . import __version__
+
+            store._manifest = {"format": FORMAT_VERSION, "package_version": __version__, "identity": identity,
+                               "config": config.to_dict(), "stages": {}, "checkpoints": {}}
+            store._save_manifest()
+        store._init_layout()
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path) -> RunStore:
+        root = Path(root)
+        if not (root / "manifest.json").is_file():
+            raise InputError(f"{root}: not a scgnn-scale run directory (no manifest.json)")
+        store = cls(root)
+        if store.manifest.get("format") != FORMAT_VERSION:
+            raise InputError(f"{root}: run store format {store.manifest.get('format')} is not supported")
+        return store
+
+    def _init_layout(self) -> None:
+        root = zarr.open_group(self.adata_path, mode="a", zarr_format=3)
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
+                           "scgnn-scale-format": FORMAT_VERSION})
+        for name in _DICT_GROUPS:
+            g = root.require_group(name)
+            g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        zarr.open_group(self.work_path, mode="a", zarr_format=3)
+
+    # -- manifest --------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            try:
+                self._manifest = json.loads(self.manifest_path.read_text())
+            except FileNotFoundError:
+                self._manifest = {}
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{self.manifest_path}: corrupt manifest ({exc})") from None
+        return self._manifest
+
+    def _save_manifest(self) -> None:
+        _atomic_write_json(self.manifest_path, self.manifest)
+
+    def stage_done(self, stage: str, chain_hash: str) -> bool:
+        entry = self.manifest["stages"].get(stage)
+        return bool(entry) and entry.get("hash") == chain_hash
+
+    def stage_info(self, stage: str) -> dict:
+        return self.manifest["stages"].get(stage, {}).get("info", {})
+
+    def record_stage(self, stage: str, chain_hash: str, seconds: float, info: dict) -> None:
+        self.manifest["stages"][stage] = {
+            "hash": chain_hash, "seconds": round(seconds, 3), "info": info,
+            "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+        self.manifest.get("checkpoints", {}).pop(stage, None)
+        self._save_manifest()
+
+    def forget_stages(self, stages: list[str]) -> None:
+        for s in stages:
+            self.manifest["stages"].pop(s, None)
+        self._save_manifest()
+
+    def load_checkpoint(self, stage: str, chain_hash: str) -> dict | None:
+        """State a long stage saved part-way (e.g. finished iterations), if it matches this config."""
+        entry = self.manifest.setdefault("checkpoints", {}).get(stage)
+        if entry and entry.get("hash") == chain_hash:
+            return entry["state"]
+        return None
+
+    def save_checkpoint(self, stage: str, chain_hash: str, state: dict) -> None:
+        self.manifest.setdefault("checkpoints", {})[stage] = {"hash": chain_hash, "state": state}
+        self._save_manifest()
+
+    # -- writing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self, stage: str):
+        """Write a stage's outputs; they are moved into place only if the block ends without error."""
+        st = Staging(self, stage)
+        yield st
+        st.commit()
+
+    def _base_for(self, key: str) -> tuple[Path, str]:
+        if key.startswith("work/"):
+            return self.work_path, key[len("work/"):]
+        return self.adata_path, key
+
+    def _move_into_place(self, src: Path, key: str) -> None:
+        base, rel = self._base_for(key)
+        dst = base / rel
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[0] in ("obs", "var"):
+            self._add_column_to_frame(parts[0], parts[1])
+
+    def _add_column_to_frame(self, frame: str, column: str) -> None:
+        g = zarr.open_group(self.adata_path / frame, mode="r+", zarr_format=3)
+        order = list(g.attrs.get("column-order", []))
+        if column not in order:
+            g.attrs["column-order"] = order + [column]
+
+    def delete(self, key: str) -> None:
+        """Remove a working element that is no longer needed (e.g. an old iteration's reconstruction)."""
+        base, rel = self._base_for(key)
+        path = base / rel
+        if path.exists():
+            shutil.rmtree(path)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        base, rel = self._base_for(key)
+        return (base / rel / "zarr.json").is_file()
+
+    def path_of(self, key: str) -> str:
+        base, rel = self._base_for(key)
+        return str(base / rel)
+
+    def open_array(self, key: str, mode: str = "r") -> zarr.Array:
+        if not self.has(key):
+            raise InputError(f"{self.root}: the run has no '{key}' yet (run the stage that makes it first)")
+        return zarr.open_array(self.path_of(key), mode=mode, zarr_format=3)
+
+    def open_group(self, key: str, mode: str = "r") -> zarr.Group:
+        if not self.has(key):
+            raise InputError(f"{self.root}: the run has no '{key}' yet (run the stage that makes it first)")
+        return zarr.open_group(self.path_of(key), mode=mode, zarr_format=3)
+
+    def read_elem(self, key: str) -> Any:
+        """Read a small element (DataFrame, sparse matrix, array, dict) written in AnnData encoding."""
+        read_elem, _ = _anndata_io()
+        base, rel = self._base_for(key)
+        parent, _, name = rel.rpartition("/")
+        group = zarr.open_group(base / parent if parent else base, mode="r", zarr_format=3)
+        if name not in group:
+            raise InputError(f"{self.root}: the run has no '{key}' yet (run the stage that makes it first)")
+        return read_elem(group[name])
+
+    def write_uns_summary(self, summary: dict) -> None:
+        """Rewrite ``uns/scgnn`` (config, stage results, timings, versions): derived, so written in place."""
+        _, write_elem = _anndata_io()
+        uns = zarr.open_group(self.adata_path / "uns", mode="a", zarr_format=3)
+        if "scgnn" in uns:
+            del uns["scgnn"]
+        write_elem(uns, "scgnn", summary)
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.open_array("X").shape[0])

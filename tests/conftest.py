@@ -1,0 +1,30 @@
+import os
+
+import numpy as np
+import pytest
+
+# pynndescent/numba compile on first use: keep the cache between test runs and CI steps
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".numba_cache"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def planted_counts(n_cells=300, n_genes=200, n_types=3, seed=0):
+    """Small negative-binomial counts with planted types: each type up-regulates its own gene block."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_types, n_cells)
+    base = rng.gamma(2.0, 1.0, n_genes)
+    mu = np.tile(base, (n_cells, 1))
+    block = n_genes // n_types
+    for t in range(n_types):
+        mu[labels == t, t * block:(t + 1) * block] *= 6.0
+    counts = rng.negative_binomial(2, 2 / (2 + mu)).astype(np.float32)
+    return counts, labels
+
+
+@pytest.fixture
+def planted():
+    return planted_counts()
