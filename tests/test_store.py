@@ -1,0 +1,69 @@
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+from scgnn_scale.config import RunConfig, build_config
+from scgnn_scale.errors import InputError
+from scgnn_scale.store import RunStore
+from scgnn_scale.testing import store_with_matrix
+
+
+def test_layout_opens_with_anndata(tmp_path, planted):
+    counts, labels = planted
+    store = store_with_matrix(tmp_path / "run", counts, labels=labels)
+    with store.staging("cluster") as st:
+        st.write_elem("obs/scgnn_cluster", pd.Categorical(labels.astype(str)))
+        st.write_elem("obsm/X_scgnn", np.ones((counts.shape[0], 16), np.float32))
+        arr = st.create_matrix("layers/ltmg", counts.shape, np.uint8)
+        arr[:] = 1
+    adata = anndata.read_zarr(store.adata_path)
+    assert adata.shape == counts.shape
+    assert list(adata.obs.columns) == ["label", "scgnn_cluster"]
+    np.testing.assert_allclose(adata.X, np.log1p(counts), rtol=1e-6)
+    assert adata.layers["ltmg"].dtype == np.uint8 and adata.obsm["X_scgnn"].shape == (counts.shape[0], 16)
+    chunks = store.open_array("X").chunks
+    assert chunks == (min(2048, counts.shape[0]), min(256, counts.shape[1]))
+
+
+def test_failed_stage_leaves_store_unchanged(tmp_path, planted):
+    counts, _ = planted
+    store = store_with_matrix(tmp_path / "run", counts)
+    with pytest.raises(RuntimeError):
+        with store.staging("gae") as st:
+            st.write_elem("obsm/X_scgnn", np.zeros((counts.shape[0], 16), np.float32))
+            raise RuntimeError("killed")
+    assert not store.has("obsm/X_scgnn")
+    # the next attempt starts from a clean staging area
+    with store.staging("gae") as st:
+        st.write_elem("obsm/X_scgnn", np.ones((counts.shape[0], 16), np.float32))
+    assert store.read_elem("obsm/X_scgnn").sum() == counts.shape[0] * 16
+
+
+def test_manifest_records_and_checkpoints(tmp_path):
+    cfg = RunConfig()
+    store = RunStore.create(tmp_path / "run", identity={"a": 1}, config=cfg)
+    store.record_stage("ingest", "h1", 1.0, {"n_cells": 5})
+    store.save_checkpoint("iterate", "h9", {"done": 2})
+    again = RunStore.open(tmp_path / "run")
+    assert again.stage_done("ingest", "h1") and not again.stage_done("ingest", "other")
+    assert again.load_checkpoint("iterate", "h9") == {"done": 2}
+    assert again.load_checkpoint("iterate", "changed") is None
+
+
+def test_refuses_another_run_unless_overwrite(tmp_path):
+    cfg = RunConfig()
+    RunStore.create(tmp_path / "run", identity={"a": 1}, config=cfg)
+    with pytest.raises(InputError, match="holds a run of another input or config"):
+        RunStore.create(tmp_path / "run", identity={"a": 2}, config=cfg)
+    RunStore.create(tmp_path / "run", identity={"a": 2}, config=cfg, overwrite=True)
+    with pytest.raises(InputError, match="another store layout"):
+        RunStore.create(tmp_path / "run", identity={"a": 2}, config=build_config({"store": {"chunk_rows": 64}}))
+
+
+def test_refuses_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(InputError, match="not a scgnn-scale run"):
+        RunStore.create(tmp_path / "mine", identity={}, config=RunConfig(), overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
