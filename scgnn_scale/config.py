@@ -37,11 +37,16 @@ class IngestConfig:
     orientation: str = _f(
         "auto",
         "CSV/TSV orientation: 'genes-x-cells' (the original scGNN's CSV), 'cells-x-genes', or 'auto' "
-        "(genes x cells unless the header row looks like gene names); h5ad/10x/zarr are always cells x genes",
+        "(genes x cells unless the names say otherwise: an axis whose names are mostly cell barcodes "
+        "(10+ ACGTN letters) or 'cell<n>' holds cells; one mostly Ensembl ids or 'gene<n>', or with any "
+        "MT-/mt- gene, holds genes). An explicit value that the names contradict is an error. "
+        "h5ad/10x/zarr are always cells x genes",
         ("auto", "genes-x-cells", "cells-x-genes"),
     )
     label_key: str = _f("", "obs column of the input carried into the run as a label (e.g. 'label'); never required")
     block_rows: int = _f(8192, "cells read from the input per block")
+    tmp_dir: str = _f("", "directory for the temporary files of inputs that are re-sorted by cell while read "
+                      "(CSV/TSV, 10x mtx, CSC h5ad; 12 bytes per non-zero); empty: the system temp directory")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,12 @@ class LTMGConfig:
     k_max: int = _f(5, "largest number of mixture components tried")
     max_iter: int = _f(100, "EM iterations per K")
     tol: float = _f(1e-5, "EM stops when the mean log-likelihood changes less than this")
+    min_sd: float = _f(1e-4, "floor of every component's sd on the log scale (the published code jitters "
+                       "log values by N(0, 1e-4) instead)")
+    state_numbering: str = _f("published", "'published': state = 0-based column of the winning sorted "
+                              "component (a censored gene's lowest component shares 0 with zeros), as the "
+                              "published R code; 'one-based': fitted components are 1..K",
+                              ("published", "one-based"))
 
 
 @dataclass(frozen=True)
@@ -75,9 +86,13 @@ class FeatureConfig:
     l1: float = _f(1.0, "weight of the L1 penalty on the network weights")
     batch_size: int = _f(1024, "cells per minibatch")
     min_steps: int = _f(500, "optimiser steps at least (the original: 500 full-batch epochs = 500 steps)")
-    max_epochs: int = _f(10, "passes over the data at most once min_steps is reached")
+    max_epochs: int = _f(10, "passes over the data when that takes more than min_steps: the schedule is "
+                         "max(min_steps, max_epochs x batches per epoch) optimiser steps")
     iter_steps: int = _f(200, "optimiser steps of the continued feature AE in each later iteration")
     memory_budget_mb: int = _f(2048, "X is served from memory when it fits this budget, streamed from the store otherwise")
+    buffer_blocks: int = _f(4, "row blocks (chunks of cells) mixed in the loader's shuffle buffer")
+    prefetch_blocks: int = _f(2, "row blocks read ahead on a background thread while the model trains")
+    checkpoint_minutes: float = _f(10.0, "save the model and optimiser this often during training, so a killed run resumes (0: never)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,13 @@ class GraphConfig:
     prune: str = _f("std", "edge pruning: 'std' (drop edges beyond mean + 1 std of the cell's k distances), "
                     "'isolation_forest', or 'none'", ("std", "isolation_forest", "none"))
     exact_max_cells: int = _f(20000, "'auto' uses exact search up to this many cells")
+    nnd_neighbors: int = _f(30, "pynndescent: degree of the NN-descent graph (> k; 30 gave recall@10 0.98 on "
+                            "100k 128-d blobs, k+1 gave 0.69)")
+    nnd_trees: int = _f(0, "pynndescent: random-projection trees of the initialisation (0: its default)")
+    nnd_iters: int = _f(0, "pynndescent: NN-descent iterations at most (0: its default)")
+    n_jobs: int = _f(0, "pynndescent: numba threads (0: min(8, cores)); fixed so memory does not grow with the host")
+    recall_sample: int = _f(256, "pynndescent: cells whose exact neighbours are found to report recall@k (0: off)")
+    torch_query_block: int = _f(4096, "torch brute force: query rows per block")
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,15 @@ class GAEConfig:
     batch_size: int = _f(4096, "target nodes per minibatch in neighbour-sampling mode")
     fanouts: str = _f("10,10", "neighbours sampled per hop (comma separated, one per GCN layer)")
     full_graph_max_nodes: int = _f(50000, "train on the full graph (no sampling) up to this many cells")
+    mode: str = _f("auto", "'auto' (full graph up to full_graph_max_nodes, else minibatch), 'full' or 'minibatch'",
+                   ("auto", "full", "minibatch"))
+    final_relu: bool = _f(True, "ReLU on the graph embedding (the paper's formula); off: linear output as in "
+                          "the published code's GCNModelAE")
+    epoch_cells: int = _f(50000, "minibatch mode: target cells per epoch (min with N), so the work of 'epochs' "
+                          "is bounded at any N (200 epochs x 50k = 10M target visits)")
+    sample_first_layer: bool = _f(False, "minibatch mode: also sample the first layer's neighbours (classic "
+                                  "2-hop sampling); off: A~E is computed once over the whole graph (exact, it "
+                                  "does not depend on the weights) and only hop 1 is sampled")
 
 
 @dataclass(frozen=True)
@@ -120,7 +151,22 @@ class IterateConfig:
     ari_stop: float = _f(0.99, "stop when the ARI between consecutive clusterings exceeds this")
     graph_lambda: float = _f(0.5, "lambda of the graph change criterion")
     graph_tol: float = _f(0.01, "stop when mean|A'_t - A'_t-1| < graph_tol * mean|L0|")
-    cluster_steps: int = _f(200, "optimiser steps of each cluster autoencoder")
+    graph_reference: str = _f("laplacian", "L0 of the graph criterion: 'laplacian' (I - D^-1/2 A0 D^-1/2, the published "
+                              "code) or 'adjacency' (D^-1/2 A0 D^-1/2, the paper's text)", ("laplacian", "adjacency"))
+    cluster_steps: int = _f(200, "optimiser steps of each cluster autoencoder at least (the original: 200 "
+                            "full-batch epochs)")
+    cluster_max_epochs: int = _f(1, "passes over a cluster's cells when that takes more than cluster_steps: each "
+                                 "cluster AE runs max(cluster_steps, cluster_max_epochs x its batches per epoch) steps")
+    cluster_gamma: float = _f(1.0, "weight of the squared error of the cluster AEs (the published 'noregu' loss: 1.0)")
+    cluster_init: str = _f("feature", "start each cluster AE from the current feature AE's weights (as the "
+                           "published code) or 'fresh'", ("feature", "fresh"))
+    cluster_executor: str = _f("auto", "where cluster AEs train: 'dask' (one task per cluster), 'local' (one after "
+                               "another in this process), 'auto' (local on a GPU, dask otherwise)",
+                               ("auto", "dask", "local"))
+    cluster_memory_budget_mb: int = _f(512, "a cluster's rows are served from memory when they fit this, streamed otherwise")
+    scatter_buffer_mb: int = _f(256, "memory for the rows buffered while laying clusters out and putting them back")
+    feature_ltmg: bool = _f(True, "keep the LTMG term in the continued feature AE (the published code drops it "
+                            "in iterations unless --EMreguTag)")
 
 
 @dataclass(frozen=True)
@@ -129,6 +175,9 @@ class ImputeConfig:
     gamma2: float = _f(0.1, "weight of the cell-type regulariser (per-cell cluster-size weight)")
     l1: float = _f(1.0, "weight of the L1 penalty on the network weights")
     steps: int = _f(500, "optimiser steps at least")
+    max_epochs: int = _f(10, "passes over the data once that exceeds 'steps' (as feature.max_epochs); the "
+                         "network size, batch size, learning rate and loader are the feature autoencoder's")
+    use_ltmg: bool = _f(True, "add the LTMG-weighted error (alpha term of the feature AE) when layers/ltmg exists")
 
 
 @dataclass(frozen=True)

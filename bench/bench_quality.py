@@ -1,0 +1,122 @@
+"""Clustering quality on the gold-labelled data sets of ../shared/data, scgnn-scale vs the scanpy default.
+
+    python bench/bench_quality.py [--sets klein_subset,goolam] [--seeds 3] [--full]
+
+For each set, in the same run: the scanpy default pipeline (normalize_total, log1p, 2000 HVG, PCA 50,
+kNN 15, Leiden 1.0; mean over seeds) and scgnn-scale one pass (``--until cluster``) with the default
+cluster rule and with the paper's LouvainK; with ``--full`` also the whole iterative method
+(``--until iterate``). Prints JSON lines and a markdown table; writes bench/out/quality.json.
+Needs the bench extra: pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import run_measured  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "bench" / "out"
+NOT_GOLD = {"10x_pbmc4k_top2000"}  # vendor clustering, not gold labels (shared/data/README.md)
+
+
+def scanpy_baseline(name: str, seed: int) -> dict:
+    import anndata
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    adata = anndata.read_h5ad(DATA / name / "counts.h5ad")
+    labels = adata.obs["label"].astype(str).to_numpy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, n_top_genes=min(2000, adata.n_vars))
+    adata = adata[:, adata.var["highly_variable"]].copy()
+    sc.pp.pca(adata, n_comps=min(50, adata.n_vars - 1, adata.n_obs - 1), random_state=seed)
+    sc.pp.neighbors(adata, n_neighbors=15, random_state=seed, transformer="sklearn")
+    sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2)
+    pred = adata.obs["leiden"].to_numpy()
+    return {"ari": adjusted_rand_score(labels, pred), "nmi": normalized_mutual_info_score(labels, pred),
+            "clusters": int(len(set(pred)))}
+
+
+def scgnn_row(name: str, until: str, method: str, seed: int, work: Path) -> dict:
+    import anndata
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    run_dir = work / f"{name}_{method}_s{seed}"
+    cmd = ["scgnn-scale", "run", str(DATA / name / "counts.h5ad"), "--out", str(run_dir), "--label-key", "label",
+           "--until", until, "--cluster-method", method, "--seed", str(seed), "--quiet", "--overwrite"]
+    measured = run_measured(cmd, stdout=subprocess.DEVNULL)
+    obs = anndata.read_zarr(run_dir / "adata.zarr").obs
+    truth, pred = obs["label"].astype(str).to_numpy(), obs["scgnn_cluster"].astype(str).to_numpy()
+    return {"ari": adjusted_rand_score(truth, pred), "nmi": normalized_mutual_info_score(truth, pred),
+            "clusters": int(len(set(pred))), **measured}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="", help="comma-separated set names (default: every set in ../shared/data)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--full", action="store_true", help="also the whole iterative method (--until iterate)")
+    ap.add_argument("--_scanpy", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._scanpy:
+        print(json.dumps(scanpy_baseline(args._scanpy[0], int(args._scanpy[1]))))
+        return
+    names = args.sets.split(",") if args.sets else sorted(p.name for p in DATA.iterdir() if (p / "counts.h5ad").exists())
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = OUT / "quality_runs"
+    rows = []
+    variants = [("cluster", "leiden"), ("cluster", "louvaink")]
+    if args.full:
+        variants += [("iterate", "leiden"), ("iterate", "louvaink")]
+    for name in names:
+        per = []
+        for seed in range(args.seeds):
+            out = subprocess.run([sys.executable, __file__, "--_scanpy", name, str(seed)], capture_output=True,
+                                 text=True, check=True)
+            per.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        m = run_measured([sys.executable, __file__, "--_scanpy", name, "0"], stdout=subprocess.DEVNULL)
+        rows.append({"set": name, "method": "scanpy default (Leiden 1.0)", "gold": name not in NOT_GOLD,
+                     **_mean(per), **m})
+        print(json.dumps(rows[-1]), flush=True)
+        for until, method in variants:
+            per = [scgnn_row(name, until, method, seed, work) for seed in range(args.seeds)]
+            label = f"scgnn-scale {'one pass' if until == 'cluster' else 'iterative'} ({method})"
+            rows.append({"set": name, "method": label, "gold": name not in NOT_GOLD, **_mean(per)})
+            print(json.dumps(rows[-1]), flush=True)
+    (OUT / "quality.json").write_text(json.dumps(rows, indent=1))
+    print(_markdown(rows))
+
+
+def _mean(per: list[dict]) -> dict:
+    keys = per[0].keys()
+    return {k: round(float(np.mean([p[k] for p in per])), 3) for k in keys if k != "returncode"}
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| set | method | ARI | NMI | clusters | seconds | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['set']}{'' if r['gold'] else ' (labels not gold)'} | {r['method']} | {r['ari']:.3f} | "
+                     f"{r['nmi']:.3f} | {r['clusters']:.1f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    methods = sorted({r["method"] for r in rows})
+    lines.append("")
+    lines.append("| method | mean ARI over gold sets | mean NMI |")
+    lines.append("|---|---|---|")
+    for meth in methods:
+        gold = [r for r in rows if r["method"] == meth and r["gold"]]
+        if gold:
+            lines.append(f"| {meth} | {np.mean([r['ari'] for r in gold]):.3f} | {np.mean([r['nmi'] for r in gold]):.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""End-to-end scaling: simulate N cells x G genes, run the whole method, per-stage seconds and peak RSS.
+
+    python bench/bench_scaling.py --cells 10000,100000 [--genes 2000] [--until impute] [--device cpu]
+
+Prints one JSON object per size (per-stage seconds from the run's manifest, peak RSS of the whole
+process tree, store size on disk per element) and the growth exponents of time between sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import run_measured  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def one_size(n: int, genes: int, until: str, extra: list[str]) -> dict:
+    data = OUT / f"atlas_{n}x{genes}.zarr"
+    if not data.exists():
+        sim = run_measured(["scgnn-scale", "simulate", str(data), "--cells", str(n), "--genes", str(genes),
+                            "--types", "12"], stdout=subprocess.DEVNULL)
+    else:
+        sim = None
+    run_dir = OUT / f"run_{n}x{genes}"
+    measured = run_measured(["scgnn-scale", "run", str(data), "--out", str(run_dir), "--until", until,
+                             "--label-key", "label", "--overwrite", "--quiet", *extra], stdout=subprocess.DEVNULL)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = {s: e["seconds"] for s, e in manifest["stages"].items()}
+    metrics = {}
+    for e in manifest["stages"].values():
+        metrics.update(e.get("info", {}).get("metrics", {}))
+    adata = run_dir / "adata.zarr"
+    sizes = {p.relative_to(adata).as_posix(): _du(p) for g in ("X", "layers", "obsm", "obsp")
+             for p in ([adata / g] if g == "X" else sorted((adata / g).glob("*")))}
+    sizes["work.zarr"] = _du(run_dir / "work.zarr")
+    return {"cells": n, "genes": genes, "simulate": sim, "total_seconds": measured["seconds"],
+            "peak_rss_mb": measured["peak_rss_mb"], "stage_seconds": stages, "metrics": metrics,
+            "store_bytes": sizes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", default="10000,100000", help="comma-separated sizes")
+    ap.add_argument("--genes", type=int, default=2000)
+    ap.add_argument("--until", default="impute")
+    ap.add_argument("extra", nargs="*", help="more 'scgnn-scale run' options after --")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in [int(x) for x in args.cells.split(",")]:
+        results.append(one_size(n, args.genes, args.until, args.extra))
+        print(json.dumps(results[-1]), flush=True)
+    for a, b in zip(results, results[1:], strict=False):
+        ratio = math.log(b["cells"] / a["cells"])
+        exps = {s: round(math.log(max(b["stage_seconds"][s], 1e-3) / max(a["stage_seconds"][s], 1e-3)) / ratio, 2)
+                for s in b["stage_seconds"] if s in a["stage_seconds"]}
+        exps["total"] = round(math.log(b["total_seconds"] / a["total_seconds"]) / ratio, 2)
+        print(json.dumps({"exponents": f"{a['cells']}->{b['cells']}", **exps}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

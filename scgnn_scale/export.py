@@ -1,0 +1,276 @@
+"""Export a finished run: one ``.h5ad`` file, or the CSV files the published scGNN writes.
+
+``export_run(run_dir, to, fmt="h5ad")`` writes every element of the run's ``adata.zarr`` (X, layers,
+obs, var, obsm, obsp, varm, uns) into an h5ad that ``anndata.read_h5ad`` opens. Cells x genes arrays
+are copied in row blocks through h5py, never held whole.
+
+``fmt="csv"`` writes into the directory ``to`` the four files of the published tool
+(``scGNN.py``, end of the run), with ``<name>`` the run directory's name unless given:
+
+==========================  ==============================================================
+``<name>_results.txt``      CSV, header ``,Celltype``; one row per cell: cell name, cluster id
+``<name>_embedding.csv``    CSV, header ``,embedding0,...``; one row per cell: ``obsm['X_scgnn']``,
+                            the graph-autoencoder embedding the clusters come from
+``<name>_graph.csv``        CSV, header ``NodeA,NodeB,Weights``; one row per stored entry of the
+                            pruned graph (0-based cell indices; a cell lists all its neighbours,
+                            so an undirected edge appears as (i, j) and (j, i))
+``<name>_recon.csv``        CSV, genes x cells (header ``,cell1,cell2,...``; one row per gene): the
+                            imputed matrix ``layers['imputed']`` in the log1p space of ``X``
+==========================  ==============================================================
+
+plus ``<name>_feature_embedding.csv`` (the 128-d feature-autoencoder embedding, same layout), a file
+the published tool writes only when it clusters on that embedding. A file whose source the run does
+not hold yet (e.g. no ``layers/imputed`` before the impute stage) is skipped with a log message;
+the recon file then falls back to the last iteration's feature-autoencoder reconstruction
+(``work/iterate/recon``) when the run has one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .errors import InputError
+from .store import RunStore
+
+log = logging.getLogger("scgnn_scale")
+
+FORMATS = ("h5ad", "csv")
+_DICT_GROUPS = ("layers", "obsm", "obsp", "varm", "varp")
+#: bytes of a gene block read for the genes x cells CSV (all cells x some genes)
+_TRANSPOSE_BUDGET = 256 * 2**20
+
+
+def export_run(run_dir: str | Path, to: str | Path, *, fmt: str = "h5ad", overwrite: bool = False,
+               name: str | None = None, block_rows: int | None = None, compression: str | None = "gzip") -> Path:
+    """Write a run's results as an h5ad file or as the published scGNN's CSV files.
+
+    Parameters
+    ----------
+    run_dir
+        A run directory (``scgnn-scale run ... --out RUN_DIR``).
+    to
+        The output ``.h5ad`` file (``fmt="h5ad"``) or directory (``fmt="csv"``).
+    fmt
+        ``"h5ad"`` or ``"csv"``.
+    overwrite
+        Replace an existing output; without it an existing ``to`` is an error.
+    name
+        File name prefix of the CSV files (default: the run directory's name).
+    block_rows
+        Cells per streamed block (default: the store's chunk rows).
+    compression
+        h5py compression of the large h5ad arrays (``"gzip"``, ``"lzf"`` or None).
+
+    Returns
+    -------
+    Path
+        The written file or directory.
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
+    store = RunStore.open(run_dir)
+    if not store.has("X"):
+        raise InputError(f"{run_dir}: the run has not finished preprocessing yet; nothing to export")
+    to = Path(to)
+    block_rows = int(block_rows or store.store_config.chunk_rows)
+    if fmt == "h5ad":
+        return _export_h5ad(store, to, overwrite=overwrite, block_rows=block_rows, compression=compression)
+    return _export_csv(store, to, overwrite=overwrite, name=name or store.root.resolve().name,
+                       block_rows=block_rows)
+
+
+# -- h5ad ----------------------------------------------------------------------------------------
+def _check_target_file(to: Path, overwrite: bool) -> None:
+    if to.is_dir():
+        raise InputError(f"{to}: is a directory; --to must name an .h5ad file")
+    if to.exists() and not overwrite:
+        raise InputError(f"{to}: already exists; pass --overwrite to replace it")
+    if not to.parent.is_dir():
+        raise InputError(f"{to.parent}: directory does not exist")
+
+
+def _export_h5ad(store: RunStore, to: Path, *, overwrite: bool, block_rows: int, compression) -> Path:
+    import h5py
+    from anndata.io import write_elem
+
+    _check_target_file(to, overwrite)
+    root = zarr.open_group(store.adata_path, mode="r", zarr_format=3)
+    tmp = to.with_name(to.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["encoding-type"] = "anndata"
+            f.attrs["encoding-version"] = "0.1.0"
+            _copy_dense(root["X"], f, "X", block_rows, compression)
+            write_elem(f, "obs", store.read_elem("obs"))
+            write_elem(f, "var", store.read_elem("var"))
+            for group_name in _DICT_GROUPS:
+                out = f.create_group(group_name)
+                out.attrs["encoding-type"] = "dict"
+                out.attrs["encoding-version"] = "0.1.0"
+                if group_name not in root:
+                    continue
+                for key in sorted(root[group_name].keys()):
+                    node = root[group_name][key]
+                    if _is_dense_matrix(node):
+                        _copy_dense(node, out, key, block_rows, compression)
+                    else:
+                        write_elem(out, key, store.read_elem(f"{group_name}/{key}"))
+            uns = store.read_elem("uns") if "uns" in root else {}
+            write_elem(f, "uns", uns)
+        os.replace(tmp, to)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return to
+
+
+def _is_dense_matrix(node) -> bool:
+    return isinstance(node, zarr.Array) and node.ndim == 2 and node.attrs.get("encoding-type", "array") == "array"
+
+
+def _copy_dense(src: zarr.Array, group, key: str, block_rows: int, compression) -> None:
+    """Copy a 2-D zarr array into an h5py dataset in row blocks, with AnnData's array encoding."""
+    from .loader import iter_row_blocks
+
+    n, g = src.shape
+    chunks = (max(1, min(n, block_rows)), max(1, min(g, 512))) if n and g else None
+    dset = group.create_dataset(key, shape=src.shape, dtype=src.dtype, chunks=chunks,
+                                compression=compression if chunks else None)
+    for a, b, block in iter_row_blocks(src, block_rows):
+        dset[a:b] = block
+    dset.attrs["encoding-type"] = "array"
+    dset.attrs["encoding-version"] = "0.2.0"
+
+
+# -- csv -----------------------------------------------------------------------------------------
+def _prepare_dir(to: Path, overwrite: bool) -> None:
+    if to.exists() and not to.is_dir():
+        raise InputError(f"{to}: exists and is not a directory; --to must name a directory for CSV")
+    if to.is_dir() and any(to.iterdir()) and not overwrite:
+        raise InputError(f"{to}: already exists and is not empty; pass --overwrite to replace its files")
+    to.mkdir(parents=True, exist_ok=True)
+
+
+class _AtomicText:
+    """A text file written under a temporary name and moved into place on success."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+
+    def __enter__(self):
+        self.fh = open(self.tmp, "w", newline="")
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb):
+        self.fh.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+def _export_csv(store: RunStore, to: Path, *, overwrite: bool, name: str, block_rows: int) -> Path:
+    _prepare_dir(to, overwrite)
+    obs = store.read_elem("obs")
+    cells = obs.index.astype(str)
+    written = []
+    if "scgnn_cluster" in obs.columns:
+        path = to / f"{name}_results.txt"
+        with _AtomicText(path) as fh:
+            pd.DataFrame({"Celltype": _cluster_ids(obs["scgnn_cluster"])}, index=cells).to_csv(fh)
+        written.append(path.name)
+    else:
+        log.warning("export: the run has no clusters yet (obs/scgnn_cluster); %s_results.txt skipped", name)
+    for key, suffix in (("obsm/X_scgnn", "embedding"), ("obsm/X_scgnn_feature", "feature_embedding")):
+        if store.has(key):
+            path = to / f"{name}_{suffix}.csv"
+            _write_embedding_csv(store.open_array(key), cells, path, block_rows)
+            written.append(path.name)
+        else:
+            log.warning("export: the run has no %s yet; %s_%s.csv skipped", key, name, suffix)
+    if (store.adata_path / "obsp" / "scgnn_graph").is_dir():
+        path = to / f"{name}_graph.csv"
+        _write_graph_csv(store.read_elem("obsp/scgnn_graph"), path, block_rows)
+        written.append(path.name)
+    else:
+        log.warning("export: the run has no graph yet (obsp/scgnn_graph); %s_graph.csv skipped", name)
+    recon_key = next((k for k in ("layers/imputed", "work/iterate/recon") if store.has(k)), None)
+    if recon_key is not None:
+        if recon_key != "layers/imputed":
+            log.warning("export: no layers/imputed (impute not run); %s_recon.csv holds %s", name, recon_key)
+        path = to / f"{name}_recon.csv"
+        genes = store.read_elem("var").index.astype(str)
+        _write_genes_by_cells_csv(store.open_array(recon_key), genes, cells, path)
+        written.append(path.name)
+    else:
+        log.warning("export: the run has no imputed matrix yet; %s_recon.csv skipped", name)
+    log.info("export: wrote %s into %s", ", ".join(written), to)
+    return to
+
+
+def _cluster_ids(labels: pd.Series) -> np.ndarray:
+    """Cluster ids as integers (the published file's), or as strings when they are not numbers."""
+    values = np.asarray(labels.astype(str))
+    try:
+        return values.astype(np.int64)
+    except ValueError:
+        return values
+
+
+def _write_embedding_csv(array: zarr.Array, cells: pd.Index, path: Path, block_rows: int) -> None:
+    from .loader import iter_row_blocks
+
+    columns = [f"embedding{i}" for i in range(array.shape[1])]
+    with _AtomicText(path) as fh:
+        for a, b, block in iter_row_blocks(array, block_rows):
+            pd.DataFrame(block, index=cells[a:b], columns=columns).to_csv(fh, header=a == 0)
+        if array.shape[0] == 0:
+            pd.DataFrame(columns=columns).to_csv(fh)
+
+
+def _write_graph_csv(graph, path: Path, block_rows: int) -> None:
+    import scipy.sparse as sp
+
+    graph = sp.csr_matrix(graph)
+    indptr = graph.indptr.astype(np.int64)
+    with _AtomicText(path) as fh:
+        fh.write("NodeA,NodeB,Weights\n")
+        for a in range(0, graph.shape[0], block_rows):
+            b = min(a + block_rows, graph.shape[0])
+            p0, p1 = indptr[a], indptr[b]
+            rows = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(indptr[a:b + 1]))
+            frame = pd.DataFrame({"NodeA": rows, "NodeB": graph.indices[p0:p1].astype(np.int64),
+                                  "Weights": graph.data[p0:p1].astype(np.float64)})
+            frame.to_csv(fh, header=False, index=False, float_format="%.1f")
+
+
+def _write_genes_by_cells_csv(array: zarr.Array, genes: pd.Index, cells: pd.Index, path: Path) -> None:
+    """The published recon file: one row per gene, one column per cell, streamed in gene blocks."""
+    n, g = array.shape
+    chunk_genes = int(array.chunks[1]) if g else 1
+    # whole gene chunks when all cells x a chunk fit the budget, else fewer genes per read
+    per_gene = max(1, n * np.dtype(array.dtype).itemsize)
+    gene_block = max(1, min(g, _TRANSPOSE_BUDGET // per_gene))
+    if gene_block >= chunk_genes:
+        gene_block = gene_block // chunk_genes * chunk_genes
+    with _AtomicText(path) as fh:
+        fh.write("," + ",".join(_csv_field(c) for c in cells) + "\n")
+        for g0 in range(0, g, gene_block):
+            g1 = min(g, g0 + gene_block)
+            block = np.asarray(array[:, g0:g1]).T
+            pd.DataFrame(block, index=genes[g0:g1]).to_csv(fh, header=False, float_format="%.6g")
+
+
+def _csv_field(value: str) -> str:
+    if any(ch in value for ch in ',"\n\r'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+

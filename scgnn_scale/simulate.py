@@ -1,0 +1,237 @@
+"""Synthetic atlases with planted cell types, written block by block in bounded memory.
+
+The model (every draw seeded from ``seed``):
+
+- gene base means ``mu_g ~ LogNormal(-1, 1.5)`` (median 0.37 counts) and per-gene NB dispersion
+  ``r_g ~ Uniform(1, 5)`` (variance ``mu + mu^2 / r``);
+- ``n_types`` cell types, each with its own expression programme: about 4% of the genes up (fold
+  ``LogNormal(log 4, 0.3)``) and 2% down (fold 1/4), chosen at random per type;
+- type proportions: half uniform, half ``Dirichlet(2)``, so every type holds at least half its uniform share;
+- per-cell library size ``LogNormal(0, 0.35)`` multiplying every mean;
+- counts ``NB(mean = size_c * mu_g * fold_{t(c), g}, r_g)`` drawn as Gamma-Poisson, then each non-zero
+  is set to zero with probability ``dropout``.
+
+Cells are drawn in tiles of a fixed number of rows (about 2 million values: 1024 cells at 2000 genes),
+each tile with its own seed (``SeedSequence(seed, spawn_key=(1, tile))``), so the atlas does not depend
+on ``block_rows`` and memory stays at a few tiles whatever ``n_cells`` (10 million included). X is
+written as CSR (float32 data, int32 indices, int64 indptr) and ``obs`` column by column, all appended
+block by block; the output is an AnnData store (``.zarr``: Zarr v3 directory; ``.h5ad``: HDF5) that
+``anndata`` reads and ``scgnn-scale run`` accepts. ``obs['label']`` (categorical, ``type0`` ...) holds the
+planted types.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import InputError
+
+_TILE_VALUES = 1 << 21
+_ARRAY_CHUNK = 1 << 20  # entries per chunk of the 1-d arrays written
+
+
+def _tile_rows(n_genes: int) -> int:
+    return int(max(1, min(1024, _TILE_VALUES // max(n_genes, 1))))
+
+
+class _Programme:
+    """What all tiles share: gene means, dispersions, type programmes and proportions."""
+
+    def __init__(self, n_genes: int, n_types: int, seed: int):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+        base = rng.lognormal(mean=-1.0, sigma=1.5, size=n_genes)
+        self.dispersion = rng.uniform(1.0, 5.0, size=n_genes)
+        fold = np.ones((n_types, n_genes))
+        n_up = max(2, int(round(0.04 * n_genes)))
+        n_down = max(1, int(round(0.02 * n_genes)))
+        for t in range(n_types):
+            chosen = rng.choice(n_genes, size=min(n_genes, n_up + n_down), replace=False)
+            fold[t, chosen[:n_up]] = rng.lognormal(np.log(4.0), 0.3, size=len(chosen[:n_up]))
+            fold[t, chosen[n_up:]] = 0.25
+        self.type_means = base[None, :] * fold
+        self.proportions = 0.5 / n_types + 0.5 * rng.dirichlet(np.full(n_types, 2.0))
+        self.proportions /= self.proportions.sum()
+        self.markers_up = fold > 1
+
+
+def _simulate_tile(prog: _Programme, seed: int, tile: int, n_rows: int, dropout: float):
+    """One tile of cells: (CSR counts float32, type codes)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, tile)))
+    types = rng.choice(len(prog.proportions), size=n_rows, p=prog.proportions)
+    size = rng.lognormal(0.0, 0.35, size=n_rows)
+    mean = prog.type_means[types] * size[:, None]
+    r = prog.dispersion[None, :]
+    # Gamma-Poisson = NB; float32 standard gammas are the cheapest draw numpy offers
+    gammas = rng.standard_gamma(np.broadcast_to(r, mean.shape), dtype=np.float32)
+    counts = rng.poisson(gammas * (mean / r))
+    rows, cols = np.nonzero(counts)
+    values = counts[rows, cols]
+    if dropout > 0:
+        kept = rng.random(len(values)) >= dropout
+        rows, cols, values = rows[kept], cols[kept], values[kept]
+    block = sp.csr_matrix((values.astype(np.float32), (rows, cols)), shape=counts.shape, dtype=np.float32)
+    return block, types
+
+
+class _Writer:
+    """Appends CSR rows and obs entries to an AnnData layout (h5py file or zarr v3 group)."""
+
+    def __init__(self, path: Path, is_h5: bool, n_genes: int, categories: list[str], code_dtype):
+        self.path = path
+        self.n_genes = n_genes
+        self.categories = categories
+        self.is_h5 = is_h5
+        self.nnz = 0
+        self.n_rows = 0
+        if self.is_h5:
+            import h5py
+
+            self.root = h5py.File(path, "w")
+        else:
+            import zarr
+
+            self.root = zarr.open_group(path, mode="w", zarr_format=3)
+        self.root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        X = self.root.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [0, n_genes]})
+        self.X = X
+        self.data = self._array(X, "data", np.float32)
+        self.indices = self._array(X, "indices", np.int32)
+        self.indptr = self._array(X, "indptr", np.int64)
+        self._append(self.indptr, np.zeros(1, dtype=np.int64))
+        obs = self.root.create_group("obs")
+        obs.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
+                          "column-order": ["label"]})
+        self.names = self._array(obs, "_index", str)
+        self.names.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        label = obs.create_group("label")
+        label.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+        self.codes = self._array(label, "codes", code_dtype)
+        self.codes.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        self.label_group = label
+
+    def _array(self, group, name: str, dtype):
+        if self.is_h5:
+            import h5py
+
+            h5_dtype = h5py.string_dtype() if dtype is str else dtype
+            return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=h5_dtype,
+                                        chunks=(min(_ARRAY_CHUNK, 1 << 16) if dtype is str else _ARRAY_CHUNK,),
+                                        compression="gzip", compression_opts=1, shuffle=True)
+        from zarr.codecs import BloscCodec
+
+        codecs = None if dtype is str else [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+        kwargs = {"compressors": codecs} if codecs else {}
+        return group.create_array(name, shape=(0,), dtype=dtype, chunks=(_ARRAY_CHUNK,), **kwargs)
+
+    @staticmethod
+    def _append(array, values) -> None:
+        old = array.shape[0]
+        array.resize((old + len(values),))
+        array[old:old + len(values)] = values
+
+    def append(self, block: sp.csr_matrix, types: np.ndarray) -> None:
+        start = self.n_rows
+        self._append(self.data, block.data)
+        self._append(self.indices, block.indices.astype(np.int32))
+        self._append(self.indptr, block.indptr[1:].astype(np.int64) + self.nnz)
+        names = np.array([f"cell{i}" for i in range(start, start + block.shape[0])], dtype=object)
+        self._append(self.names, names)
+        self._append(self.codes, types.astype(self.codes.dtype))
+        self.nnz += block.nnz
+        self.n_rows += block.shape[0]
+
+    def finish(self, var: pd.DataFrame) -> None:
+        import anndata
+        from anndata.io import write_elem
+
+        anndata.settings.zarr_write_format = 3
+        self.X.attrs["shape"] = [self.n_rows, self.n_genes]
+        write_elem(self.label_group, "categories", np.array(self.categories, dtype=object))
+        write_elem(self.root, "var", var)
+        for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
+            write_elem(self.root, name, {})
+        if self.is_h5:
+            self.root.close()
+
+
+def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int = 2000, n_types: int = 6,
+                   dropout: float = 0.3, seed: int = 0, block_rows: int = 16384, overwrite: bool = False) -> Path:
+    """Write a synthetic atlas with planted cell types (model in the module docstring).
+
+    Parameters
+    ----------
+    out
+        Output path ending in ``.zarr`` (Zarr v3 AnnData store) or ``.h5ad``.
+    n_cells, n_genes, n_types
+        Size of the atlas and number of planted types (``obs['label']``: ``type0`` ...).
+    dropout
+        Probability that a non-zero count is set to zero, in [0, 1).
+    seed
+        The atlas is a function of the seed alone (not of ``block_rows``).
+    block_rows
+        Cells written per block (rounded up to whole tiles); memory grows with it, not with ``n_cells``.
+    overwrite
+        Replace an existing ``out``; without it an existing output is an :class:`InputError`.
+
+    Returns
+    -------
+    Path
+        ``out``. Written under a temporary name and renamed, so a killed run leaves no partial output.
+    """
+    out = Path(out)
+    if out.suffix not in (".zarr", ".h5ad"):
+        raise InputError(f"{out}: the output must end in .zarr (Zarr AnnData store) or .h5ad")
+    for option, value, low in (("--cells", n_cells, 1), ("--genes", n_genes, 1), ("--types", n_types, 1),
+                               ("--block-rows", block_rows, 1)):
+        if int(value) < low:
+            raise InputError(f"simulate {option} {value}: must be at least {low}")
+    if n_types > n_cells:
+        raise InputError(f"simulate --types {n_types}: more types than cells ({n_cells})")
+    if not 0.0 <= dropout < 1.0:
+        raise InputError(f"simulate --dropout {dropout}: must be in [0, 1)")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise InputError(f"{out}: the directory {out.parent} does not exist")
+
+    prog = _Programme(n_genes, n_types, seed)
+    tile = _tile_rows(n_genes)
+    tiles_per_block = max(1, -(-block_rows // tile))
+    categories = [f"type{t}" for t in range(n_types)]
+    code_dtype = np.int8 if n_types < 128 else np.int16 if n_types < 32768 else np.int32
+    tmp = out.with_name(f".{out.name}.partial")
+    _remove(tmp)
+    writer = _Writer(tmp, out.suffix == ".h5ad", n_genes, categories, code_dtype)
+    try:
+        n_tiles = -(-n_cells // tile)
+        for first in range(0, n_tiles, tiles_per_block):
+            blocks, types = [], []
+            for t in range(first, min(first + tiles_per_block, n_tiles)):
+                rows = min(tile, n_cells - t * tile)
+                block, codes = _simulate_tile(prog, seed, t, rows, dropout)
+                blocks.append(block)
+                types.append(codes)
+            writer.append(sp.vstack(blocks, format="csr"), np.concatenate(types))
+        writer.finish(pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(n_genes)])))
+    except BaseException:
+        if writer.is_h5:
+            writer.root.close()
+        _remove(tmp)
+        raise
+    _remove(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,387 @@
+"""Stage ``feature``: the LTMG-regularised feature autoencoder, trained on minibatches streamed from the store.
+
+DESIGN.md step 3. Writes ``obsm/X_scgnn_feature`` (N x 128), ``work/recon`` (N x G) and
+``models/feature_ae.pt``.
+
+Loss (see :mod:`scgnn_scale.nn.losses`): ``gamma * SE + alpha * TRS o SE`` summed per cell,
+averaged over the minibatch and scaled to one full batch of the original (``min(N, 12,800)``
+cells), plus ``l1 * sum|w|``. For a full batch of N <= 12,800 cells this is the published loss.
+
+Schedule: ``max(min_steps, max_epochs * ceil(N / batch_size))`` Adam steps. The original trains
+500 full-batch epochs, i.e. 500 optimiser steps, on data sets of a few thousand cells; with a
+loss whose scale does not depend on the batch, what fixes how far Adam gets is the number of
+steps, so small data sets get the same 500 steps (on minibatches of 1,024 cells). Large data
+sets need more than 500 steps to see their cells; they get ``max_epochs`` passes (10 by default:
+about 980 steps at 100k cells, 9,800 at 1M cells, 10M cells seen), so the work grows linearly
+with N and stays a few passes over the data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..loader import MinibatchLoader, iter_row_blocks
+
+MODEL_NAME = "feature_ae"
+_LOG_EVERY = 50  # steps between loss records
+
+
+def training_steps(n_cells: int, batch_size: int, min_steps: int, max_epochs: int) -> int:
+    """Optimiser steps of a schedule: ``max(min_steps, max_epochs * ceil(n_cells / batch_size))``."""
+    per_epoch = math.ceil(n_cells / max(1, min(batch_size, n_cells)))
+    return int(max(min_steps, max_epochs * per_epoch))
+
+
+def open_input(ctx, staging, key: str):
+    """A staged array of this stage if there is one under ``key``, else the committed one."""
+    import zarr
+
+    if staging is not None and key in staging.created:
+        return zarr.open_array(staging.path_of(key), mode="r", zarr_format=3)
+    return ctx.store.open_array(key)
+
+
+def save_model(path: str | Path, model, optimizer=None, **extra: Any) -> Path:
+    """Save weights (and optimiser state) atomically: a .tmp file renamed into place."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": 1, "shape": model.shape_dict(), "model": model.state_dict(), **extra}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path: str | Path, device=None) -> tuple[Any, dict]:
+    """Rebuild a :class:`DenseAutoencoder` saved by :func:`save_model`; returns ``(model, saved state)``."""
+    import torch
+
+    from ..nn.autoencoder import DenseAutoencoder
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = DenseAutoencoder(**state["shape"])
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not a scgnn-scale autoencoder ({exc})") from None
+    if device is not None:
+        model.to(device)
+    return model, state
+
+
+def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_size: int, gamma: float,
+                    alpha: float, l1: float, seed: int, memory_budget_mb: float, buffer_blocks: int = 4,
+                    prefetch_blocks: int = 2, cell_weight: np.ndarray | None = None, start_step: int = 0,
+                    checkpoint=None, checkpoint_seconds: float = 0.0, desc: str = "training") -> dict:
+    """Train ``model`` for ``steps`` Adam steps on minibatches of ``arrays`` (X, optionally its TRS).
+
+    Parameters
+    ----------
+    ctx
+        The stage context (device, progress bars, log).
+    model, optimizer
+        A :class:`DenseAutoencoder` on ``ctx.torch_device()`` and its optimiser.
+    arrays
+        ``[X]`` or ``[X, TRS]``, row aligned (zarr arrays; streamed or held per ``memory_budget_mb``).
+    steps
+        Total optimiser steps; training runs steps ``start_step .. steps - 1``.
+    batch_size, gamma, alpha, l1, seed, memory_budget_mb, buffer_blocks, prefetch_blocks
+        See :class:`~scgnn_scale.config.FeatureConfig`.
+    cell_weight
+        Optional ``(N,)`` per-cell weight on the plain squared error (the imputation regularisers).
+    start_step
+        Resume here (a checkpoint's step): batches follow the same order as an uninterrupted run.
+    checkpoint, checkpoint_seconds
+        ``checkpoint(step)`` is called about every ``checkpoint_seconds`` (0: never).
+
+    Returns
+    -------
+    dict
+        Loss records, throughput, loader mode.
+    """
+    import torch
+
+    from ..nn.losses import l1_penalty, reconstruction_loss, reference_cells
+
+    device = next(model.parameters()).device
+    n = int(arrays[0].shape[0])
+    batch_size = max(1, min(int(batch_size), n))
+    loader = MinibatchLoader(arrays, batch_size, seed=seed, prefetch=prefetch_blocks,
+                             memory_budget_mb=memory_budget_mb, buffer_blocks=buffer_blocks)
+    per_epoch = len(loader)
+    n_ref = reference_cells(n)
+    weights = torch.from_numpy(np.asarray(cell_weight, dtype=np.float32)) if cell_weight is not None else None
+
+    model.train()
+    history: list[dict] = []
+    window: list = []
+    wait = compute = 0.0
+    last_checkpoint = time.perf_counter()
+    t_start = time.perf_counter()
+    step = int(start_step)
+    bar = ctx.progress(steps, desc, unit="steps", initial=step)
+    try:
+        while step < steps:
+            epoch, skip = divmod(step, per_epoch)
+            batches = iter(loader.epoch(epoch))
+            for _ in range(skip):  # resume inside an epoch on the exact batch order
+                next(batches)
+            t0 = time.perf_counter()
+            for batch in batches:
+                t1 = time.perf_counter()
+                wait += t1 - t0
+                x = torch.from_numpy(batch[0]).to(device, non_blocking=True)
+                trs = torch.from_numpy(batch[1]).to(device, non_blocking=True) if len(batch) > 1 else None
+                w = weights[torch.from_numpy(batch.row_index)].to(device) if weights is not None else None
+                recon, _ = model(x)
+                rec = reconstruction_loss(x, recon, trs=trs, gamma=gamma, alpha=alpha, cell_weight=w,
+                                          reference_cells=n_ref)
+                loss = rec + l1 * l1_penalty(model) if l1 else rec
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                window.append(loss.detach())
+                if step % _LOG_EVERY == 0 or step == steps:  # one device sync per record, not per step
+                    history.append({"step": step, "loss": float(torch.stack(window).mean())})
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
+                    window = []
+                bar.update(1)
+                t0 = time.perf_counter()
+                compute += t0 - t1
+                if checkpoint is not None and checkpoint_seconds > 0 and t0 - last_checkpoint > checkpoint_seconds:
+                    checkpoint(step)
+                    last_checkpoint = t0 = time.perf_counter()
+                if step >= steps:
+                    break
+            batches.close()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t_start
+    done = step - int(start_step)
+    if not np.all(np.isfinite([h["loss"] for h in history])):
+        raise FloatingPointError(f"{ctx.stage}: the autoencoder loss became non-finite; lower the learning rate")
+    return {
+        "steps": int(steps),
+        "steps_run": int(done),
+        "start_step": int(start_step),
+        "batch_size": batch_size,
+        "batches_per_epoch": per_epoch,
+        "epochs_seen": round(steps * batch_size / n, 3),
+        "reference_cells": n_ref,
+        "loader": loader.mode,
+        "device": str(device),
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last": history[-1]["loss"] if history else None,
+        "loss_history": history,
+        "seconds_train": round(seconds, 3),
+        "steps_per_s": round(done / seconds, 3) if seconds > 0 else None,
+        "cells_per_s": round(done * batch_size / seconds, 1) if seconds > 0 else None,
+        "loader_wait_fraction": round(wait / max(wait + compute, 1e-9), 4),
+    }
+
+
+def write_outputs(ctx, model, x, *, embedding=None, recon=None, desc: str = "writing outputs") -> dict:
+    """One streamed inference pass: embedding and/or reconstruction written block by block.
+
+    Reads ``x`` in chunk-aligned row blocks (prefetched), runs the model, and writes each block
+    to ``embedding`` / ``recon`` (zarr arrays of N rows) on a writer thread, so compression
+    overlaps compute. Returns the exact mean squared reconstruction error over all entries.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    n, g = int(x.shape[0]), int(x.shape[1])
+    out = recon if recon is not None else embedding
+    block_rows = int(out.chunks[0]) if out is not None else int(x.chunks[0])
+    sq_sum = 0.0
+    pending: list[Future] = []
+    t0 = time.perf_counter()
+    bar = ctx.progress(n, desc, unit="cells")
+    with ThreadPoolExecutor(max_workers=1) as writer, torch.inference_mode():
+        try:
+            for a, b, block in iter_row_blocks(x, block_rows, prefetch=2):
+                xb = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device)
+                rb, zb = model(xb)
+                sq_sum += float(((rb - xb) ** 2).sum(dtype=torch.float64))
+                z_np = zb.float().cpu().numpy() if embedding is not None else None
+                r_np = rb.float().cpu().numpy() if recon is not None else None
+                while len(pending) >= 2:  # bound the blocks waiting to be written
+                    pending.pop(0).result()
+                pending.append(writer.submit(_write_block, embedding, recon, a, b, z_np, r_np))
+                bar.update(b - a)
+            for f in pending:
+                f.result()
+        finally:
+            bar.close()
+    model.train()
+    return {"recon_mse": sq_sum / max(n * g, 1), "seconds_infer": round(time.perf_counter() - t0, 3)}
+
+
+def _write_block(embedding, recon, a, b, z_np, r_np):
+    if embedding is not None:
+        embedding[a:b] = z_np
+    if recon is not None:
+        recon[a:b] = r_np
+
+
+def _checkpointer(ctx, model, optimizer, path: Path):
+    def save(step: int) -> None:
+        save_model(path, model, optimizer, step=step)
+        ctx.save_checkpoint({"step": step, "path": str(path)})
+        ctx.log.info("%s: checkpoint at step %d", ctx.stage, step)
+
+    return save
+
+
+def _resume(ctx, model, optimizer) -> int:
+    """Load this stage's checkpoint (same config chain) into model and optimiser; the step to resume at."""
+    import torch
+
+    state = ctx.load_checkpoint()
+    if not state or not Path(state.get("path", "")).is_file():
+        return 0
+    saved = torch.load(state["path"], map_location="cpu", weights_only=True)
+    if saved.get("shape") != model.shape_dict():
+        return 0
+    model.load_state_dict(saved["model"])
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
+    ctx.log.info("%s: resumed from checkpoint at step %d", ctx.stage, int(saved.get("step", 0)))
+    return int(saved.get("step", 0))
+
+
+def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, steps: int | None, model_in,
+                            model_out, embedding_key: str | None, recon_key: str | None, gamma: float,
+                            alpha: float, l1: float, min_steps: int, max_epochs: int,
+                            cell_weight: np.ndarray | None = None, seed: int | None = None,
+                            resume: bool = False, desc: str = "training") -> dict:
+    """Shared body of the feature and imputation stages: build or load, train, save, write outputs."""
+    import torch
+
+    from ..nn.autoencoder import DenseAutoencoder
+
+    fcfg = ctx.config.feature
+    seed = ctx.config.runtime.seed if seed is None else int(seed)
+    x = open_input(ctx, staging, x_key)
+    n, g = int(x.shape[0]), int(x.shape[1])
+    if n == 0 or g == 0:
+        raise InputError(f"{ctx.store.root}: '{x_key}' is empty ({n} x {g}); nothing to train on")
+    arrays = [x]
+    if trs_key is not None:
+        trs = open_input(ctx, staging, trs_key)
+        if tuple(trs.shape) != (n, g):
+            raise InputError(f"{ctx.store.root}: '{trs_key}' has shape {tuple(trs.shape)}, '{x_key}' has {(n, g)}")
+        arrays.append(trs)
+    if cell_weight is not None and len(cell_weight) != n:
+        raise ValueError(f"cell_weight has {len(cell_weight)} entries for {n} cells")
+
+    device = ctx.torch_device()
+    torch.manual_seed(seed)
+    if model_in is not None:
+        model, saved = load_model(model_in, device)
+        if model.n_genes != g:
+            raise InputError(f"{model_in}: model has {model.n_genes} genes, '{x_key}' has {g}")
+    else:
+        model, saved = DenseAutoencoder(g, fcfg.hidden, fcfg.latent).to(device), {}
+    optimizer = torch.optim.Adam(model.parameters(), lr=fcfg.lr)
+    if "optimizer" in saved:  # iterations continue the optimiser too, as the original's single Adam
+        optimizer.load_state_dict(saved["optimizer"])
+    total = training_steps(n, fcfg.batch_size, min_steps, max_epochs) if steps is None else int(steps)
+
+    start, checkpoint = 0, None
+    if resume and model_out is not None:
+        ckpt_path = Path(str(model_out) + ".ckpt")
+        start = min(_resume(ctx, model, optimizer), total)
+        checkpoint = _checkpointer(ctx, model, optimizer, ckpt_path)
+
+    info = fit_autoencoder(
+        ctx, model, optimizer, arrays, steps=total, batch_size=fcfg.batch_size, gamma=gamma, alpha=alpha, l1=l1,
+        seed=seed, memory_budget_mb=fcfg.memory_budget_mb, buffer_blocks=fcfg.buffer_blocks,
+        prefetch_blocks=fcfg.prefetch_blocks, cell_weight=cell_weight, start_step=start, checkpoint=checkpoint,
+        checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, desc=desc)
+    if model_out is not None:
+        save_model(model_out, model, optimizer, steps=total)
+        info["model"] = str(model_out)
+        if checkpoint is not None:
+            Path(str(model_out) + ".ckpt").unlink(missing_ok=True)
+
+    emb_arr = staging.create_matrix(embedding_key, (n, model.latent), np.float32) if embedding_key else None
+    recon_arr = staging.create_matrix(recon_key, (n, g), np.float32) if recon_key else None
+    info.update(write_outputs(ctx, model, x, embedding=emb_arr, recon=recon_arr))
+    info.update({"n_cells": n, "n_genes": g, "ltmg": trs_key is not None, "seed": seed})
+    ctx.log.info("%s: %d steps (%s, %s) loss %.4g -> %.4g, recon MSE %.4g, %.0f cells/s, loader wait %.1f%%",
+                 ctx.stage, info["steps"], info["loader"], info["device"], info["loss_first"] or float("nan"),
+                 info["loss_last"] or float("nan"), info["recon_mse"], info["cells_per_s"] or 0,
+                 100 * info["loader_wait_fraction"])
+    return info
+
+
+def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int | None, model_in, model_out,
+                  embedding_key: str | None, recon_key: str | None, seed: int | None = None) -> dict:
+    """Train the feature autoencoder on ``x_key`` and write its embedding and reconstruction.
+
+    Parameters
+    ----------
+    ctx
+        Stage context (config.feature: sizes, lr, gamma/alpha/l1, batch size, schedule, memory budget).
+    staging
+        Where outputs are written (``ctx.store.staging(...)``); inputs staged there are read too.
+    x_key
+        N x G float32 input (``X`` or an iteration's reconstruction).
+    trs_key
+        N x G uint8 LTMG states (``layers/ltmg``) or None for the loss without the alpha term.
+    steps
+        Optimiser steps; None: the schedule ``max(min_steps, max_epochs * batches per epoch)``.
+    model_in
+        Path of a saved model (and optimiser) to continue, or None for a fresh model seeded by
+        ``config.runtime.seed``.
+    model_out
+        Where to save the trained model and optimiser (None: not saved).
+    embedding_key, recon_key
+        Output keys for the N x latent embedding and the N x G reconstruction (None: skipped).
+    seed
+        Overrides ``config.runtime.seed`` (model init and batch order).
+
+    Returns
+    -------
+    dict
+        Steps, losses, reconstruction MSE over all cells, throughput, loader mode, device.
+    """
+    fcfg = ctx.config.feature
+    return train_autoencoder_stage(
+        ctx, staging, x_key=x_key, trs_key=trs_key, steps=steps, model_in=model_in, model_out=model_out,
+        embedding_key=embedding_key, recon_key=recon_key, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=fcfg.l1,
+        min_steps=fcfg.min_steps, max_epochs=fcfg.max_epochs, seed=seed, resume=ctx.stage == "feature",
+        desc="feature autoencoder")
+
+
+def ltmg_key(ctx) -> str | None:
+    """``layers/ltmg`` when LTMG is enabled and computed, else None."""
+    return "layers/ltmg" if ctx.config.ltmg.enabled and ctx.store.has("layers/ltmg") else None
+
+
+def run(ctx) -> dict:
+    """Stage ``feature``: train on ``X`` (+ ``layers/ltmg``), write the embedding and the reconstruction."""
+    with ctx.store.staging(ctx.stage) as st:
+        info = train_feature(ctx, st, x_key="X", trs_key=ltmg_key(ctx), steps=None, model_in=None,
+                             model_out=ctx.store.root / "models" / f"{MODEL_NAME}.pt",
+                             embedding_key="obsm/X_scgnn_feature", recon_key="work/recon")
+    info["metrics"] = {"feature_recon_mse": info["recon_mse"]}
+    return info

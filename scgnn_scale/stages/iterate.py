@@ -1,0 +1,529 @@
+"""Stage ``iterate``: cluster autoencoders and the scGNN iteration to convergence (DESIGN.md steps 7-8).
+
+Iteration ``t = 1, 2, ...`` starts from the previous feature-autoencoder reconstruction ``R_(t-1)``
+(the feature stage's ``work/recon`` for t = 1) and the previous clusters ``c_(t-1)`` (the cluster
+stage's ``obs/scgnn_cluster`` for t = 1):
+
+1. **Cluster autoencoders.** One :class:`~scgnn_scale.nn.autoencoder.DenseAutoencoder` per cluster,
+   trained only on that cluster's rows of ``R_(t-1)`` (the paper; the published code at HEAD trains
+   them on all cells because a fix was reverted), loss ``cluster_gamma * SE + l1 * sum|w|`` (no LTMG
+   term), started from the current feature AE's weights as the published code does
+   (``model.load_state_dict(ptstatus)``; ``iterate.cluster_init``). A streamed pass lays the rows of
+   each cluster out in their own scratch array (cell order kept); each cluster is one Dask task that
+   reads its array from the store and writes its reconstruction to its own output array, so no two
+   tasks ever write the same chunk and nothing cells x genes passes through the scheduler (tasks
+   get paths and return a few numbers). A second streamed pass puts the outputs back in cell order:
+   ``X_t``, the next input.
+2. **Feature AE, continued** from the previous iteration's saved model and optimiser
+   (``feature.iter_steps`` steps, LTMG term per ``iterate.feature_ltmg``), then the cell graph,
+   the graph autoencoder and the clusters ``c_t``, with the functions of those stages.
+3. **Convergence** (:mod:`scgnn_scale.convergence`): stop when ``ARI(c_t, c_(t-1)) > ari_stop``,
+   or when the smoothed graph stops moving (``mean|A'_t - A'_(t-1)| < graph_tol * mean|L0|``,
+   sparse), or after ``max_iterations``.
+
+Store layout while running (all under ``work.zarr``)::
+
+    work/iterate/0/graph, work/iterate/0/labels      the first graph and clusters (L0 and c_0)
+    work/iterate/<t>/x                               X_t, removed once its feature AE has committed
+    work/iterate/<t>/recon, feature, graph, gae, cluster, labels
+    models/iterate_feature_<t>.pt                    the feature AE (and optimiser) after iteration t
+
+Each step commits on its own, and the stage checkpoints (``ctx.save_checkpoint``) after every
+finished iteration: a killed run resumes at the last finished iteration, from the same stored
+reconstruction, clusters and model file, with seeds that depend only on (seed, iteration,
+cluster), so it ends with the same result as an uninterrupted run. Iteration ``t - 1``'s arrays
+and model are removed once iteration ``t`` has committed.
+
+Outputs: the last iteration's embedding, graph, graph embedding and clusters replace
+``obsm/X_scgnn_feature``, ``obsp/scgnn_graph``, ``obsm/X_scgnn``, ``obs/scgnn_cluster``; the info
+dict carries the per-iteration ``history`` (stored by the pipeline in ``uns/scgnn/history``). The
+last feature-AE reconstruction is not kept: the impute stage trains on ``X``, and a run's imputed
+matrix is ``layers/imputed``; ``work/iterate`` is removed when the stage ends. The last feature
+model stays in ``models/`` (its path is in the info dict).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .. import convergence as cv
+from ..errors import InputError
+from ..loader import iter_row_blocks
+
+WORK = "work/iterate"
+_SCRATCH = "iterate_scratch"
+
+
+# -- keys and files ------------------------------------------------------------------------------
+def _key(t: int, name: str) -> str:
+    return f"{WORK}/{t}/{name}"
+
+
+def _model_path(ctx, t: int) -> Path:
+    if t == 0:
+        from .feature import MODEL_NAME
+
+        return ctx.store.root / "models" / f"{MODEL_NAME}.pt"
+    return ctx.store.root / "models" / f"iterate_feature_{t}.pt"
+
+
+def _recon_key(t: int) -> str:
+    return "work/recon" if t == 0 else _key(t, "recon")
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def run(ctx) -> dict:
+    """Stage ``iterate``: iterate cluster AEs, feature AE, graph, graph AE and clusters to convergence.
+
+    Returns
+    -------
+    dict
+        ``iterations``, ``stopped`` (``"clusters"``, ``"graph"`` or ``"max_iterations"``),
+        ``history`` (one dict per iteration: ``iteration``, ``ari_to_previous``, ``graph_change``,
+        ``graph_threshold``, ``feature_loss``, ``feature_recon_mse``, ``cluster_ae_loss``,
+        ``n_clusters``, ``seconds``; ``ari_to_label`` / ``nmi_to_label`` with a label column),
+        ``model`` and ``metrics``.
+    """
+    cfg = ctx.config.iterate
+    if cfg.max_iterations <= 0:
+        ctx.log.info("iterate: max_iterations is 0; the first pass's results stay")
+        return {"iterations": 0, "stopped": "max_iterations", "history": []}
+    for key in ("work/recon", "obsp/scgnn_graph", "obs/scgnn_cluster"):
+        if not ctx.store.has(key):
+            raise InputError(f"{ctx.store.root}: the run has no '{key}' yet; run the stages before iterate")
+
+    state = ctx.load_checkpoint()
+    if state and state.get("finished"):
+        _cleanup_all(ctx)
+        return state["info"]
+    if not state:
+        _snapshot_first_pass(ctx)
+        state = {"done": 0, "history": [], "stopped": None}
+        ctx.save_checkpoint(state)
+    else:
+        ctx.log.info("iterate: resuming after iteration %d", state["done"])
+
+    reference = cv.reference_graph(_read_graph(ctx, 0), cfg.graph_reference)
+    threshold = cv.graph_threshold(reference, cfg.graph_tol)
+    truth = _label_column(ctx)
+    done, history, stopped = int(state["done"]), list(state["history"]), state.get("stopped")
+    labels_prev = _read_labels(ctx, done)
+    smoothed_prev = reference if done == 0 else cv.smoothed_graph(_read_graph(ctx, done), reference, cfg.graph_lambda)
+
+    bar = ctx.progress(cfg.max_iterations, "iterations", unit="it", initial=done)
+    try:
+        t = done
+        while stopped is None and t < cfg.max_iterations:
+            t += 1
+            t0 = time.perf_counter()
+            step = _run_iteration(ctx, t, labels_prev)
+            labels = step["labels"]
+            smoothed = cv.smoothed_graph(_read_graph(ctx, t), reference, cfg.graph_lambda)
+            change = cv.graph_change(smoothed, smoothed_prev)
+            ari = cv.clustering_ari(labels_prev, labels)
+            stopped = cv.should_stop(ari=ari, change=change, threshold=threshold, ari_stop=cfg.ari_stop)
+            if stopped is None and t >= cfg.max_iterations:
+                stopped = "max_iterations"
+            record = {
+                "iteration": t, "ari_to_previous": ari, "graph_change": change, "graph_threshold": threshold,
+                "feature_loss": _num(step["feature"].get("loss_last")),
+                "feature_recon_mse": _num(step["feature"].get("recon_mse")),
+                "cluster_ae_loss": _num(step["cluster_ae_loss"]),
+                "n_clusters": int(len(np.unique(labels))), "seconds": round(time.perf_counter() - t0, 3),
+            }
+            if truth is not None:
+                record.update(_label_scores(truth, labels))
+            history.append(record)
+            ctx.save_checkpoint({"done": t, "history": history, "stopped": stopped})
+            _cleanup_iteration(ctx, t - 1)
+            ctx.log.info("iterate: iteration %d: ARI to previous %.4f, graph change %.3g (threshold %.3g), "
+                         "%d clusters, %.1f s%s", t, ari, change, threshold, record["n_clusters"],
+                         record["seconds"], f"; stop ({stopped})" if stopped else "")
+            bar.update(1)
+            labels_prev, smoothed_prev = labels, smoothed
+        final = t
+    finally:
+        bar.close()
+
+    info = _commit_final(ctx, final, history, stopped, truth)
+    ctx.save_checkpoint({"finished": True, "info": info})
+    _cleanup_all(ctx, keep_model=final)
+    return info
+
+
+def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
+    """One iteration; every step commits its outputs under ``work/iterate/<t>/``."""
+    import torch
+
+    from .cluster import cluster_cells
+    from .feature import ltmg_key, train_feature
+    from .gae import train_gae
+    from .graph import build_graph
+
+    cfg, seed = ctx.config.iterate, ctx.config.runtime.seed
+    # global RNGs reset per iteration: a resumed run draws what an uninterrupted one draws
+    torch.manual_seed(seed + 7919 * t)
+    np.random.seed((seed + 7919 * t) % 2**32)
+
+    with ctx.store.staging(f"iterate_{t}_clusters") as st:
+        cluster_info = run_cluster_autoencoders(
+            ctx, st, source_key=_recon_key(t - 1), labels=labels_prev, out_key=_key(t, "x"),
+            model_in=_model_path(ctx, t - 1) if cfg.cluster_init == "feature" else None, iteration=t)
+    with ctx.store.staging(f"iterate_{t}_feature") as st:
+        feature_info = train_feature(
+            ctx, st, x_key=_key(t, "x"), trs_key=ltmg_key(ctx) if cfg.feature_ltmg else None,
+            steps=ctx.config.feature.iter_steps, model_in=_model_path(ctx, t - 1), model_out=_model_path(ctx, t),
+            embedding_key=_key(t, "feature"), recon_key=_key(t, "recon"), seed=seed + t)
+    ctx.store.delete(_key(t, "x"))  # only this iteration's feature AE reads it
+    with ctx.store.staging(f"iterate_{t}_graph") as st:
+        build_graph(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"))
+    with ctx.store.staging(f"iterate_{t}_gae") as st:
+        train_gae(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"), out_key=_key(t, "gae"))
+    with ctx.store.staging(f"iterate_{t}_cluster") as st:
+        labels, _ = cluster_cells(ctx, st, embedding_key=_key(t, "gae"), graph_key=_key(t, "graph"),
+                                  out_key=_key(t, "cluster"))
+        labels = _dense_labels(labels)
+        st.write_elem(_key(t, "labels"), labels)
+    return {"labels": labels, "feature": feature_info, "cluster_ae_loss": cluster_info["loss_mean"]}
+
+
+# -- cluster autoencoders ------------------------------------------------------------------------
+def cluster_chunk_rows(n_clusters: int, n_genes: int, *, buffer_mb: float, chunk_rows: int) -> int:
+    """Rows per chunk of the per-cluster arrays: all clusters' buffers together fit ``buffer_mb``.
+
+    The scatter and gather passes hold about one chunk per cluster; chunks are full rows (all genes)
+    so a cluster AE task reads whole chunks.
+    """
+    per_row = max(1, n_clusters) * max(1, n_genes) * 4
+    return int(max(16, min(chunk_rows, int(buffer_mb * 2**20) // per_row)))
+
+
+def scatter_rows(source, labels: np.ndarray, targets: list, *, block_rows: int) -> None:
+    """Copy the rows of ``source`` of cluster ``c`` into ``targets[c]``, in cell order, streamed.
+
+    Rows are buffered per cluster and written in whole chunks of the target, so every chunk is
+    written once.
+    """
+    n_clusters = len(targets)
+    buffers: list[list[np.ndarray]] = [[] for _ in range(n_clusters)]
+    buffered = np.zeros(n_clusters, dtype=np.int64)
+    written = np.zeros(n_clusters, dtype=np.int64)
+
+    def flush(c: int, final: bool) -> None:
+        rows = np.concatenate(buffers[c]) if len(buffers[c]) > 1 else buffers[c][0]
+        chunk = int(targets[c].chunks[0])
+        take = len(rows) if final else len(rows) // chunk * chunk
+        if take:
+            targets[c][written[c]:written[c] + take] = rows[:take]
+            written[c] += take
+        buffers[c] = [rows[take:]]
+        buffered[c] = len(rows) - take
+
+    for a, b, block in iter_row_blocks(source, block_rows):
+        block_labels = labels[a:b]
+        for c in np.unique(block_labels):
+            buffers[c].append(block[block_labels == c])
+            buffered[c] += int(np.count_nonzero(block_labels == c))
+            if buffered[c] >= targets[c].chunks[0]:
+                flush(int(c), final=False)
+    for c in range(n_clusters):
+        if buffered[c]:
+            flush(c, final=True)
+        if written[c] != targets[c].shape[0]:
+            raise AssertionError(f"cluster {c}: {written[c]} rows laid out, expected {targets[c].shape[0]}")
+
+
+class _SequentialReader:
+    """Hands out consecutive rows of an array, reading whole chunks once."""
+
+    def __init__(self, array):
+        self.array = array
+        self.chunk = int(array.chunks[0])
+        self.next_row = 0
+        self.buffer = np.empty((0,) + tuple(array.shape[1:]), dtype=array.dtype)
+
+    def take(self, k: int) -> np.ndarray:
+        if len(self.buffer) < k:
+            need = k - len(self.buffer)
+            stop = min(self.array.shape[0], self.next_row + math.ceil(need / self.chunk) * self.chunk)
+            fresh = np.asarray(self.array[self.next_row:stop])
+            self.next_row = stop
+            self.buffer = np.concatenate([self.buffer, fresh]) if len(self.buffer) else fresh
+        rows, self.buffer = self.buffer[:k], self.buffer[k:]
+        return rows
+
+
+def gather_rows(sources: list, labels: np.ndarray, target, *, block_rows: int) -> None:
+    """Inverse of :func:`scatter_rows`: put the clusters' rows back in cell order into ``target``."""
+    readers = [_SequentialReader(s) for s in sources]
+    n = target.shape[0]
+    for a in range(0, n, block_rows):
+        b = min(n, a + block_rows)
+        block_labels = labels[a:b]
+        block = np.empty((b - a,) + tuple(target.shape[1:]), dtype=target.dtype)
+        for c in np.unique(block_labels):
+            mask = block_labels == c
+            block[mask] = readers[c].take(int(np.count_nonzero(mask)))
+        target[a:b] = block
+
+
+def cluster_seed(seed: int, iteration: int, cluster: int) -> int:
+    """The seed of one cluster AE: depends only on the run seed, the iteration and the cluster."""
+    return int(np.random.SeedSequence([int(seed), int(iteration), int(cluster)]).generate_state(1)[0] % 2**31)
+
+
+def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarray, out_key: str, model_in,
+                             iteration: int) -> dict:
+    """Train one AE per cluster on its rows of ``source_key``; write the reassembled output to ``out_key``.
+
+    Parameters
+    ----------
+    ctx
+        Stage context (``config.iterate``, ``config.feature``, Dask client, device).
+    staging
+        Where ``out_key`` is written.
+    source_key
+        N x G reconstruction the cluster AEs learn (committed).
+    labels
+        ``(N,)`` cluster of each cell.
+    out_key
+        N x G output key: each cell's row from its cluster's AE, in cell order.
+    model_in
+        Saved feature AE to start every cluster AE from, or None for fresh networks.
+    iteration
+        Iteration number (seeds).
+
+    Returns
+    -------
+    dict
+        Per-cluster results (cells, steps, losses, seconds), ``loss_mean``, ``executor``.
+    """
+    cfg, fcfg = ctx.config.iterate, ctx.config.feature
+    source = ctx.store.open_array(source_key)
+    n, g = int(source.shape[0]), int(source.shape[1])
+    labels = _dense_labels(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{len(labels)} labels for {n} cells")
+    sizes = np.bincount(labels)
+    n_clusters = len(sizes)
+    chunk_c = cluster_chunk_rows(n_clusters, g, buffer_mb=cfg.scatter_buffer_mb,
+                                 chunk_rows=ctx.store.store_config.chunk_rows)
+    block_rows = ctx.store.store_config.chunk_rows
+
+    from ..store import Staging
+
+    scratch = Staging(ctx.store, _SCRATCH)  # never committed: removed once the outputs are back in cell order
+    try:
+        inputs, outputs = [], []
+        for c in range(n_clusters):
+            shape, chunks = (int(sizes[c]), g), (int(min(chunk_c, max(1, sizes[c]))), g)
+            inputs.append(scratch.create_matrix(f"{WORK}/clusters/{c}/input", shape, np.float32, chunks=chunks))
+            outputs.append(scratch.create_matrix(f"{WORK}/clusters/{c}/output", shape, np.float32, chunks=chunks))
+        scatter_rows(source, labels, inputs, block_rows=block_rows)
+
+        jobs = []
+        for c in range(n_clusters):
+            jobs.append({
+                "cluster": c, "config": ctx.config, "quiet": True,
+                "input": scratch.path_of(f"{WORK}/clusters/{c}/input"),
+                "output": scratch.path_of(f"{WORK}/clusters/{c}/output"),
+                "model_in": str(model_in) if model_in is not None else None,
+                "seed": cluster_seed(ctx.config.runtime.seed, iteration, c),
+                "steps": cluster_steps(int(sizes[c]), fcfg.batch_size, cfg.cluster_steps, cfg.cluster_max_epochs),
+            })
+        executor = _executor(ctx)
+        results = _run_jobs(ctx, jobs, executor)
+        for c in range(n_clusters):  # inputs are no longer needed: free the disk before the gather
+            shutil.rmtree(scratch.path_of(f"{WORK}/clusters/{c}/input"), ignore_errors=True)
+
+        out = staging.create_matrix(out_key, (n, g), np.float32)
+        gather_rows(outputs, labels, out, block_rows=block_rows)
+    finally:
+        shutil.rmtree(scratch.root, ignore_errors=True)
+    losses = [r["loss_last"] for r in results if r.get("loss_last") is not None]
+    weights = [r["n_cells"] for r in results if r.get("loss_last") is not None]
+    return {"clusters": results, "executor": executor,
+            "loss_mean": float(np.average(losses, weights=weights)) if losses else float("nan")}
+
+
+def cluster_steps(n_cells: int, batch_size: int, min_steps: int, max_epochs: int) -> int:
+    """Steps of one cluster AE: ``max(min_steps, max_epochs * ceil(n_cells / batch))``.
+
+    A cluster of up to ``batch_size`` cells trains full-batch, as the original (200 full-batch
+    epochs = 200 steps); a large cluster gets at least ``max_epochs`` passes over its cells.
+    """
+    per_epoch = math.ceil(n_cells / max(1, min(batch_size, max(1, n_cells))))
+    return int(max(min_steps, max_epochs * per_epoch))
+
+
+def _executor(ctx) -> str:
+    choice = ctx.config.iterate.cluster_executor
+    if choice != "auto":
+        return choice
+    return "local" if ctx.torch_device().type == "cuda" else "dask"
+
+
+def _run_jobs(ctx, jobs: list[dict], executor: str) -> list[dict]:
+    bar = ctx.progress(len(jobs), "cluster autoencoders", unit="clusters")
+    results: list[dict] = []
+    try:
+        if executor == "local":
+            for job in jobs:
+                results.append(train_cluster_autoencoder(job))
+                bar.update(1)
+        else:
+            from distributed import as_completed
+
+            client = ctx.client()
+            # largest clusters first, so the last tasks to start are short ones
+            order = sorted(jobs, key=lambda j: -zarr.open_array(j["input"], mode="r").shape[0])
+            futures = [client.submit(train_cluster_autoencoder, job, pure=False) for job in order]
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(1)
+    finally:
+        bar.close()
+    return sorted(results, key=lambda r: r["cluster"])
+
+
+def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
+    """One cluster AE (a Dask task): read the cluster's rows, train, write its reconstruction.
+
+    ``job`` holds paths and small values only: ``cluster``, ``config``, ``input`` and ``output``
+    (zarr array paths: the cluster's rows and where its reconstruction goes), ``model_in`` (feature
+    AE to start from, or None), ``seed``, ``steps``.
+    """
+    import torch
+
+    from ..context import StageContext
+    from ..nn.autoencoder import DenseAutoencoder
+    from .feature import fit_autoencoder, load_model, write_outputs
+
+    config = job["config"]
+    cfg, fcfg = config.iterate, config.feature
+    threads = _worker_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    x = zarr.open_array(job["input"], mode="r", zarr_format=3)
+    out = zarr.open_array(job["output"], mode="r+", zarr_format=3)
+    ctx = StageContext(store=None, config=config, stage="iterate", chain_hash="", quiet=job.get("quiet", True))
+    device = ctx.torch_device()
+    torch.manual_seed(job["seed"])
+    if job["model_in"]:
+        model, _ = load_model(job["model_in"], device)
+    else:
+        model = DenseAutoencoder(int(x.shape[1]), fcfg.hidden, fcfg.latent).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=fcfg.lr)
+    info = fit_autoencoder(ctx, model, optimizer, [x], steps=job["steps"], batch_size=fcfg.batch_size,
+                           gamma=cfg.cluster_gamma, alpha=0.0, l1=fcfg.l1, seed=job["seed"],
+                           memory_budget_mb=cfg.cluster_memory_budget_mb, buffer_blocks=fcfg.buffer_blocks,
+                           prefetch_blocks=fcfg.prefetch_blocks, desc=f"cluster {job['cluster']} AE")
+    written = write_outputs(ctx, model, x, recon=out)
+    return {"cluster": job["cluster"], "n_cells": int(x.shape[0]), "steps": info["steps"],
+            "loss_first": info["loss_first"], "loss_last": info["loss_last"], "recon_mse": written["recon_mse"],
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _worker_threads() -> int | None:
+    """Torch threads in a Dask worker: the worker's thread count (no oversubscription); None outside Dask."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    state = getattr(worker, "state", None)
+    return int(getattr(state, "nthreads", None) or getattr(worker, "nthreads", 1) or 1)
+
+
+# -- store helpers -------------------------------------------------------------------------------
+def _read_graph(ctx, t: int):
+    return ctx.store.read_elem(_key(t, "graph"))
+
+
+def _read_labels(ctx, t: int) -> np.ndarray:
+    return _dense_labels(np.asarray(ctx.store.read_elem(_key(t, "labels"))))
+
+
+def _dense_labels(labels) -> np.ndarray:
+    """Cluster ids as 0..k-1 (int32), in order of first sorted id."""
+    labels = np.asarray(labels)
+    _, dense = np.unique(labels, return_inverse=True)
+    return dense.astype(np.int32).reshape(-1)
+
+
+def _snapshot_first_pass(ctx) -> None:
+    """Keep the first pass's graph and clusters: iterate later replaces them, and L0 / c_0 are needed."""
+    ctx.store.delete(WORK)  # left by a run of another config
+    clusters = ctx.store.read_elem("obs/scgnn_cluster")
+    with ctx.store.staging("iterate_start") as st:
+        st.write_elem(_key(0, "graph"), ctx.store.read_elem("obsp/scgnn_graph"))
+        st.write_elem(_key(0, "labels"), _dense_labels(np.asarray(clusters)))
+
+
+def _cleanup_iteration(ctx, t: int) -> None:
+    """Remove iteration ``t``'s arrays and model once ``t + 1`` has committed (iteration 0 holds L0)."""
+    if t >= 1:
+        ctx.store.delete(f"{WORK}/{t}")
+        _model_path(ctx, t).unlink(missing_ok=True)
+
+
+def _cleanup_all(ctx, keep_model: int | None = None) -> None:
+    ctx.store.delete(WORK)
+    models = ctx.store.root / "models"
+    for path in models.glob("iterate_feature_*.pt"):
+        if keep_model is None or path != _model_path(ctx, keep_model):
+            path.unlink(missing_ok=True)
+
+
+def _commit_final(ctx, t: int, history: list[dict], stopped: str, truth) -> dict:
+    """Write the last iteration's results to their usual keys (one atomic commit)."""
+    labels = _read_labels(ctx, t)
+    k = int(labels.max()) + 1 if len(labels) else 0
+    with ctx.store.staging(ctx.stage) as st:
+        _copy_array(ctx.store.open_array(_key(t, "feature")), st, "obsm/X_scgnn_feature")
+        _copy_array(ctx.store.open_array(_key(t, "gae")), st, "obsm/X_scgnn")
+        st.write_elem("obsp/scgnn_graph", _read_graph(ctx, t))
+        st.write_elem("obs/scgnn_cluster", pd.Categorical(labels.astype(str), categories=[str(i) for i in range(k)]))
+    info = {"iterations": t, "stopped": stopped, "history": history, "n_clusters": k,
+            "model": str(_model_path(ctx, t)),
+            "final_ari_to_previous": history[-1]["ari_to_previous"] if history else None}
+    if truth is not None:
+        scores = _label_scores(truth, labels)
+        info["metrics"] = {"iterate_ari": scores["ari_to_label"], "iterate_nmi": scores["nmi_to_label"]}
+    return info
+
+
+def _copy_array(src, staging, key: str) -> None:
+    dst = staging.create_matrix(key, tuple(src.shape), src.dtype)
+    for a, b, block in iter_row_blocks(src, int(dst.chunks[0])):
+        dst[a:b] = block
+
+
+def _label_column(ctx) -> np.ndarray | None:
+    """The reference labels (``--label-key``) if the run carries them, for per-iteration ARI/NMI."""
+    obs = ctx.store.read_elem("obs")
+    for column in (ctx.config.ingest.label_key, "label"):
+        if column and column in obs.columns:
+            return np.asarray(obs[column].astype(str))
+    return None
+
+
+def _label_scores(truth: np.ndarray, labels: np.ndarray) -> dict:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"ari_to_label": float(adjusted_rand_score(truth, labels)),
+            "nmi_to_label": float(normalized_mutual_info_score(truth, labels))}
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)

@@ -1,0 +1,89 @@
+"""The dense autoencoder and its losses against dense reference formulas."""
+
+import numpy as np
+import pytest
+import torch
+
+from scgnn_scale.nn.autoencoder import DenseAutoencoder
+from scgnn_scale.nn.losses import (
+    ORIGINAL_BATCH_CELLS,
+    l1_penalty,
+    reconstruction_loss,
+    reference_cells,
+)
+
+
+def test_autoencoder_shapes_and_relu():
+    torch.manual_seed(0)
+    model = DenseAutoencoder(50, hidden=32, latent=8)
+    x = torch.rand(7, 50)
+    recon, z = model(x)
+    assert recon.shape == (7, 50) and z.shape == (7, 8)
+    assert torch.equal(model.encode(x), z)
+    assert torch.equal(model.decode(z), recon)
+    assert (recon >= 0).all() and (z >= 0).all()  # ReLU on every layer, as the published AE
+    default = DenseAutoencoder(20)
+    assert default.fc1.out_features == 512 and default.fc2.out_features == 128
+    assert default.fc3.out_features == 512 and default.fc4.out_features == 20
+    with pytest.raises(ValueError):
+        DenseAutoencoder(0)
+
+
+def _dense_loss(x, r, trs, w, gamma, alpha, ref):
+    sq = (x - r) ** 2
+    weight = gamma + (alpha * trs if trs is not None else 0.0) + (w[:, None] if w is not None else 0.0)
+    return ref / x.shape[0] * (weight * sq).sum()
+
+
+def test_loss_equals_dense_formula(rng):
+    x = rng.random((11, 9))
+    r = rng.random((11, 9))
+    trs = rng.integers(0, 4, (11, 9)).astype(np.uint8)
+    w = rng.random(11) * 5
+    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+    for trs_, w_ in [(None, None), (trs, None), (None, w), (trs, w)]:
+        got = reconstruction_loss(t(x), t(r), trs=None if trs_ is None else torch.from_numpy(trs_), gamma=0.1,
+                                  alpha=0.9, cell_weight=None if w_ is None else t(w_), reference_cells=300)
+        ref = _dense_loss(x, r, trs_, w_, 0.1, 0.9, 300)
+        assert float(got) == pytest.approx(ref, rel=1e-5)
+    # a full batch with reference_cells = N is the published sum: gamma*sum(E) + alpha*sum(TRS o E)
+    sq = (x - r) ** 2
+    original = 0.1 * sq.sum() + 0.9 * (trs * sq).sum()
+    got = reconstruction_loss(t(x), t(r), trs=torch.from_numpy(trs), gamma=0.1, alpha=0.9,
+                              reference_cells=reference_cells(11))
+    assert float(got) == pytest.approx(original, rel=1e-5)
+
+
+def test_loss_scale_does_not_change_with_batch_size(rng):
+    n, g = 4096, 20
+    x = torch.from_numpy(rng.random((n, g), dtype=np.float32))
+    r = torch.from_numpy(rng.random((n, g), dtype=np.float32))
+    trs = torch.from_numpy(rng.integers(0, 3, (n, g)).astype(np.uint8))
+    full = float(reconstruction_loss(x, r, trs=trs, gamma=0.1, alpha=0.9, reference_cells=1000))
+    means = []
+    for b in (32, 256, 1024, 4096):
+        per_batch = [float(reconstruction_loss(x[s:s + b], r[s:s + b], trs=trs[s:s + b], gamma=0.1, alpha=0.9,
+                                               reference_cells=1000)) for s in range(0, n, b)]
+        means.append(np.mean(per_batch))
+        # each single batch is an unbiased estimate of the same magnitude (not b-times larger)
+        assert 0.5 * full < per_batch[0] < 2.0 * full
+    np.testing.assert_allclose(means, full, rtol=1e-4)
+    # the sum reduction of the original would grow 128-fold from b=32 to b=4096
+    plain_sum = [float(reconstruction_loss(x[:b], r[:b], trs=trs[:b], gamma=0.1, alpha=0.9, reference_cells=b))
+                 for b in (32, 4096)]
+    assert plain_sum[1] / plain_sum[0] > 50
+
+
+def test_reference_cells_caps_at_the_original_batch():
+    assert reference_cells(3000) == 3000
+    assert reference_cells(ORIGINAL_BATCH_CELLS) == ORIGINAL_BATCH_CELLS
+    assert reference_cells(1_000_000) == ORIGINAL_BATCH_CELLS
+
+
+def test_l1_penalty_is_sum_of_absolute_parameters():
+    torch.manual_seed(1)
+    model = DenseAutoencoder(30, hidden=16, latent=4)
+    dense = sum(np.abs(p.detach().numpy()).sum() for p in model.parameters())
+    assert float(l1_penalty(model).detach()) == pytest.approx(dense, rel=1e-5)
+    l1_penalty(model).backward()
+    assert torch.equal(model.fc1.weight.grad, torch.sign(model.fc1.weight.detach()))

@@ -1,0 +1,115 @@
+"""Imputation autoencoder: per-cell weights equal the dense N x N regularisers; masked entries get recovered."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import planted_counts
+from sklearn.neighbors import NearestNeighbors
+
+from scgnn_scale.config import FeatureConfig, ImputeConfig, RunConfig, StoreConfig
+from scgnn_scale.nn.losses import imputation_cell_weights, reconstruction_loss
+from scgnn_scale.stages import impute
+from scgnn_scale.testing import stage_context, store_with_matrix
+
+
+def _random_graph(n, rng, k=4):
+    rows = np.repeat(np.arange(n), k)
+    cols = rng.integers(0, n, n * k)
+    keep = rows != cols
+    a = sp.csr_matrix((rng.random(keep.sum()) + 0.5, (rows[keep], cols[keep])), shape=(n, n))
+    return (a + a.T).tocsr()
+
+
+def _same_cluster(clusters):
+    return (clusters[:, None] == clusters[None, :]).astype(float)  # dense B, tests only
+
+
+def test_cell_weights_equal_the_dense_matrix_regularisers(rng):
+    n, g = 60, 7
+    a = _random_graph(n, rng)
+    clusters = rng.integers(0, 4, n)
+    e = rng.random((n, g)) ** 2  # (X - Xhat)^2
+    dense = 0.3 * (a.toarray() @ e).sum() + 0.1 * (_same_cluster(clusters) @ e).sum()
+    sizes = np.bincount(clusters)[clusters]
+    w = imputation_cell_weights(np.asarray(a.sum(axis=0)).ravel(), sizes, gamma1=0.3, gamma2=0.1)
+    assert (w * e.sum(axis=1)).sum() == pytest.approx(dense, rel=1e-6)
+
+
+def test_full_batch_loss_equals_the_paper_formula(rng):
+    """Eq. 12 without L1: (gamma) sum E + alpha sum TRS o E + gamma1 sum A.E + gamma2 sum B.E, full batch."""
+    n, g = 50, 6
+    x, xhat = rng.random((n, g)), rng.random((n, g))
+    trs = rng.integers(0, 3, (n, g)).astype(np.uint8)
+    a = _random_graph(n, rng)
+    clusters = rng.integers(0, 3, n)
+    e = (x - xhat) ** 2
+    dense = (0.1 * e.sum() + 0.9 * (trs * e).sum() + 0.3 * (a.toarray() @ e).sum()
+             + 0.1 * (_same_cluster(clusters) @ e).sum())
+    w = imputation_cell_weights(np.asarray(a.sum(axis=0)).ravel(), np.bincount(clusters)[clusters],
+                                gamma1=0.3, gamma2=0.1)
+    t = lambda v: torch.from_numpy(np.asarray(v, dtype=np.float32))  # noqa: E731
+    got = reconstruction_loss(t(x), t(xhat), trs=torch.from_numpy(trs), gamma=0.1, alpha=0.9,
+                              cell_weight=t(w), reference_cells=n)
+    assert float(got) == pytest.approx(dense, rel=1e-5)
+
+
+def test_cluster_weight_is_scale_free_beyond_the_original_batch():
+    degree = np.full(400, 10.0)
+    sizes = np.repeat([100.0, 300.0], [100, 300])
+    small = imputation_cell_weights(degree, sizes, gamma1=0.3, gamma2=0.1, reference=1000)
+    np.testing.assert_allclose(small, 0.3 * 10 + 0.1 * sizes)  # N <= reference: the original's weights
+    big = imputation_cell_weights(degree, sizes, gamma1=0.3, gamma2=0.1, reference=100)
+    np.testing.assert_allclose(big, 0.3 * 10 + 0.1 * sizes * 100 / 400)
+    # ten times the cells in the same proportions: the same weights, not ten times the cluster term
+    big10 = imputation_cell_weights(np.full(4000, 10.0), np.repeat([1000.0, 3000.0], [1000, 3000]),
+                                    gamma1=0.3, gamma2=0.1, reference=100)
+    np.testing.assert_allclose(big10[[0, -1]], big[[0, -1]], rtol=1e-6)
+
+
+def _knn_graph(x, k=10):
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(x)
+    _, idx = nn.kneighbors(x)
+    rows = np.repeat(np.arange(len(x)), k)
+    a = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, idx[:, 1:].ravel())), shape=(len(x),) * 2)
+    a = a.maximum(a.T).tocsr().astype(np.float32)
+    a.indptr = a.indptr.astype(np.int64)
+    return a
+
+
+def test_imputation_recovers_masked_entries_better_than_zeros(tmp_path):
+    counts, labels = planted_counts(n_cells=300, n_genes=200, n_types=3, seed=1)
+    rng = np.random.default_rng(5)
+    nz = np.flatnonzero(counts)
+    masked = rng.choice(nz, size=nz.size // 10, replace=False)
+    observed = counts.copy().ravel()
+    observed[masked] = 0
+    observed = observed.reshape(counts.shape)
+    config = RunConfig(store=StoreConfig(chunk_rows=64, chunk_genes=64),
+                       feature=FeatureConfig(batch_size=64, memory_budget_mb=0),
+                       impute=ImputeConfig(steps=100, max_epochs=1))
+    store = store_with_matrix(tmp_path / "run", observed, labels=labels, config=config)
+    with store.staging("cluster") as st:
+        st.write_elem("obsp/scgnn_graph", _knn_graph(np.log1p(observed)))
+        st.write_elem("obs/scgnn_cluster", pd.Categorical(labels.astype(str)))
+    info = impute.run(stage_context(store, "impute", config))
+    imputed = store.open_array("layers/imputed")[:]
+    assert imputed.shape == counts.shape and imputed.dtype == np.float32 and np.isfinite(imputed).all()
+    assert not info["ltmg"] and info["regularisers"]["n_clusters"] == 3
+    assert info["regularisers"]["cluster_size_scale"] == 1.0
+    assert (store.root / "models" / "impute_ae.pt").is_file()
+    truth = np.log1p(counts).ravel()[masked]
+    err_imputed = np.abs(imputed.ravel()[masked] - truth)
+    err_zeros = np.abs(truth)
+    assert np.median(err_imputed) < 0.6 * np.median(err_zeros)
+    assert np.sqrt(np.mean(err_imputed**2)) < 0.7 * np.sqrt(np.mean(err_zeros**2))
+
+
+def test_missing_graph_is_a_clear_error(tmp_path):
+    from scgnn_scale.errors import InputError
+
+    counts, _ = planted_counts(n_cells=40, n_genes=20, seed=0)
+    store = store_with_matrix(tmp_path / "run", counts)
+    with pytest.raises(InputError, match="scgnn_graph"):
+        impute.run(stage_context(store, "impute"))

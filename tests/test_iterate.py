@@ -1,0 +1,128 @@
+"""Stage iterate: cluster layout, cluster AE tasks on Dask, the loop, history, resume after a kill."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import planted_counts
+
+from scgnn_scale.config import build_config
+from scgnn_scale.stages import feature, iterate
+from scgnn_scale.testing import stage_context, store_with_matrix
+
+
+def tiny_config(**iterate_options):
+    return build_config({
+        "store": {"chunk_rows": 32, "chunk_genes": 40},
+        "feature": {"hidden": 48, "latent": 16, "batch_size": 64, "min_steps": 60, "max_epochs": 1,
+                    "iter_steps": 25, "memory_budget_mb": 64},
+        "graph": {"k": 8},
+        "gae": {"epochs": 30},
+        "cluster": {"method": "leiden"},
+        "iterate": {"max_iterations": 3, "cluster_steps": 15, "cluster_executor": "local",
+                    "scatter_buffer_mb": 1, **iterate_options},
+        "runtime": {"n_workers": 1, "device": "cpu"},
+    })
+
+
+def _zarr(tmp_path, name, shape, chunks):
+    return zarr.create_array(tmp_path / name, shape=shape, chunks=chunks, dtype=np.float32, zarr_format=3)
+
+
+def test_scatter_and_gather_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    n, g, k = 301, 7, 5
+    x = rng.random((n, g)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    labels[labels == 3] = 2  # an empty cluster id is not allowed: relabel densely
+    labels = iterate._dense_labels(labels)
+    k = labels.max() + 1
+    source = _zarr(tmp_path, "src", (n, g), (40, g))
+    source[:] = x
+    sizes = np.bincount(labels)
+    chunk = iterate.cluster_chunk_rows(k, g, buffer_mb=0.0005, chunk_rows=40)
+    assert 16 <= chunk < 40
+    targets = [_zarr(tmp_path, f"c{c}", (int(sizes[c]), g), (min(chunk, int(sizes[c])), g)) for c in range(k)]
+    iterate.scatter_rows(source, labels, targets, block_rows=40)
+    for c in range(k):  # each cluster's rows, in cell order
+        np.testing.assert_array_equal(targets[c][:], x[labels == c])
+    back = _zarr(tmp_path, "back", (n, g), (40, g))
+    iterate.gather_rows(targets, labels, back, block_rows=40)
+    np.testing.assert_array_equal(back[:], x)
+
+
+def test_cluster_steps_schedule():
+    assert iterate.cluster_steps(50, 1024, 200, 1) == 200  # small cluster: full batch, the original's 200
+    assert iterate.cluster_steps(300_000, 1024, 200, 1) == 293  # large: one pass over its cells at least
+    assert iterate.cluster_steps(300_000, 1024, 200, 2) == 586
+    assert iterate.cluster_seed(0, 1, 2) == iterate.cluster_seed(0, 1, 2) != iterate.cluster_seed(0, 2, 1)
+
+
+@pytest.fixture
+def feature_store(tmp_path):
+    counts, labels = planted_counts(n_cells=150, n_genes=60, n_types=3, seed=3)
+    config = tiny_config()
+    store = store_with_matrix(tmp_path / "run", counts, labels=labels, config=config)
+    feature.run(stage_context(store, "feature", config))
+    return store, config, labels
+
+
+@pytest.mark.parametrize("executor", ["dask", "local"])
+def test_cluster_autoencoder_tasks_write_disjoint_arrays(feature_store, monkeypatch, executor):
+    store, config, labels = feature_store
+    config = dataclasses.replace(config, iterate=dataclasses.replace(config.iterate, cluster_executor=executor,
+                                                                    cluster_steps=0, cluster_max_epochs=0))
+    seen = {}
+    run_jobs = iterate._run_jobs
+
+    def spy(ctx, jobs, chosen):
+        seen["jobs"] = jobs
+        seen["executor"] = chosen
+        return run_jobs(ctx, jobs, chosen)
+
+    monkeypatch.setattr(iterate, "_run_jobs", spy)
+    ctx = stage_context(store, "iterate", config)
+    model_path = store.root / "models" / "feature_ae.pt"
+    try:
+        with store.staging("iterate_test") as st:
+            info = iterate.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
+                                                    out_key="work/iterate/test/x", model_in=model_path, iteration=1)
+    finally:
+        if ctx._client_holder is not None:
+            ctx._client_holder.close()
+    jobs = seen["jobs"]
+    assert seen["executor"] == executor and len(jobs) == 3
+    outputs = [j["output"] for j in jobs]
+    inputs = [j["input"] for j in jobs]
+    # one input and one output array per cluster; no two tasks share an array (so no chunk)
+    assert len(set(outputs)) == 3 and not set(outputs) & set(inputs)
+    assert all(not a.startswith(b + "/") for a in outputs for b in outputs if a != b)
+    assert [r["n_cells"] for r in info["clusters"]] == np.bincount(labels).tolist()
+    # zero training steps: every cluster AE is the feature AE, so the reassembled output must be the
+    # feature AE's reconstruction of every row, in cell order
+    model, _ = feature.load_model(model_path)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(store.open_array("work/recon")[:]))[0].numpy()
+    np.testing.assert_allclose(store.open_array("work/iterate/test/x")[:], expected, rtol=1e-5, atol=1e-6)
+    assert not (store.root / "staging" / "iterate_scratch").exists()  # scratch arrays removed
+
+
+def test_cluster_autoencoders_train_on_their_own_cluster(feature_store):
+    """A trained cluster AE lowers the error on its own rows."""
+    store, config, labels = feature_store
+    ctx = stage_context(store, "iterate", config)
+    with store.staging("iterate_test") as st:
+        info = iterate.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
+                                                out_key="work/iterate/test/x",
+                                                model_in=store.root / "models" / "feature_ae.pt", iteration=1)
+    assert [r["steps"] for r in info["clusters"]] == [15, 15, 15]
+    out, src = store.open_array("work/iterate/test/x")[:], store.open_array("work/recon")[:]
+    assert out.shape == src.shape and np.isfinite(out).all()
+    model, _ = feature.load_model(store.root / "models" / "feature_ae.pt")
+    with torch.no_grad():
+        start = model(torch.from_numpy(src))[0].numpy()
+    for c in range(3):
+        rows = labels == c
+        assert np.mean((out[rows] - src[rows]) ** 2) < np.mean((start[rows] - src[rows]) ** 2)

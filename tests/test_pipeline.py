@@ -1,0 +1,133 @@
+"""End to end through the CLI on a tiny planted atlas: outputs, skip, resume after SIGKILL, refusals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import anndata
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import planted_counts
+
+from scgnn_scale import read_run
+from scgnn_scale.cli import main
+from scgnn_scale.evaluate import clustering_metrics
+
+TINY = """
+[feature]
+min_steps = 60
+iter_steps = 30
+batch_size = 128
+[gae]
+epochs = 40
+[iterate]
+max_iterations = 2
+cluster_steps = 30
+[impute]
+steps = 60
+[ltmg]
+max_iter = 30
+[runtime]
+n_workers = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_input(tmp_path_factory):
+    d = tmp_path_factory.mktemp("input")
+    counts, labels = planted_counts(n_cells=240, n_genes=150, n_types=3, seed=1)
+    adata = anndata.AnnData(X=sp.csr_matrix(counts))
+    adata.obs_names = [f"c{i}" for i in range(counts.shape[0])]
+    adata.var_names = [f"g{j}" for j in range(counts.shape[1])]
+    adata.obs["label"] = labels.astype(str)
+    path = d / "tiny.h5ad"
+    adata.write_h5ad(path)
+    cfg = d / "tiny.toml"
+    cfg.write_text(TINY)
+    return path, cfg
+
+
+def _run_args(inp, cfg, out, *extra):
+    return ["run", str(inp), "--out", str(out), "--config", str(cfg), "--label-key", "label", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_input, tmp_path_factory):
+    inp, cfg = tiny_input
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert main(_run_args(inp, cfg, out)) == 0
+    return out
+
+
+def test_full_run_outputs(full_run, tiny_input):
+    adata = read_run(full_run)
+    n = adata.n_obs
+    assert adata.layers["ltmg"].dtype == np.uint8
+    assert adata.layers["imputed"].shape == adata.shape
+    assert np.isfinite(adata.layers["imputed"][:50].compute()).all()
+    assert adata.obsm["X_scgnn_feature"].shape == (n, 128)
+    assert adata.obsm["X_scgnn"].shape == (n, 16)
+    graph = adata.obsp["scgnn_graph"]
+    assert graph.shape == (n, n) and (graph != graph.T).nnz == 0
+    history = adata.uns["scgnn"]["history"]
+    assert 1 <= len(history) <= 2
+    # the planted types are found
+    m = clustering_metrics(adata.obs["label"], adata.obs["scgnn_cluster"])
+    assert m["ari"] > 0.8, m
+    # the whole store opens with plain anndata too
+    plain = anndata.read_zarr(full_run / "adata.zarr")
+    assert "scgnn_cluster" in plain.obs
+
+
+def test_rerun_skips_finished_stages(full_run, tiny_input, capsys):
+    inp, cfg = tiny_input
+    before = (full_run / "manifest.json").read_text()
+    t0 = time.perf_counter()
+    assert main(_run_args(inp, cfg, full_run)) == 0
+    assert time.perf_counter() - t0 < 20
+    assert (full_run / "manifest.json").read_text().count('"hash"') == before.count('"hash"')
+
+
+def test_other_config_is_refused_without_overwrite(full_run, tiny_input, capsys):
+    inp, cfg = tiny_input
+    manifest = (full_run / "manifest.json").read_text()
+    assert main(_run_args(inp, cfg, full_run, "--graph-k", "7")) == 2
+    err = capsys.readouterr().err
+    assert "another input or config" in err and "Traceback" not in err
+    assert (full_run / "manifest.json").read_text() == manifest
+
+
+@pytest.mark.parametrize("kill_after_stage", ["ltmg", "iterate"])
+def test_sigkill_then_resume_gives_the_same_result(full_run, tiny_input, tmp_path, kill_after_stage):
+    """Kill the run while the stage after `kill_after_stage`'s predecessor works, rerun, compare."""
+    inp, cfg = tiny_input
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "scgnn_scale.cli", *_run_args(inp, cfg, out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    manifest = out / "manifest.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and f'"{kill_after_stage}"' in manifest.read_text():
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next stage
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert main(_run_args(inp, cfg, out)) == 0
+    a, b = read_run(full_run), read_run(out)
+    np.testing.assert_array_equal(a.obs["scgnn_cluster"].to_numpy(), b.obs["scgnn_cluster"].to_numpy())
+    np.testing.assert_allclose(a.obsm["X_scgnn"], b.obsm["X_scgnn"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.layers["imputed"][:100].compute(), b.layers["imputed"][:100].compute(),
+                               rtol=1e-4, atol=1e-5)
+    assert not (out / "staging").exists() or not any((out / "staging").iterdir())
+
+
+def test_until_stops_after_the_stage(tiny_input, tmp_path):
+    inp, cfg = tiny_input
+    out = tmp_path / "partial"
+    assert main(_run_args(inp, cfg, out, "--until", "preprocess")) == 0
+    adata = anndata.read_zarr(out / "adata.zarr")
+    assert adata.n_vars <= 150 and "ltmg" not in adata.layers
