@@ -109,12 +109,21 @@ def bench_loader(store, n: int, batch_size: int, seed: int) -> dict:
 def bench_training(store, config, n: int, g: int, batch_size: int, steps: int, device: str, seed: int) -> dict:
     import torch
 
+    from scgnn_scale.stages.feature import cpu_threads
+
+    dev = torch.device(device)
+    with cpu_threads(dev):  # as the stages train: on CPU one core is left to the loader
+        return _bench_training(store, config, n, g, batch_size, steps, dev, seed)
+
+
+def _bench_training(store, config, n, g, batch_size, steps, dev, seed) -> dict:
+    import torch
+
     from scgnn_scale.nn.autoencoder import DenseAutoencoder
     from scgnn_scale.nn.losses import l1_penalty, reconstruction_loss, reference_cells
     from scgnn_scale.stages.feature import fit_autoencoder
     from scgnn_scale.testing import stage_context
 
-    dev = torch.device(device)
     torch.manual_seed(seed)
     model = DenseAutoencoder(g).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -139,10 +148,10 @@ def bench_training(store, config, n: int, g: int, batch_size: int, steps: int, d
     if dev.type == "cuda":
         torch.cuda.synchronize()
     s = time.perf_counter() - t0
-    out = {"train_compute_only": {"steps_per_s": round(steps / s, 2), "cells_per_s": _rate(steps * batch_size, s)}}
+    out = {"train_compute_only": {"steps_per_s": round(steps / s, 2), "cells_per_s": _rate(steps * batch_size, s),
+                                  "torch_threads": torch.get_num_threads()}}
 
     ctx = stage_context(store, "bench", config)
-    ctx.config = config
     arrays = [store.open_array("X"), store.open_array("layers/ltmg")]
     info = fit_autoencoder(ctx, model, opt, arrays, steps=steps, batch_size=batch_size, gamma=0.1, alpha=0.9,
                            l1=1.0, seed=seed, memory_budget_mb=0)

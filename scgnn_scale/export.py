@@ -20,9 +20,7 @@ are copied in row blocks through h5py, never held whole.
 
 plus ``<name>_feature_embedding.csv`` (the 128-d feature-autoencoder embedding, same layout), a file
 the published tool writes only when it clusters on that embedding. A file whose source the run does
-not hold yet (e.g. no ``layers/imputed`` before the impute stage) is skipped with a log message;
-the recon file then falls back to the last iteration's feature-autoencoder reconstruction
-(``work/iterate/recon``) when the run has one.
+not hold yet (e.g. no ``layers/imputed`` before the impute stage) is skipped with a log message.
 """
 
 from __future__ import annotations
@@ -202,13 +200,10 @@ def _export_csv(store: RunStore, to: Path, *, overwrite: bool, name: str, block_
         written.append(path.name)
     else:
         log.warning("export: the run has no graph yet (obsp/scgnn_graph); %s_graph.csv skipped", name)
-    recon_key = next((k for k in ("layers/imputed", "work/iterate/recon") if store.has(k)), None)
-    if recon_key is not None:
-        if recon_key != "layers/imputed":
-            log.warning("export: no layers/imputed (impute not run); %s_recon.csv holds %s", name, recon_key)
+    if store.has("layers/imputed"):
         path = to / f"{name}_recon.csv"
         genes = store.read_elem("var").index.astype(str)
-        _write_genes_by_cells_csv(store.open_array(recon_key), genes, cells, path)
+        _write_genes_by_cells_csv(store.open_array("layers/imputed"), genes, cells, path)
         written.append(path.name)
     else:
         log.warning("export: the run has no imputed matrix yet; %s_recon.csv skipped", name)

@@ -172,6 +172,9 @@ class MinibatchLoader:
         Rows per read (default: the chunk rows of the first array).
     drop_last
         Drop the short last batch of each epoch.
+    rows
+        Serve only these rows (e.g. one cluster's cells): blocks without any of them are not read,
+        the others are read whole and filtered. ``row_index`` stays the position in the arrays.
 
     Notes
     -----
@@ -182,7 +185,7 @@ class MinibatchLoader:
 
     def __init__(self, arrays: Sequence, batch_size: int, *, seed: int, shuffle: bool = True, prefetch: int = 2,
                  memory_budget_mb: float = 0, buffer_blocks: int = 4, block_rows: int | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, rows: np.ndarray | None = None):
         arrays = list(arrays)
         if not arrays:
             raise ValueError("MinibatchLoader needs at least one array")
@@ -201,7 +204,14 @@ class MinibatchLoader:
         self.buffer_blocks = max(1, int(buffer_blocks))
         self.block_rows = int(block_rows or _chunk_rows(arrays[0]) or max(n, 1))
         self.drop_last = bool(drop_last)
-        self.nbytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays)
+        if rows is not None:
+            rows = np.unique(np.asarray(rows, dtype=np.int64))
+            if len(rows) and (rows[0] < 0 or rows[-1] >= n):
+                raise ValueError(f"rows must lie in [0, {n})")
+        self.rows = rows
+        self.n_selected = n if rows is None else int(len(rows))
+        row_bytes = sum(int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize for a in arrays)
+        self.nbytes = self.n_selected * row_bytes
         self.in_memory = self.nbytes <= float(memory_budget_mb) * 2**20
         self._memory: list[np.ndarray] | None = None
         self._next_epoch = 0
@@ -214,43 +224,61 @@ class MinibatchLoader:
     def __len__(self) -> int:
         """Batches per epoch."""
         if self.drop_last:
-            return self.n_rows // self.batch_size
-        return math.ceil(self.n_rows / self.batch_size)
+            return self.n_selected // self.batch_size
+        return math.ceil(self.n_selected / self.batch_size)
 
     def __iter__(self) -> Iterator[Minibatch]:
         epoch = self._next_epoch
         self._next_epoch += 1
         return self.epoch(epoch)
 
-    def _blocks(self, rng: np.random.Generator) -> list[tuple[int, int]]:
+    def _all_blocks(self) -> list[tuple[int, int]]:
+        """Row blocks in storage order; with ``rows``, only blocks holding some of them."""
         starts = np.arange(0, self.n_rows, self.block_rows)
-        if self.shuffle:
-            starts = starts[rng.permutation(len(starts))]
+        if self.rows is not None:
+            starts = np.unique(self.rows // self.block_rows) * self.block_rows
         return [(int(a), int(min(a + self.block_rows, self.n_rows))) for a in starts]
 
+    def _selected(self, a: int, b: int) -> tuple[int, int]:
+        """Positions ``[lo, hi)`` in ``self.rows`` of the selected rows of block ``[a, b)``."""
+        lo, hi = np.searchsorted(self.rows, [a, b])
+        return int(lo), int(hi)
+
+    def _read(self, a: int, b: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        parts = [np.asarray(arr[a:b]) for arr in self.arrays]
+        if self.rows is None:
+            return np.arange(a, b, dtype=np.int64), parts
+        lo, hi = self._selected(a, b)
+        local = self.rows[lo:hi] - a
+        return self.rows[lo:hi], [p[local] for p in parts]
+
     def _load_memory(self) -> list[np.ndarray]:
+        """The selected rows of every array, in row order (read block by block)."""
         if self._memory is None:
-            held = []
-            for arr in self.arrays:
-                full = np.empty(arr.shape, dtype=arr.dtype)
-                for a, b, block in iter_row_blocks(arr, self.block_rows):
-                    full[a:b] = block
-                held.append(full)
+            held = [np.empty((self.n_selected, *arr.shape[1:]), dtype=arr.dtype) for arr in self.arrays]
+            at = 0
+            for a, b in self._all_blocks():
+                row_ids, parts = self._read(a, b)
+                for h, p in zip(held, parts, strict=True):
+                    h[at:at + len(row_ids)] = p
+                at += len(row_ids)
             self._memory = held
         return self._memory
 
-    def _read_blocks(self, blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    def _read_blocks(self, blocks: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
         if self.in_memory:
             held = self._load_memory()
             for a, b in blocks:
-                yield a, b, [h[a:b] for h in held]
+                lo, hi = (a, b) if self.rows is None else self._selected(a, b)
+                row_ids = np.arange(a, b, dtype=np.int64) if self.rows is None else self.rows[lo:hi]
+                yield row_ids, [h[lo:hi] for h in held]
             return
 
         def produce(stopped):
             for a, b in blocks:
                 if stopped():
                     return
-                yield a, b, [np.asarray(arr[a:b]) for arr in self.arrays]
+                yield self._read(a, b)
 
         yield from _in_background(produce, self.prefetch)
 
@@ -265,15 +293,17 @@ class MinibatchLoader:
 
     def _batches(self, epoch: int, stopped: Callable[[], bool]) -> Iterator[Minibatch]:
         rng = np.random.default_rng([self.seed, epoch])
-        blocks = self._blocks(rng)
+        blocks = self._all_blocks()
+        if self.shuffle:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         pool_rows: list[np.ndarray] = []
         pool_parts: list[list[np.ndarray]] = []
         leftover_rows = np.empty(0, dtype=np.int64)
         leftover_parts: list[np.ndarray] | None = None
-        for i, (a, b, parts) in enumerate(self._read_blocks(blocks)):
+        for i, (row_ids, parts) in enumerate(self._read_blocks(blocks)):
             if stopped():
                 return
-            pool_rows.append(np.arange(a, b, dtype=np.int64))
+            pool_rows.append(row_ids)
             pool_parts.append(parts)
             if len(pool_rows) < self.buffer_blocks and i < len(blocks) - 1:
                 continue

@@ -58,12 +58,15 @@ Non-finite and negative inputs are treated as zeros (censored). This module know
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import log_ndtr
 
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
 NUMBERINGS = ("published", "one-based")
+# EM removes a component whose weight falls below max(MIN_WEIGHT, 1 / number of cells)
+MIN_WEIGHT = 1e-4
 
 # elements of the (genes, components, values) work array of one EM sub-block: bounds EM memory (~16 MiB)
 _EM_BUDGET = 1 << 21
@@ -138,9 +141,12 @@ def em_censored_mixture(y: np.ndarray, weight: np.ndarray, n_censored: np.ndarra
 
     Returns
     -------
-    (weights, means, sds, loglik_uncensored, n_iter)
-        fitted (B, K) parameters; the log-likelihood of the uncensored values under them (B,); iterations (B,).
-        A component that loses all mass keeps weight 0 and its last mean and sd.
+    EMResult
+        fitted (B, K) ``weights``, ``means``, ``sds``; under them, ``loglik_uncensored`` (the uncensored
+        values' log-likelihood, which BIC uses) and ``loglik`` (with the censored values' log mass below
+        ``zcut``, what EM maximises), both (B,); ``n_iter`` (B,). A component whose weight falls below
+        ``max(MIN_WEIGHT, 1 / n)`` (n: the gene's values, censored included) is removed: weight 0 from then
+        on, its last mean and sd kept.
     """
     y = np.asarray(y, np.float64)
     weight = np.asarray(weight, np.float64)
@@ -151,6 +157,7 @@ def em_censored_mixture(y: np.ndarray, weight: np.ndarray, n_censored: np.ndarra
     sd = np.maximum(np.array(sds, np.float64), min_sd)
     n_genes = y.shape[0]
     n_total = weight.sum(axis=1) + n_cens
+    w_floor = np.maximum(MIN_WEIGHT, 1.0 / np.maximum(n_total, 1.0))
     has_cens = n_cens > 0
     feats = np.stack([y * y, y, np.ones_like(y)], axis=1)  # (B, 3, m): the log density is quadratic in y
     prev = np.full(n_genes, -np.inf)
@@ -172,12 +179,19 @@ def em_censored_mixture(y: np.ndarray, weight: np.ndarray, n_censored: np.ndarra
             sy += cr * ey
             sy2 += cr * ey2
             ll = ll + np.where(ca > 0, ca * ll_c, 0.0)
-        alive = nk > 0
+        new_w = nk / n_total[active, None]
+        # a component left with less than one cell's (or 1e-4 of the) mass is removed: such remnants only
+        # shift the numbering of the states above them and differ between a sample and all cells
+        top = new_w.max(axis=1, keepdims=True)
+        alive = (new_w >= w_floor[active, None]) | (new_w == top)
         safe = np.where(alive, nk, 1.0)
         new_mu = np.where(alive, sy / safe, mua)
         var = sy2 / safe - new_mu * new_mu
         new_sd = np.where(alive, np.sqrt(np.maximum(var, min_sd * min_sd)), sda)
-        w[active] = nk / n_total[active, None]
+        new_w = np.where(alive, new_w, 0.0)
+        _merge_duplicates(new_w, new_mu, new_sd)
+        new_w /= new_w.sum(axis=1, keepdims=True)
+        w[active] = new_w
         mu[active] = new_mu
         sd[active] = new_sd
         n_iter[active] = it + 1
@@ -186,7 +200,37 @@ def em_censored_mixture(y: np.ndarray, weight: np.ndarray, n_censored: np.ndarra
         prev[active] = mean_ll
         active = active[~done]
     _, ll_obs = _sufficient_stats(feats, weight, w, mu, sd, loglik_only=True)
-    return w, mu, sd, ll_obs, n_iter
+    ll = ll_obs.copy()
+    if has_cens.any():
+        ll_c = _censored_moments(zcut[has_cens], w[has_cens], mu[has_cens], sd[has_cens])[3]
+        ll[has_cens] += n_cens[has_cens] * ll_c
+    return EMResult(w, mu, sd, ll_obs, ll, n_iter)
+
+
+class EMResult(NamedTuple):
+    weights: np.ndarray
+    means: np.ndarray
+    sds: np.ndarray
+    loglik_uncensored: np.ndarray
+    loglik: np.ndarray
+    n_iter: np.ndarray
+
+
+def _merge_duplicates(w, mu, sd) -> None:
+    """Fold components that coincide (same mean and sd, e.g. two on one run of equal counts) into one.
+
+    EM cannot separate identical components, and the copy would only renumber the states above it.
+    In place: the later copy's weight moves to the earlier one and becomes 0.
+    """
+    k = w.shape[1]
+    for i in range(k):
+        for j in range(i + 1, k):
+            same = ((w[:, i] > 0) & (w[:, j] > 0)
+                    & (np.abs(mu[:, i] - mu[:, j]) <= 1e-3 * np.minimum(sd[:, i], sd[:, j]))
+                    & (np.abs(sd[:, i] - sd[:, j]) <= 1e-3 * np.minimum(sd[:, i], sd[:, j])))
+            if same.any():
+                w[same, i] += w[same, j]
+                w[same, j] = 0.0
 
 
 def _sufficient_stats(feats, weight, w, mu, sd, *, loglik_only: bool = False):
@@ -243,7 +287,11 @@ def _censored_moments(zcut, w, mu, sd):
 # -- initialisation and one K for a block ------------------------------------------------------------
 
 def _quantile_start(y, weight, k: int, shift_ends: bool, min_sd: float):
-    """The published start: means at the i/(K+1) quantiles (ranks floor(i n/(K+1))) of the uncensored values."""
+    """The published start: means at the sorted values of rank floor(i n / (K+1)), i = 1..K, equal weights,
+    every sd the values' sd; for censored fits the lowest mean at min - 1 and the highest at max + 1.
+
+    ``y`` holds each gene's sorted unique values and ``weight`` their multiplicities (0: padding).
+    """
     n_obs = weight.sum(axis=1)
     cum = np.cumsum(weight, axis=1)
     means = np.empty((y.shape[0], k))
@@ -326,9 +374,9 @@ def global_zcut(log_min_positive: np.ndarray, *, min_sd: float = 1e-4, max_iter:
     if means[0, 0] == means[0, 1]:
         means = np.array([[v[0], v[-1]]])
     sd = np.full((1, 2), max(float(v.std()), min_sd))
-    w, mu, sd, _, _ = em_censored_mixture(vals, counts, np.zeros(1), np.zeros(1), means, sd,
-                                          np.full((1, 2), 0.5), max_iter=max_iter, tol=tol, min_sd=min_sd)
-    cut = intersect_two_gaussians(w[0], mu[0], sd[0])
+    res = em_censored_mixture(vals, counts, np.zeros(1), np.zeros(1), means, sd, np.full((1, 2), 0.5),
+                              max_iter=max_iter, tol=tol, min_sd=min_sd)
+    cut = intersect_two_gaussians(res.weights[0], res.means[0], res.sds[0])
     return float(v[0]) if cut is None else float(cut)
 
 
@@ -501,22 +549,24 @@ def _fit_sub_block(fit: LTMGFit, genes, y, weight, n_obs, n_cens, *, k_min, k_ma
         if rows.size == 0:
             continue
         for k in ks:
-            ok = rows[n_obs[rows] > k]  # the published "too little conditions": need more values than components
-            if ok.size == 0:
-                continue
-            yk, wk = y[ok], weight[ok]
-            means, sds, ws = _quantile_start(yk, wk, k, branch_censored, min_sd)
-            ncens = n_cens[ok] if branch_censored else np.zeros(ok.size)
-            w, mu, sd, ll, n_iter = em_censored_mixture(
-                yk, wk, ncens, fit.zcut[genes[ok]], means, sds, ws, max_iter=max_iter, tol=tol, min_sd=min_sd)
+            ok = n_obs[rows] > k  # the published "too little conditions": need more values than components
+            if not ok.any():
+                break
+            sel = rows[ok]
+            yk, wk, zk = y[sel], weight[sel], fit.zcut[genes[sel]]
+            ncens = n_cens[sel] if branch_censored else np.zeros(sel.size)
+            start = _quantile_start(yk, wk, k, branch_censored, min_sd)
+            res = em_censored_mixture(yk, wk, ncens, zk, *start, max_iter=max_iter, tol=tol, min_sd=min_sd)
             # BIC_LTMG: n = all cells; BIC_ZIMG: n = the uncensored values (all cells too: none is censored)
-            n_bic = (n_obs[ok] + ncens) * scale
-            bic = (3 * k - 1) * np.log(n_bic) - 2.0 * scale * ll
-            better = np.isfinite(bic) & (bic < best_bic[ok])
+            # a fit that lost components is a fit with fewer components: it pays for the live ones only
+            n_bic = (n_obs[sel] + ncens) * scale
+            k_live = (res.weights > 0).sum(axis=1)
+            bic = (3 * k_live - 1) * np.log(n_bic) - 2.0 * scale * res.loglik_uncensored
+            better = np.isfinite(bic) & (bic < best_bic[sel])
             for j in np.flatnonzero(better):
-                r = ok[j]
+                r = sel[j]
                 best_bic[r] = bic[j]
-                best[r] = (w[j], mu[j], sd[j], n_iter[j])
+                best[r] = (res.weights[j], res.means[j], res.sds[j], res.n_iter[j])
     for r, gene in enumerate(genes):
         if best[r] is None:
             continue

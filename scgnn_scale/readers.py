@@ -50,7 +50,6 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -246,14 +245,24 @@ class _Location:
             return self.fs.open(self.fspath, "rb")
         return open(self.fspath, "rb")
 
+    @contextmanager
     def open_text(self):
-        """Text stream, transparently gunzipped when the name ends with .gz."""
-        raw = self.open_binary()
-        if self.text.lower().endswith(".gz"):
-            import gzip
+        """Text stream, transparently gunzipped when the name ends with .gz; closes every layer."""
+        import gzip
 
-            raw = gzip.GzipFile(fileobj=raw, mode="rb")
-        return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        raw = self.open_binary()
+        layers = [raw]
+        try:
+            stream = raw
+            if self.text.lower().endswith(".gz"):
+                stream = gzip.GzipFile(fileobj=raw, mode="rb")  # does not close raw itself
+                layers.append(stream)
+            text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+            layers.append(text)
+            yield text
+        finally:
+            for layer in reversed(layers):
+                layer.close()
 
     def head(self, n: int) -> bytes:
         with self.open_binary() as fh:
@@ -309,7 +318,9 @@ def _read_errors(name: str, what: str):
 
 def _unique_names(values, what: str, name: str) -> pd.Index:
     """Names as strings, made unique with a warning like AnnData's ``obs_names_make_unique``."""
-    index = pd.Index(np.asarray(values, dtype=object).astype(str), dtype=object)
+    index = pd.Index(values)
+    if index.inferred_type != "string":  # numbers or bytes; a names column of str is kept as it is
+        index = pd.Index([v.decode() if isinstance(v, bytes) else str(v) for v in index], dtype=object)
     if not index.is_unique:
         from anndata.utils import make_index_unique
 
@@ -756,7 +767,7 @@ class MtxReader(InputReader):
         spool = _Spool(self.block_rows, self.tmp_dir)
         self._closers.append(spool.close)
         seen = 0
-        with self.matrix.open_text() as fh:
+        with _read_errors(where, "cannot read the matrix"), self.matrix.open_text() as fh:
             chunks = pd.read_csv(fh, sep=r"\s+", header=None, names=columns, usecols=range(len(columns)),
                                  skiprows=self.header_lines, comment="%", chunksize=_MTX_CHUNK_LINES,
                                  dtype={c: dtypes[c] for c in columns}, engine="c")
@@ -941,9 +952,7 @@ class _Spool:
             rec = np.fromfile(path, dtype=_SPOOL_DTYPE) if os.path.exists(path) else np.empty(0, _SPOOL_DTYPE)
             block = sp.csr_matrix((rec["val"], (rec["row"], rec["col"])), shape=(stop - start, n_cols),
                                   dtype=np.float32)
-            if os.path.exists(path):
-                os.unlink(path)  # free disk as we go
-            yield start, stop, _canonical(block)
+            yield start, stop, _canonical(block)  # files stay until close(): the blocks can be read again
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,8 +4,9 @@ The model (every draw seeded from ``seed``):
 
 - gene base means ``mu_g ~ LogNormal(-1, 1.5)`` (median 0.37 counts) and per-gene NB dispersion
   ``r_g ~ Uniform(1, 5)`` (variance ``mu + mu^2 / r``);
-- ``n_types`` cell types, each with its own expression programme: about 4% of the genes up (fold
-  ``LogNormal(log 4, 0.3)``) and 2% down (fold 1/4), chosen at random per type;
+- ``n_types`` cell types, each with its own expression programme: 8% of the genes up (fold
+  ``LogNormal(log 4, 0.3)``) and 4% down (fold 1/4), drawn per type from the genes with a base mean
+  above the median;
 - type proportions: half uniform, half ``Dirichlet(2)``, so every type holds at least half its uniform share;
 - per-cell library size ``LogNormal(0, 0.35)`` multiplying every mean;
 - counts ``NB(mean = size_c * mu_g * fold_{t(c), g}, r_g)`` drawn as Gamma-Poisson, then each non-zero
@@ -48,16 +49,18 @@ class _Programme:
         base = rng.lognormal(mean=-1.0, sigma=1.5, size=n_genes)
         self.dispersion = rng.uniform(1.0, 5.0, size=n_genes)
         fold = np.ones((n_types, n_genes))
-        n_up = max(2, int(round(0.04 * n_genes)))
-        n_down = max(1, int(round(0.02 * n_genes)))
+        # programmes act on the better-expressed half of the genes: a marker with a mean of 0.01 counts
+        # would plant nothing
+        pool = np.flatnonzero(base >= np.median(base))
+        n_up = max(2, int(round(0.08 * n_genes)))
+        n_down = max(1, n_up // 2)
         for t in range(n_types):
-            chosen = rng.choice(n_genes, size=min(n_genes, n_up + n_down), replace=False)
+            chosen = rng.choice(pool, size=min(len(pool), n_up + n_down), replace=False)
             fold[t, chosen[:n_up]] = rng.lognormal(np.log(4.0), 0.3, size=len(chosen[:n_up]))
             fold[t, chosen[n_up:]] = 0.25
         self.type_means = base[None, :] * fold
         self.proportions = 0.5 / n_types + 0.5 * rng.dirichlet(np.full(n_types, 2.0))
         self.proportions /= self.proportions.sum()
-        self.markers_up = fold > 1
 
 
 def _simulate_tile(prog: _Programme, seed: int, tile: int, n_rows: int, dropout: float):

@@ -124,3 +124,42 @@ def test_bad_options(tmp_path, counts_h5ad):
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(InputError, match="non-empty"):
         dropout.evaluate_imputation(str(path), tmp_path / "busy")
+
+
+TINY = {
+    "store": {"chunk_rows": 64, "chunk_genes": 32},
+    "feature": {"hidden": 48, "latent": 16, "min_steps": 60, "iter_steps": 20, "batch_size": 64},
+    "gae": {"epochs": 20},
+    "iterate": {"max_iterations": 1, "cluster_steps": 10, "cluster_executor": "local"},
+    "impute": {"steps": 60},
+    "ltmg": {"max_iter": 20},
+    "runtime": {"n_workers": 1, "device": "cpu"},
+}
+
+
+def test_evaluate_imputation_end_to_end(tmp_path, counts_h5ad):
+    """Mask, run the whole pipeline, score: report shape, counts, baselines scored on the same entries."""
+    import json
+
+    path, counts = counts_h5ad
+    config = build_config({**TINY, "ingest": {"label_key": "label"}})
+    report = dropout.evaluate_imputation(str(path), tmp_path / "ev", rate=0.1, repeats=1, config=config, seed=3,
+                                         quiet=True)
+    assert json.loads((tmp_path / "ev" / "report.json").read_text()) == report
+    (rep,) = report["repeats"]
+    assert rep["n_flipped"] == int(np.floor(0.1 * np.count_nonzero(counts) + 0.5))
+    assert 0 < rep["n_scored"] <= rep["n_flipped"]
+    for method in dropout.METHODS:
+        m = report["methods"][method]
+        assert set(m) == {f"{k}{s}" for k in dropout.METRICS for s in ("", "_std")}
+        assert m["median_l1"] >= 0 and m["rmse"] >= 0
+    assert report["methods"]["zeros"]["cosine"] == 0.0
+    # zeros baseline: the L1 of every scored entry is its true log1p value, all > 0
+    assert report["methods"]["zeros"]["median_l1"] > 0
+    assert report["methods"]["knn"]["median_l1"] < report["methods"]["zeros"]["median_l1"]
+    # a second call resumes (same masks, finished runs) and gives the same report
+    again = dropout.evaluate_imputation(str(path), tmp_path / "ev", rate=0.1, repeats=1, config=config, seed=3,
+                                        quiet=True)
+    assert again["methods"] == report["methods"]
+    with pytest.raises(InputError, match="another input, rate"):
+        dropout.evaluate_imputation(str(path), tmp_path / "ev", rate=0.3, repeats=1, config=config, seed=3)

@@ -144,3 +144,48 @@ def test_model_of_other_genes_is_refused(tmp_path):
     with pytest.raises(InputError, match="50 genes"), store.staging("iterate") as st:
         feature.train_feature(ctx, st, x_key="X", trs_key=None, steps=1, model_in=path, model_out=None,
                               embedding_key=None, recon_key=None)
+
+
+def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    config = small_config(min_steps=12, checkpoint_minutes=1e-9)  # a checkpoint after every step
+    store, _, _ = planted_store(tmp_path / "a", config)
+    reference, _, _ = planted_store(tmp_path / "b", config)
+    feature.run(stage_context(reference, "feature", config))
+
+    real = feature._checkpointer
+
+    def dies_after_step_5(ctx, model, optimizer, path):
+        save = real(ctx, model, optimizer, path)
+
+        def hook(step):
+            save(step)
+            if step == 5:
+                raise KeyboardInterrupt("killed")
+
+        return hook
+
+    monkeypatch.setattr(feature, "_checkpointer", dies_after_step_5)
+    ctx = stage_context(store, "feature", config)
+    with pytest.raises(KeyboardInterrupt):
+        feature.run(ctx)
+    assert ctx.load_checkpoint()["step"] == 5 and not store.has("obsm/X_scgnn_feature")
+    monkeypatch.setattr(feature, "_checkpointer", real)
+    info = feature.run(stage_context(store, "feature", config))
+    assert info["start_step"] == 5 and info["steps_run"] == 7
+    assert not (store.root / "models" / "feature_ae.pt.ckpt").exists()
+    np.testing.assert_array_equal(store.open_array("obsm/X_scgnn_feature")[:],
+                                  reference.open_array("obsm/X_scgnn_feature")[:])
+
+
+def test_fit_on_one_clusters_rows(tmp_path):
+    config = small_config()
+    store, _, labels = planted_store(tmp_path, config, with_ltmg=False)
+    ctx = stage_context(store, "iterate", config)
+    rows = np.flatnonzero(labels == 1)
+    torch.manual_seed(0)
+    model = DenseAutoencoder(200, 32, 8)
+    info = feature.fit_autoencoder(ctx, model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                                   [store.open_array("X")], steps=4, batch_size=512, gamma=0.1, alpha=0.0,
+                                   l1=1.0, seed=0, memory_budget_mb=0, rows=rows)
+    assert info["batch_size"] == len(rows) and info["reference_cells"] == len(rows)
+    assert info["batches_per_epoch"] == 1 and info["steps_run"] == 4

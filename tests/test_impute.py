@@ -9,6 +9,7 @@ from conftest import planted_counts
 from sklearn.neighbors import NearestNeighbors
 
 from scgnn_scale.config import FeatureConfig, ImputeConfig, RunConfig, StoreConfig
+from scgnn_scale.errors import InputError
 from scgnn_scale.nn.losses import imputation_cell_weights, reconstruction_loss
 from scgnn_scale.stages import impute
 from scgnn_scale.testing import stage_context, store_with_matrix
@@ -78,7 +79,8 @@ def _knn_graph(x, k=10):
     return a
 
 
-def test_imputation_recovers_masked_entries_better_than_zeros(tmp_path):
+def _masked_store(tmp_path, config):
+    """Planted counts with 10% of the non-zero entries set to zero, a KNN graph and the planted clusters."""
     counts, labels = planted_counts(n_cells=300, n_genes=200, n_types=3, seed=1)
     rng = np.random.default_rng(5)
     nz = np.flatnonzero(counts)
@@ -86,13 +88,22 @@ def test_imputation_recovers_masked_entries_better_than_zeros(tmp_path):
     observed = counts.copy().ravel()
     observed[masked] = 0
     observed = observed.reshape(counts.shape)
-    config = RunConfig(store=StoreConfig(chunk_rows=64, chunk_genes=64),
-                       feature=FeatureConfig(batch_size=64, memory_budget_mb=0),
-                       impute=ImputeConfig(steps=100, max_epochs=1))
     store = store_with_matrix(tmp_path / "run", observed, labels=labels, config=config)
     with store.staging("cluster") as st:
         st.write_elem("obsp/scgnn_graph", _knn_graph(np.log1p(observed)))
         st.write_elem("obs/scgnn_cluster", pd.Categorical(labels.astype(str)))
+    return store, counts, masked
+
+
+def _config(batch_size=64, memory_budget_mb=0, **impute_options):
+    return RunConfig(store=StoreConfig(chunk_rows=64, chunk_genes=64),
+                     feature=FeatureConfig(batch_size=batch_size, memory_budget_mb=memory_budget_mb),
+                     impute=ImputeConfig(**{"steps": 100, "max_epochs": 1, **impute_options}))
+
+
+def test_imputation_recovers_masked_entries_better_than_zeros(tmp_path):
+    config = _config()
+    store, counts, masked = _masked_store(tmp_path, config)
     info = impute.run(stage_context(store, "impute", config))
     imputed = store.open_array("layers/imputed")[:]
     assert imputed.shape == counts.shape and imputed.dtype == np.float32 and np.isfinite(imputed).all()
@@ -106,9 +117,25 @@ def test_imputation_recovers_masked_entries_better_than_zeros(tmp_path):
     assert np.sqrt(np.mean(err_imputed**2)) < 0.7 * np.sqrt(np.mean(err_zeros**2))
 
 
-def test_missing_graph_is_a_clear_error(tmp_path):
-    from scgnn_scale.errors import InputError
+def test_input_recon_trains_on_the_feature_reconstruction(tmp_path):
+    full_batch = {"batch_size": 300, "memory_budget_mb": 100, "steps": 120}
+    config = _config(input="recon", **full_batch)
+    store, counts, masked = _masked_store(tmp_path, config)
+    with pytest.raises(InputError, match="work/recon"):
+        impute.run(stage_context(store, "impute", config))
+    with store.staging("feature") as st:  # an oracle reconstruction: the true values
+        st.create_matrix("work/recon", counts.shape, np.float32)[:] = np.log1p(counts)
+    info = impute.run(stage_context(store, "impute", config))
+    assert info["input"] == "work/recon"
+    truth = np.log1p(counts).ravel()[masked]
+    from_recon = np.median(np.abs(store.open_array("layers/imputed")[:].ravel()[masked] - truth))
+    impute.run(stage_context(store, "impute", _config(input="X", **full_batch)))
+    from_x = np.median(np.abs(store.open_array("layers/imputed")[:].ravel()[masked] - truth))
+    # on X the per-cell weights (~14 here) outweigh L1 and the AE learns the dropout zeros back
+    assert from_recon < 0.75 * from_x, (from_recon, from_x)
 
+
+def test_missing_graph_is_a_clear_error(tmp_path):
     counts, _ = planted_counts(n_cells=40, n_genes=20, seed=0)
     store = store_with_matrix(tmp_path / "run", counts)
     with pytest.raises(InputError, match="scgnn_graph"):

@@ -144,3 +144,23 @@ def test_iter_row_blocks_in_order(arrays):
     assert [b - a for a, b, _ in default][:-1] == [CHUNK] * (len(default) - 1)
     part = list(iter_row_blocks(values, 16, start=20, stop=70))
     assert [(a, b) for a, b, _ in part] == [(20, 32), (32, 48), (48, 64), (64, 70)]
+
+
+def test_a_subset_of_rows_reads_only_its_blocks(arrays):
+    x, t, values = arrays
+    subset = np.r_[3, 5, 40:60, 199, 200]  # blocks 0, 2, 3, 12
+    rec = RecordingArray(x)
+    stream = MinibatchLoader([rec, t], 7, seed=2, memory_budget_mb=0, rows=subset[::-1])
+    memory = MinibatchLoader([x, t], 7, seed=2, memory_budget_mb=100, rows=subset)
+    assert len(stream) == -(-len(subset) // 7) and stream.n_selected == len(subset)
+    got = list(stream.epoch(0))
+    assert sorted(np.concatenate([b.row_index for b in got])) == sorted(subset)
+    for b in got:
+        np.testing.assert_array_equal(b[0], values[b.row_index])
+        np.testing.assert_array_equal(b[1][:, 0], b.row_index % 251)
+    assert sorted({a // CHUNK for a, _ in rec.reads}) == [0, 2, 3, 12]
+    for b1, b2 in zip(got, memory.epoch(0), strict=True):
+        assert np.array_equal(b1.row_index, b2.row_index)
+        np.testing.assert_array_equal(b1[0], b2[0])
+    with pytest.raises(ValueError):
+        MinibatchLoader([x], 4, seed=0, rows=[N])

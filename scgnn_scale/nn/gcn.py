@@ -1,8 +1,8 @@
 """Graph autoencoder in pure torch: two GCN layers, inner-product decoder, negative-sampled BCE.
 
 The encoder is DESIGN.md step 5: ``Z = act(A~ ReLU(A~ E W1) W2)`` with
-``A~ = D^-1/2 (A + I) D^-1/2`` and ``D = rowsum(A + I)``; ``act`` is ReLU (the paper's formula,
-the default) or the identity (the published code's ``GCNModelAE``). Layers have no bias and
+``A~ = D^-1/2 (A + I) D^-1/2`` and ``D = rowsum(A + I)``; ``act`` is the identity (the published
+code's ``GCNModelAE``, the default: it clustered better on the gold sets) or ReLU (the paper's formula). Layers have no bias and
 Glorot-uniform weights, as scGNN's ``GraphConvolution``. Message passing is a torch sparse
 matrix product (CSR), so the graph is never densified; the same encoder runs on the whole graph
 (one ``A~``) or on sampled blocks (one rectangular block per layer, see :mod:`.sampling`).
@@ -65,7 +65,7 @@ class GCNEncoder(nn.Module):
     to ``x`` (it does not depend on the weights), and ``adjs`` holds only the second layer's matrix.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 32, latent: int = 16, *, final_relu: bool = True,
+    def __init__(self, in_dim: int, hidden: int = 32, latent: int = 16, *, final_relu: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(in_dim, hidden))

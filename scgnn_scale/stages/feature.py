@@ -18,6 +18,7 @@ with N and stays a few passes over the data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -84,10 +85,22 @@ def load_model(path: str | Path, device=None) -> tuple[Any, dict]:
     return model, state
 
 
+def _batches_from(loader: MinibatchLoader, step: int, per_epoch: int):
+    """Batches from global step ``step`` on, across epochs, in the order of an uninterrupted run."""
+    while True:
+        epoch, skip = divmod(step, per_epoch)
+        with contextlib.closing(loader.epoch(epoch)) as batches:
+            for i, batch in enumerate(batches):
+                if i >= skip:  # resuming inside an epoch: the skipped batches are read, not trained on
+                    yield batch
+                    step += 1
+
+
 def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_size: int, gamma: float,
                     alpha: float, l1: float, seed: int, memory_budget_mb: float, buffer_blocks: int = 4,
                     prefetch_blocks: int = 2, cell_weight: np.ndarray | None = None, start_step: int = 0,
-                    checkpoint=None, checkpoint_seconds: float = 0.0, desc: str = "training") -> dict:
+                    checkpoint=None, checkpoint_seconds: float = 0.0, desc: str = "training",
+                    rows: np.ndarray | None = None) -> dict:
     """Train ``model`` for ``steps`` Adam steps on minibatches of ``arrays`` (X, optionally its TRS).
 
     Parameters
@@ -108,6 +121,9 @@ def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_si
         Resume here (a checkpoint's step): batches follow the same order as an uninterrupted run.
     checkpoint, checkpoint_seconds
         ``checkpoint(step)`` is called about every ``checkpoint_seconds`` (0: never).
+    rows
+        Train on these rows only (e.g. one cluster's cells of a reconstruction), streamed from the
+        same arrays; N below is then their number.
 
     Returns
     -------
@@ -119,10 +135,12 @@ def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_si
     from ..nn.losses import l1_penalty, reconstruction_loss, reference_cells
 
     device = next(model.parameters()).device
-    n = int(arrays[0].shape[0])
+    n = int(arrays[0].shape[0]) if rows is None else int(len(np.unique(rows)))
+    if n == 0:
+        raise ValueError("no rows to train on")
     batch_size = max(1, min(int(batch_size), n))
     loader = MinibatchLoader(arrays, batch_size, seed=seed, prefetch=prefetch_blocks,
-                             memory_budget_mb=memory_budget_mb, buffer_blocks=buffer_blocks)
+                             memory_budget_mb=memory_budget_mb, buffer_blocks=buffer_blocks, rows=rows)
     per_epoch = len(loader)
     n_ref = reference_cells(n)
     weights = torch.from_numpy(np.asarray(cell_weight, dtype=np.float32)) if cell_weight is not None else None
@@ -136,13 +154,9 @@ def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_si
     step = int(start_step)
     bar = ctx.progress(steps, desc, unit="steps", initial=step)
     try:
-        while step < steps:
-            epoch, skip = divmod(step, per_epoch)
-            batches = iter(loader.epoch(epoch))
-            for _ in range(skip):  # resume inside an epoch on the exact batch order
-                next(batches)
+        with contextlib.closing(_batches_from(loader, step, per_epoch)) as stream:
             t0 = time.perf_counter()
-            for batch in batches:
+            for batch in stream if step < steps else ():
                 t1 = time.perf_counter()
                 wait += t1 - t0
                 x = torch.from_numpy(batch[0]).to(device, non_blocking=True)
@@ -169,7 +183,6 @@ def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_si
                     last_checkpoint = t0 = time.perf_counter()
                 if step >= steps:
                     break
-            batches.close()
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
@@ -267,6 +280,28 @@ def _resume(ctx, model, optimizer) -> int:
     return int(saved.get("step", 0))
 
 
+@contextlib.contextmanager
+def cpu_threads(device, requested: int = 0):
+    """Limit torch's intra-op threads while training on CPU, then restore them.
+
+    The loader reads and decodes on background threads; torch's OpenMP threads spin while they
+    wait for each other, so when they share every core with the loader a step can take several
+    times longer (measured: 6.6 vs 43 steps/s on 2 busy cores). By default one core is left free.
+    """
+    import torch
+
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(int(requested) if requested > 0 else max(1, min(before, cores - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, steps: int | None, model_in,
                             model_out, embedding_key: str | None, recon_key: str | None, gamma: float,
                             alpha: float, l1: float, min_steps: int, max_epochs: int,
@@ -311,20 +346,22 @@ def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, st
         start = min(_resume(ctx, model, optimizer), total)
         checkpoint = _checkpointer(ctx, model, optimizer, ckpt_path)
 
-    info = fit_autoencoder(
-        ctx, model, optimizer, arrays, steps=total, batch_size=fcfg.batch_size, gamma=gamma, alpha=alpha, l1=l1,
-        seed=seed, memory_budget_mb=fcfg.memory_budget_mb, buffer_blocks=fcfg.buffer_blocks,
-        prefetch_blocks=fcfg.prefetch_blocks, cell_weight=cell_weight, start_step=start, checkpoint=checkpoint,
-        checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, desc=desc)
-    if model_out is not None:
-        save_model(model_out, model, optimizer, steps=total)
-        info["model"] = str(model_out)
-        if checkpoint is not None:
-            Path(str(model_out) + ".ckpt").unlink(missing_ok=True)
+    with cpu_threads(device, fcfg.torch_threads):
+        info = fit_autoencoder(
+            ctx, model, optimizer, arrays, steps=total, batch_size=fcfg.batch_size, gamma=gamma, alpha=alpha,
+            l1=l1, seed=seed, memory_budget_mb=fcfg.memory_budget_mb, buffer_blocks=fcfg.buffer_blocks,
+            prefetch_blocks=fcfg.prefetch_blocks, cell_weight=cell_weight, start_step=start, checkpoint=checkpoint,
+            checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, desc=desc)
+        info["torch_threads"] = torch.get_num_threads()
+        if model_out is not None:
+            save_model(model_out, model, optimizer, steps=total)
+            info["model"] = str(model_out)
+            if checkpoint is not None:
+                Path(str(model_out) + ".ckpt").unlink(missing_ok=True)
 
-    emb_arr = staging.create_matrix(embedding_key, (n, model.latent), np.float32) if embedding_key else None
-    recon_arr = staging.create_matrix(recon_key, (n, g), np.float32) if recon_key else None
-    info.update(write_outputs(ctx, model, x, embedding=emb_arr, recon=recon_arr))
+        emb_arr = staging.create_matrix(embedding_key, (n, model.latent), np.float32) if embedding_key else None
+        recon_arr = staging.create_matrix(recon_key, (n, g), np.float32) if recon_key else None
+        info.update(write_outputs(ctx, model, x, embedding=emb_arr, recon=recon_arr))
     info.update({"n_cells": n, "n_genes": g, "ltmg": trs_key is not None, "seed": seed})
     ctx.log.info("%s: %d steps (%s, %s) loss %.4g -> %.4g, recon MSE %.4g, %.0f cells/s, loader wait %.1f%%",
                  ctx.stage, info["steps"], info["loader"], info["device"], info["loss_first"] or float("nan"),

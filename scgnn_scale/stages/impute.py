@@ -57,13 +57,17 @@ def run(ctx) -> dict:
     """Stage ``impute``: train the regularised autoencoder on ``X`` and write ``layers/imputed``."""
     fcfg, icfg = ctx.config.feature, ctx.config.impute
     n_cells = int(ctx.store.open_array("X").shape[0])
+    x_key = "X" if icfg.input == "X" else "work/recon"
+    if not ctx.store.has(x_key):
+        raise InputError(f"{ctx.store.root}: impute.input={icfg.input} needs '{x_key}', which the run does not hold")
     weights, weight_info = regulariser_weights(ctx, n_cells)
     with ctx.store.staging(ctx.stage) as st:
         info = train_autoencoder_stage(
-            ctx, st, x_key="X", trs_key=ltmg_key(ctx) if icfg.use_ltmg else None, steps=None, model_in=None,
+            ctx, st, x_key=x_key, trs_key=ltmg_key(ctx) if icfg.use_ltmg else None, steps=None, model_in=None,
             model_out=ctx.store.root / "models" / f"{MODEL_NAME}.pt", embedding_key=None,
             recon_key="layers/imputed", gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
             max_epochs=icfg.max_epochs, cell_weight=weights, resume=True, desc="imputation autoencoder")
     info["regularisers"] = weight_info
+    info["input"] = x_key
     info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
     return info

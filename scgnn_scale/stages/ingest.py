@@ -80,14 +80,13 @@ def check_block_values(block: sp.csr_matrix, start: int, obs_names, var_names, n
     gene = int(block.indices[k])
     value = data[k]
     problem = "NaN (missing)" if np.isnan(value) else ("infinite" if np.isinf(value) else "negative")
-    raise InputError(f"{name}: {problem} value {value!r} at cell {obs_names[start + row]!r} (row {start + row}), "
+    raise InputError(f"{name}: {problem} value {float(value):g} at cell {obs_names[start + row]!r} (row {start + row}), "
                      f"gene {var_names[gene]!r} (column {gene}); counts must be finite and non-negative")
 
 
 def run(ctx) -> dict:
     """Convert ``ctx.input`` into ``work/input`` (see the module docstring); returns the summary."""
     import anndata
-
     from anndata.io import write_elem
 
     cfg = ctx.config.ingest

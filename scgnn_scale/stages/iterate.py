@@ -23,13 +23,15 @@ stage's ``obs/scgnn_cluster`` for t = 1):
 
 Store layout while running (all under ``work.zarr``)::
 
-    work/iterate/0/graph, work/iterate/0/labels      the first graph and clusters (L0 and c_0)
+    work/first_pass/{X_scgnn_feature, X_scgnn, graph, cluster, labels}
+                                                     the first pass's results, which iterate replaces
+                                                     (L0 and c_0 come from here; kept after the stage)
     work/iterate/<t>/x                               X_t, removed once its feature AE has committed
     work/iterate/<t>/recon, feature, graph, gae, cluster, labels
     models/iterate_feature_<t>.pt                    the feature AE (and optimiser) after iteration t
 
-Each step commits on its own, and the stage checkpoints (``ctx.save_checkpoint``) after every
-finished iteration: a killed run resumes at the last finished iteration, from the same stored
+Each iteration is one staged commit (its steps read what the earlier steps staged), and the
+stage checkpoints (``ctx.save_checkpoint``) after every finished iteration: a killed run resumes at the last finished iteration, from the same stored
 reconstruction, clusters and model file, with seeds that depend only on (seed, iteration,
 cluster), so it ends with the same result as an uninterrupted run. Iteration ``t - 1``'s arrays
 and model are removed once iteration ``t`` has committed.
@@ -39,7 +41,8 @@ Outputs: the last iteration's embedding, graph, graph embedding and clusters rep
 dict carries the per-iteration ``history`` (stored by the pipeline in ``uns/scgnn/history``). The
 last feature-AE reconstruction is not kept: the impute stage trains on ``X``, and a run's imputed
 matrix is ``layers/imputed``; ``work/iterate`` is removed when the stage ends. The last feature
-model stays in ``models/`` (its path is in the info dict).
+model stays in ``models/`` (its path is in the info dict), and so does ``work/first_pass``
+(O(N (k + d)), see :func:`restore_first_pass`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import zarr
 
 from .. import convergence as cv
@@ -59,6 +61,10 @@ from ..errors import InputError
 from ..loader import iter_row_blocks
 
 WORK = "work/iterate"
+#: the first pass's results (feature, graph, gae, cluster stages), kept because iterate replaces them
+FIRST_PASS = "work/first_pass"
+_FIRST_PASS_KEYS = {"obsm/X_scgnn_feature": "X_scgnn_feature", "obsm/X_scgnn": "X_scgnn",
+                    "obsp/scgnn_graph": "graph", "obs/scgnn_cluster": "cluster"}
 _SCRATCH = "iterate_scratch"
 
 
@@ -102,7 +108,7 @@ def run(ctx) -> dict:
 
     state = ctx.load_checkpoint()
     if state and state.get("finished"):
-        _cleanup_all(ctx)
+        _cleanup_all(ctx, keep_model=state["info"]["iterations"])
         return state["info"]
     if not state:
         _snapshot_first_pass(ctx)
@@ -111,11 +117,11 @@ def run(ctx) -> dict:
     else:
         ctx.log.info("iterate: resuming after iteration %d", state["done"])
 
-    reference = cv.reference_graph(_read_graph(ctx, 0), cfg.graph_reference)
+    reference = cv.reference_graph(_read(ctx.store, f"{FIRST_PASS}/graph"), cfg.graph_reference)
     threshold = cv.graph_threshold(reference, cfg.graph_tol)
     truth = _label_column(ctx)
     done, history, stopped = int(state["done"]), list(state["history"]), state.get("stopped")
-    labels_prev = _read_labels(ctx, done)
+    labels_prev = _read_labels(ctx, done) if done else _dense_labels(_read(ctx.store, f"{FIRST_PASS}/labels"))
     smoothed_prev = reference if done == 0 else cv.smoothed_graph(_read_graph(ctx, done), reference, cfg.graph_lambda)
 
     bar = ctx.progress(cfg.max_iterations, "iterations", unit="it", initial=done)
@@ -160,7 +166,7 @@ def run(ctx) -> dict:
 
 
 def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
-    """One iteration; every step commits its outputs under ``work/iterate/<t>/``."""
+    """One iteration; its outputs are committed together under ``work/iterate/<t>/``."""
     import torch
 
     from .cluster import cluster_cells
@@ -173,25 +179,22 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
     torch.manual_seed(seed + 7919 * t)
     np.random.seed((seed + 7919 * t) % 2**32)
 
-    with ctx.store.staging(f"iterate_{t}_clusters") as st:
+    # one commit per iteration: the steps read what the previous ones staged
+    with ctx.store.staging(f"iterate_{t}") as st:
         cluster_info = run_cluster_autoencoders(
             ctx, st, source_key=_recon_key(t - 1), labels=labels_prev, out_key=_key(t, "x"),
             model_in=_model_path(ctx, t - 1) if cfg.cluster_init == "feature" else None, iteration=t)
-    with ctx.store.staging(f"iterate_{t}_feature") as st:
         feature_info = train_feature(
             ctx, st, x_key=_key(t, "x"), trs_key=ltmg_key(ctx) if cfg.feature_ltmg else None,
             steps=ctx.config.feature.iter_steps, model_in=_model_path(ctx, t - 1), model_out=_model_path(ctx, t),
             embedding_key=_key(t, "feature"), recon_key=_key(t, "recon"), seed=seed + t)
-    ctx.store.delete(_key(t, "x"))  # only this iteration's feature AE reads it
-    with ctx.store.staging(f"iterate_{t}_graph") as st:
         build_graph(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"))
-    with ctx.store.staging(f"iterate_{t}_gae") as st:
         train_gae(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"), out_key=_key(t, "gae"))
-    with ctx.store.staging(f"iterate_{t}_cluster") as st:
         labels, _ = cluster_cells(ctx, st, embedding_key=_key(t, "gae"), graph_key=_key(t, "graph"),
                                   out_key=_key(t, "cluster"))
         labels = _dense_labels(labels)
         st.write_elem(_key(t, "labels"), labels)
+    ctx.store.delete(_key(t, "x"))  # only this iteration's feature AE reads it
     return {"labels": labels, "feature": feature_info, "cluster_ae_loss": cluster_info["loss_mean"]}
 
 
@@ -446,12 +449,21 @@ def _worker_threads() -> int | None:
 
 
 # -- store helpers -------------------------------------------------------------------------------
+def _read(store, key: str):
+    """A committed element by its own path (working keys sit in folders without group metadata)."""
+    from anndata.io import read_elem
+
+    if not store.has(key):
+        raise InputError(f"{store.root}: the run has no '{key}' (iterate's working data is incomplete)")
+    return read_elem(zarr.open(store.path_of(key), mode="r"))
+
+
 def _read_graph(ctx, t: int):
-    return ctx.store.read_elem(_key(t, "graph"))
+    return _read(ctx.store, _key(t, "graph"))
 
 
 def _read_labels(ctx, t: int) -> np.ndarray:
-    return _dense_labels(np.asarray(ctx.store.read_elem(_key(t, "labels"))))
+    return _dense_labels(np.asarray(_read(ctx.store, _key(t, "labels"))))
 
 
 def _dense_labels(labels) -> np.ndarray:
@@ -462,12 +474,53 @@ def _dense_labels(labels) -> np.ndarray:
 
 
 def _snapshot_first_pass(ctx) -> None:
-    """Keep the first pass's graph and clusters: iterate later replaces them, and L0 / c_0 are needed."""
+    """Keep the first pass's embedding, graph, graph embedding and clusters in ``work/first_pass``.
+
+    Iterate replaces them under their usual keys, but needs the first graph (``L0``) and clusters
+    (``c_0``) and a rerun of iterate (another iterate config) must start from them again: the
+    snapshot is reused while the cluster stage's chain hash is unchanged, retaken otherwise.
+    """
     ctx.store.delete(WORK)  # left by a run of another config
+    source = str(ctx.store.manifest.get("stages", {}).get("cluster", {}).get("hash", ""))
+    if source and ctx.store.has(f"{FIRST_PASS}/labels") and _snapshot_source(ctx.store) == source:
+        ctx.log.info("iterate: starting again from the first pass kept in %s", FIRST_PASS)
+        return
     clusters = ctx.store.read_elem("obs/scgnn_cluster")
-    with ctx.store.staging("iterate_start") as st:
-        st.write_elem(_key(0, "graph"), ctx.store.read_elem("obsp/scgnn_graph"))
-        st.write_elem(_key(0, "labels"), _dense_labels(np.asarray(clusters)))
+    with ctx.store.staging("iterate_first_pass") as st:
+        for key, name in _FIRST_PASS_KEYS.items():
+            if key.startswith("obsm/"):
+                _copy_array(ctx.store.open_array(key), st, f"{FIRST_PASS}/{name}")
+            elif key == "obs/scgnn_cluster":
+                st.write_elem(f"{FIRST_PASS}/{name}", clusters)
+            else:
+                st.write_elem(f"{FIRST_PASS}/{name}", ctx.store.read_elem(key))
+        st.write_elem(f"{FIRST_PASS}/labels", _dense_labels(np.asarray(clusters)))
+        st.write_elem(f"{FIRST_PASS}/source", np.array([source]))
+
+
+def _snapshot_source(store) -> str:
+    try:
+        return str(np.asarray(_read(store, f"{FIRST_PASS}/source")).ravel()[0])
+    except (InputError, IndexError, KeyError):
+        return ""
+
+
+def restore_first_pass(store) -> bool:
+    """Put the first pass's results (kept by iterate) back under their usual keys.
+
+    For the orchestrator: a rerun of the graph, gae or cluster stage after iterate has replaced
+    ``obsm/X_scgnn_feature``, ``obsp/scgnn_graph``, ``obsm/X_scgnn`` and ``obs/scgnn_cluster`` must
+    read the first pass's versions. Returns False when there is no snapshot (iterate never ran).
+    """
+    if not store.has(f"{FIRST_PASS}/labels"):
+        return False
+    with store.staging("iterate_restore") as st:
+        for key, name in _FIRST_PASS_KEYS.items():
+            if key.startswith("obsm/"):
+                _copy_array(store.open_array(f"{FIRST_PASS}/{name}"), st, key)
+            else:
+                st.write_elem(key, _read(store, f"{FIRST_PASS}/{name}"))
+    return True
 
 
 def _cleanup_iteration(ctx, t: int) -> None:
@@ -487,13 +540,15 @@ def _cleanup_all(ctx, keep_model: int | None = None) -> None:
 
 def _commit_final(ctx, t: int, history: list[dict], stopped: str, truth) -> dict:
     """Write the last iteration's results to their usual keys (one atomic commit)."""
+    from .cluster import as_categorical
+
     labels = _read_labels(ctx, t)
     k = int(labels.max()) + 1 if len(labels) else 0
     with ctx.store.staging(ctx.stage) as st:
         _copy_array(ctx.store.open_array(_key(t, "feature")), st, "obsm/X_scgnn_feature")
         _copy_array(ctx.store.open_array(_key(t, "gae")), st, "obsm/X_scgnn")
         st.write_elem("obsp/scgnn_graph", _read_graph(ctx, t))
-        st.write_elem("obs/scgnn_cluster", pd.Categorical(labels.astype(str), categories=[str(i) for i in range(k)]))
+        st.write_elem("obs/scgnn_cluster", as_categorical(labels))
     info = {"iterations": t, "stopped": stopped, "history": history, "n_clusters": k,
             "model": str(_model_path(ctx, t)),
             "final_ari_to_previous": history[-1]["ari_to_previous"] if history else None}

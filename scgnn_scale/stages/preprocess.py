@@ -75,8 +75,9 @@ def _filter_and_stats(input_path: str, start: int, stop: int, gene_pos: np.ndarr
                       min_genes: float, normalize_total: float, variance_on: str):
     """Cell filter of one block, library sizes, and gene statistics over its kept cells.
 
-    Returns ``(cell_keep, library_size, (sum, sum_sq, n_nonzero))``; the statistics cover the kept genes
-    (positions from ``gene_pos``, -1 for dropped genes).
+    Returns ``(kept_genes_per_cell, library_size, (sum, sum_sq, n_nonzero))``; a cell is kept when its
+    count reaches ``min_genes``; the statistics cover the kept cells and the kept genes (positions from
+    ``gene_pos``, -1 for dropped genes).
     """
     indptr, indices, data = _read_rows(input_path, start, stop)
     n_rows = stop - start
@@ -86,15 +87,16 @@ def _filter_and_stats(input_path: str, start: int, stop: int, gene_pos: np.ndarr
     row, pos, values = row[on_kept], pos[on_kept], data[on_kept].astype(np.float64)
     per_cell = np.bincount(row, minlength=n_rows)
     cell_keep = per_cell >= min_genes
-    library = np.bincount(row, weights=values, minlength=n_rows)
+    library = np.bincount(row, weights=values, minlength=n_rows).astype(np.float64)
     in_kept_cell = cell_keep[row]
     row, pos, values = row[in_kept_cell], pos[in_kept_cell], values[in_kept_cell]
     if variance_on == "log":
         values = np.log1p(values * _scale(library, normalize_total)[row]) if normalize_total else np.log1p(values)
-    stats = (np.bincount(pos, weights=values, minlength=n_kept_genes),
-             np.bincount(pos, weights=values * values, minlength=n_kept_genes),
+    # astype: bincount of nothing is int64 even with weights (a block whose cells were all dropped)
+    stats = (np.bincount(pos, weights=values, minlength=n_kept_genes).astype(np.float64),
+             np.bincount(pos, weights=values * values, minlength=n_kept_genes).astype(np.float64),
              np.bincount(pos, minlength=n_kept_genes).astype(np.int64))
-    return cell_keep, library, stats
+    return per_cell.astype(np.int32), library, stats
 
 
 def _scale(library: np.ndarray, target: float) -> np.ndarray:
@@ -239,7 +241,8 @@ def run(ctx) -> dict:
     expressed = np.flatnonzero(gene_nnz >= cfg.min_cell_fraction * n_cells)
     if len(expressed) == 0:
         raise InputError(f"{name}: nothing left after filtering: no gene is non-zero in at least "
-                         f"{cfg.min_cell_fraction:g} of the {n_cells} cells (preprocess.min_cell_fraction)")
+                         f"{cfg.min_cell_fraction:g} of the {n_cells} cells "
+                         f"(preprocess.min_cell_fraction; the best gene is non-zero in {int(gene_nnz.max())})")
 
     # pass B: cell filter, library sizes, gene statistics over the kept cells
     gene_pos = np.full(n_genes, -1, dtype=np.int64)
@@ -248,15 +251,16 @@ def run(ctx) -> dict:
     min_genes = cfg.min_gene_fraction * len(expressed)
     outs = [dask.delayed(_filter_and_stats, nout=3)(input_path, a, b, gene_pos_d, len(expressed), min_genes,
                                                      cfg.normalize_total, cfg.variance_on) for a, b in ranges]
-    keep_parts, library_parts, stats = _compute(ctx, "filters and variances", [o[0] for o in outs],
+    count_parts, library_parts, stats = _compute(ctx, "filters and variances", [o[0] for o in outs],
                                                 [o[1] for o in outs], _tree_sum([o[2] for o in outs]))
-    cell_keep = np.concatenate(keep_parts)
+    genes_per_cell = np.concatenate(count_parts)
+    cell_keep = genes_per_cell >= min_genes  # the same test the tasks applied
     library = np.concatenate(library_parts)
     cells = np.flatnonzero(cell_keep).astype(np.int64)
     if len(cells) == 0:
         raise InputError(f"{name}: nothing left after filtering: no cell is non-zero in at least "
                          f"{cfg.min_gene_fraction:g} of the {len(expressed)} kept genes "
-                         "(preprocess.min_gene_fraction)")
+                         f"(preprocess.min_gene_fraction; the best cell has {int(genes_per_cell.max())})")
     if len(cells) < 2:
         raise InputError(f"{name}: only 1 cell left after filtering; at least 2 are needed")
     sums, sums_sq, nonzero = stats

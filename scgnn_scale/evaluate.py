@@ -1,0 +1,117 @@
+"""Clustering quality against reference labels: ARI, NMI and silhouette (the paper's metrics).
+
+:func:`clustering_metrics` works on arrays; :func:`evaluate_run` reads a finished run (its
+``obs/scgnn_cluster`` and a label column of obs), writes ``RUN_DIR/metrics.json`` and returns the
+numbers (``scgnn-scale evaluate RUN_DIR --label-key label``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+SILHOUETTE_MAX_CELLS = 10_000
+
+
+def clustering_metrics(labels_true, labels_pred, embedding=None, seed: int = 0,
+                       silhouette_max_cells: int = SILHOUETTE_MAX_CELLS) -> dict:
+    """ARI and NMI of ``labels_pred`` against ``labels_true``; silhouette of ``labels_pred`` in ``embedding``.
+
+    Cells whose reference label is missing (NaN/None/empty) are left out of ARI and NMI.
+
+    Parameters
+    ----------
+    labels_true, labels_pred
+        Per-cell labels (any hashable values).
+    embedding
+        Optional ``(N, d)`` array; the silhouette (Euclidean) is computed on a random sample of at
+        most ``silhouette_max_cells`` cells (exact silhouette is ``O(N^2)``).
+    seed
+        Seed of the silhouette sample.
+
+    Returns
+    -------
+    dict
+        ``ari``, ``nmi`` (arithmetic normalisation, scikit-learn's default), ``silhouette`` (None
+        without embedding or with a single cluster), ``n_clusters``, ``n_labels``, ``n_cells``.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    truth = pd.Series(np.asarray(labels_true, dtype=object))
+    pred = np.asarray(labels_pred)
+    if truth.size != pred.size:
+        raise InputError(f"labels: {truth.size} reference labels for {pred.size} predicted ones")
+    known = (truth.notna() & (truth.astype(str) != "")).to_numpy()
+    if not known.any():
+        raise InputError("labels: every reference label is missing")
+    t = truth[known].astype(str).to_numpy()
+    p = pred[known].astype(str)
+    out = {
+        "ari": float(adjusted_rand_score(t, p)),
+        "nmi": float(normalized_mutual_info_score(t, p)),
+        "silhouette": None,
+        "n_clusters": int(np.unique(pred.astype(str)).size),
+        "n_labels": int(np.unique(t).size),
+        "n_cells": int(known.sum()),
+    }
+    if embedding is not None:
+        emb = np.asarray(embedding)
+        if emb.shape[0] != pred.size:
+            raise InputError(f"embedding: {emb.shape[0]} rows for {pred.size} labels")
+        rows = np.arange(pred.size)
+        if pred.size > silhouette_max_cells:
+            rows = np.sort(np.random.default_rng(seed).choice(pred.size, silhouette_max_cells, replace=False))
+        sample_labels = pred[rows].astype(str)
+        n_sample_clusters = np.unique(sample_labels).size
+        if 2 <= n_sample_clusters <= rows.size - 1:
+            out["silhouette"] = float(silhouette_score(emb[rows], sample_labels))
+        out["silhouette_cells"] = int(rows.size)
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def evaluate_run(run_dir, label_key: str = "label", *, seed: int = 0) -> dict:
+    """Score a run's clusters against ``obs[label_key]``; write ``RUN_DIR/metrics.json``; return the metrics.
+
+    The silhouette is computed in the run's graph embedding ``obsm/X_scgnn`` (when present).
+
+    Raises
+    ------
+    InputError
+        When the directory is not a run, the run has no clusters yet, or obs lacks ``label_key``.
+    """
+    from .store import RunStore
+
+    store = RunStore.open(run_dir)
+    if not store.has("X") and not (store.adata_path / "obs").exists():
+        raise InputError(f"{run_dir}: the run has no cells yet (run the pipeline first)")
+    obs = store.read_elem("obs")
+    if "scgnn_cluster" not in obs.columns:
+        raise InputError(f"{run_dir}: the run has no clusters yet (obs/scgnn_cluster); run it through the "
+                         "'cluster' stage first")
+    if label_key not in obs.columns:
+        others = [c for c in obs.columns if c != "scgnn_cluster"]
+        raise InputError(f"{run_dir}: obs has no column '{label_key}' to compare with (columns: "
+                         f"{', '.join(others) if others else 'none'}); name another one with "
+                         "--label-key, or rerun 'scgnn-scale run' with --label-key <column> so the input's labels "
+                         "are carried into the run")
+    embedding = store.read_elem("obsm/X_scgnn") if store.has("obsm/X_scgnn") else None
+    metrics = clustering_metrics(obs[label_key].to_numpy(), obs["scgnn_cluster"].to_numpy(), embedding=embedding,
+                                 seed=seed)
+    metrics["label_key"] = label_key
+    _write_json_atomic(Path(run_dir) / "metrics.json", metrics)
+    return metrics
