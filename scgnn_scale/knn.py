@@ -72,12 +72,15 @@ def knn_exact(x: np.ndarray, k: int = 10, *, block_bytes: int = 256 << 20, progr
     n = x.shape[0]
     extra = min(k + 8, n - 1)  # a few spare candidates for the exact re-ranking
     sq = np.einsum("ij,ij->i", x, x)
-    block = max(1, min(n, block_bytes // (8 * n)))
+    block = max(1, min(n, block_bytes // (12 * n)))  # float32 distances + int64 argpartition per entry
     out_idx = np.empty((n, k), np.int64)
     out_dist = np.empty((n, k), np.float32)
     for a in range(0, n, block):
         b = min(n, a + block)
-        d2 = sq[a:b, None] - 2.0 * (x[a:b] @ x.T) + sq[None, :]
+        d2 = x[a:b] @ x.T  # in place from here: one block-sized temporary
+        d2 *= -2.0
+        d2 += sq[None, :]
+        d2 += sq[a:b, None]
         d2[np.arange(b - a), np.arange(a, b)] = np.inf  # self
         cand = np.argpartition(d2, extra - 1, axis=1)[:, :extra]
         out_idx[a:b], out_dist[a:b] = _refine(x, np.arange(a, b), cand, k)

@@ -159,11 +159,12 @@ def _uns_summary(store: RunStore) -> dict:
         except PackageNotFoundError:
             pass
     stages = store.manifest["stages"]
+    # nested dicts as JSON strings: one small write each instead of one zarr array per leaf
     summary = {
-        "config": store.manifest["config"],
-        "versions": versions,
-        "timings": {s: e["seconds"] for s, e in stages.items()},
-        "stages": {s: json.dumps(e.get("info", {}), default=str) for s, e in stages.items()},
+        "config": json.dumps(store.manifest["config"]),
+        "versions": json.dumps(versions),
+        "timings": json.dumps({s: e["seconds"] for s, e in stages.items()}),
+        "stages": json.dumps({s: e.get("info", {}) for s, e in stages.items()}, default=str),
     }
     history = stages.get("iterate", {}).get("info", {}).get("history")
     if history:
@@ -174,7 +175,7 @@ def _uns_summary(store: RunStore) -> dict:
     for entry in stages.values():
         metrics.update(entry.get("info", {}).get("metrics", {}))
     if metrics:
-        summary["metrics"] = metrics
+        summary["metrics"] = json.dumps(metrics, default=str)
     return summary
 
 

@@ -24,6 +24,8 @@ are kept, as scanpy does by default.
 
 The spool
 ---------
+(scanpy's ``read_10x_mtx``/``read_csv`` and ``pandas.read_csv`` load the whole matrix, so these formats
+get their own chunked parse.)
 Formats whose entries do not arrive cell by cell go through a spool: every non-zero is written as 12
 bytes (row in its block int32, gene int32, value float32) to one temporary file per block of
 ``block_rows`` cells, buffered 4 million entries (48 MB) at a time. Memory stays bounded by the buffer

@@ -102,7 +102,7 @@ def _fit_label_block(scan: dict, x_path: str, out_path: str, g0: int, g1: int, z
     zcut, cut, censored = L.gene_cuts(scan["min_pos"], scan["n_zero"], zcut_global, log1p_input=True)
     fit = L.fit_genes(scan["sample"], zcut=zcut, cut=cut, censored=censored, log1p_input=True,
                       k_min=params["k_min"], k_max=params["k_max"], max_iter=params["max_iter"],
-                      tol=params["tol"], min_sd=params["min_sd"])
+                      tol=params["tol"], min_sd=params["min_sd"], n_cells_total=params["n_cells"])
     t_fit = time.perf_counter() - t0
     x = zarr.open_array(x_path, mode="r")
     out = zarr.open_array(out_path, mode="r+")
@@ -136,7 +136,7 @@ def run(ctx) -> dict:
     rows = sample_rows(n, cfg.max_cells, ctx.config.runtime.seed)
     blocks = gene_blocks(g, x.chunks[1], cfg.block_genes)
     params = {"k_min": cfg.k_min, "k_max": cfg.k_max, "max_iter": cfg.max_iter, "tol": cfg.tol,
-              "min_sd": cfg.min_sd, "numbering": cfg.state_numbering}
+              "min_sd": cfg.min_sd, "numbering": cfg.state_numbering, "n_cells": int(n)}
     client = ctx.client()
     from distributed import as_completed
 
