@@ -103,8 +103,10 @@ class PeakRSS:
 
 def _role(p: psutil.Process) -> str:
     cmd = " ".join(p.cmdline())
-    if "multiprocessing" in cmd or "spawn" in cmd or "forkserver" in cmd:
-        return "dask-worker" if p.parent() and p.parent().pid != os.getpid() else "dask-nanny"
+    if "resource_tracker" in cmd:
+        return "multiprocessing-resource-tracker"
+    if "spawn_main" in cmd or "forkserver" in cmd:
+        return "dask-worker"  # LocalCluster: the nannies live in the driver, each worker is a process
     return p.name()
 
 

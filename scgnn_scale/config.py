@@ -62,8 +62,10 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class LTMGConfig:
     enabled: bool = _f(True, "compute LTMG states (off: the feature AE uses plain MSE, alpha term dropped)")
-    max_cells: int = _f(20000, "fit each gene on a random sample of at most this many cells; every cell is labelled")
-    block_genes: int = _f(256, "genes per Dask task")
+    max_cells: int = _f(20000, "fit each gene on a random sample of at most this many cells; every cell is labelled "
+                        "(at 100k simulated cells, samples of 10k/20k/50k gave the states of the all-cell fit on "
+                        "99.36/99.43/99.34% of entries: bench/bench_ltmg.py --sweep)")
+    block_genes: int = _f(256, "genes per Dask task (rounded up to whole gene chunks of X)")
     k_min: int = _f(2, "smallest number of mixture components tried")
     k_max: int = _f(5, "largest number of mixture components tried")
     max_iter: int = _f(500, "EM iterations per K at most (the published code stops at 100; on counts EM often "
@@ -131,8 +133,8 @@ class GAEConfig:
     final_relu: bool = _f(False, "ReLU on the graph embedding (the paper's formula); off (default): linear "
                           "output as the published code's GCNModelAE (LouvainK mean ARI over 7 gold sets 0.43 "
                           "linear vs 0.33 ReLU)")
-    epoch_cells: int = _f(50000, "minibatch mode: target cells per epoch (min with N), so the work of 'epochs' "
-                          "is bounded at any N (200 epochs x 50k = 10M target visits)")
+    epoch_cells: int = _f(16384, "minibatch mode: target cells per epoch (min with N), so the work of 'epochs' "
+                          "is bounded at any N (200 epochs x 16384 / batch 4096 = 800 steps, 3.3M targets)")
     sample_first_layer: bool = _f(False, "minibatch mode: also sample the first layer's neighbours (classic "
                                   "2-hop sampling); off: A~E is computed once over the whole graph (exact, it "
                                   "does not depend on the weights) and only hop 1 is sampled")

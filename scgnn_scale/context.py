@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ class StageContext:
 
     def progress(self, total: int | None, desc: str, unit: str = "cells", **kw) -> tqdm:
         """A progress bar with rate and ETA (silent with --quiet)."""
+        kw.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
         return tqdm(total=total, desc=f"{self.stage}: {desc}", unit=unit, unit_scale=True,
                     disable=self.quiet, dynamic_ncols=True, leave=False, **kw)
 

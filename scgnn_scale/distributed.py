@@ -23,6 +23,10 @@ class ClientHolder:
             return self._client
         from distributed import Client, LocalCluster
 
+        # the scheduler's and workers' INFO chatter is not for our users
+        for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
         if self.cfg.scheduler:
             try:
                 self._client = Client(self.cfg.scheduler, timeout="20s")
@@ -31,7 +35,8 @@ class ClientHolder:
             log.info("dask: connected to %s", self.cfg.scheduler)
         else:
             n = self.cfg.n_workers or os.cpu_count() or 1
-            kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+            kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+                      "silence_logs": logging.ERROR}
             if self.cfg.memory_limit:
                 kwargs["memory_limit"] = self.cfg.memory_limit
             self._cluster = LocalCluster(**kwargs)

@@ -144,13 +144,14 @@ def knn_pynndescent(x: np.ndarray, k: int = 10, *, n_neighbors: int = 30, n_tree
     return _strip_self(ind, dist, k)
 
 
-def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 4096, ref_block: int = 262144,
+def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 4096, block_bytes: int | None = None,
               progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by blocked brute force in torch (GPU when ``device`` is CUDA).
 
-    Queries go in blocks of ``query_block`` rows against reference blocks of ``ref_block`` rows, a
-    running top-k merging the reference blocks, so device memory is ``O(query_block * ref_block)``
-    plus the embedding itself. Candidates are re-ranked with exact distances as in :func:`knn_exact`.
+    Queries go in blocks of ``query_block`` rows against reference blocks sized so that one
+    ``query x reference`` distance block takes ``block_bytes`` (default 256 MiB on the CPU, 2 GiB on
+    a GPU); a running top-k merges the reference blocks, so memory is bounded by the block plus the
+    embedding itself. Candidates are re-ranked with exact distances as in :func:`knn_exact`.
     """
     import torch
 
@@ -158,6 +159,10 @@ def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 409
     device = torch.device(device or "cpu")
     n = x.shape[0]
     extra = min(k + 8, n - 1)
+    if block_bytes is None:
+        block_bytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    query_block = max(1, min(query_block, n))
+    ref_block = max(extra, min(n, block_bytes // (4 * query_block)))
     xt = torch.from_numpy(x).to(device)
     sq = (xt * xt).sum(1)
     out_idx = np.empty((n, k), np.int64)
@@ -170,7 +175,8 @@ def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 409
             best_i = torch.zeros((b - a, extra), dtype=torch.long, device=device)
             for r0 in range(0, n, ref_block):
                 r1 = min(n, r0 + ref_block)
-                d2 = sq[a:b, None] - 2.0 * (q @ xt[r0:r1].T) + sq[None, r0:r1]
+                d2 = torch.addmm(sq[None, r0:r1], q, xt[r0:r1].T, alpha=-2.0)  # |r|^2 - 2 q.r
+                d2 += sq[a:b, None]
                 lo, hi = max(a, r0), min(b, r1)
                 if lo < hi:  # this reference block holds some of the queries themselves
                     rows = torch.arange(lo, hi, device=device)

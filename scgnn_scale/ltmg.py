@@ -43,13 +43,22 @@ Differences from the published R code, all deliberate:
   have the same fixed points). EM stops when the mean log-likelihood changes by less than ``tol``.
 - Runs of equal values are fitted once with their multiplicity as a weight (exact, and much faster on
   integer counts).
+- A component whose weight falls below ``max(MIN_WEIGHT, 1/n)`` is removed during EM, and components
+  that coincide (same mean and sd, e.g. two on one run of equal counts) are merged; BIC then counts only
+  the components left. Such remnants explain no data, but each shifts the numbering of every state
+  above it, which made fits on a sample and on all cells disagree (measured: bench/bench_ltmg.py).
+- EM runs up to 500 iterations (the R code: 100); on counts it often needs 100-400 to converge.
+- A fit on a sample of n of N cells chooses K by the BIC estimated for all N cells (log-likelihood
+  times N/n, penalty with log N), so that it targets the same choice as a fit on every cell.
 
 Edge genes (documented states):
 
 - no positive value (all zeros): K = 0, Zcut NaN, every state 0;
 - no K with more uncensored values than components (e.g. a single positive value next to zeros):
   K = 0, every state 0 (the published code's "too little conditions");
-- all values equal and positive: no censored value, K = 1, every state 1;
+- all values equal and positive: no censored value, K = 1, every state 1 (if the value lies below
+  Zcut_G, every value is censored: K = 0, every state 0);
+- no censored value: a plain mixture, states 1..K;
 - huge counts: the fit runs in float64 on log values; nothing overflows below 1e300.
 
 Non-finite and negative inputs are treated as zeros (censored). This module knows no files and no Dask.
@@ -72,6 +81,8 @@ MIN_WEIGHT = 1e-4
 _EM_BUDGET = 1 << 21
 # genes compressed together (bounds the memory of sorting a sample of cells)
 _GENE_GROUP = 64
+# fit every K in one EM call for sub-blocks with at most this many distinct values per gene
+_STACK_MAX_VALUES = 512
 
 
 # -- scales ------------------------------------------------------------------------------------------
@@ -163,13 +174,22 @@ def em_censored_mixture(y: np.ndarray, weight: np.ndarray, n_censored: np.ndarra
     prev = np.full(n_genes, -np.inf)
     n_iter = np.zeros(n_genes, np.int64)
     active = np.arange(n_genes)
+    # the rows computed each iteration: the active genes plus converged ones not yet compacted away
+    # (copying the values of the active genes every iteration would cost as much as an E-step)
+    work, fa, wta = active, feats, weight
     for it in range(max_iter):
         if active.size == 0:
             break
-        sub = active.size < n_genes
-        fa, wta = (feats[active], weight[active]) if sub else (feats, weight)
-        wa, mua, sda = w[active], mu[active], sd[active]
+        if active.size < 0.75 * work.size:
+            work = active
+            fa, wta = feats[work], weight[work]
+        wa, mua, sda = w[work], mu[work], sd[work]
         stats, ll = _sufficient_stats(fa, wta, wa, mua, sda)
+        # from here on, only the active genes: a converged gene's parameters no longer change, so a
+        # gene's fit does not depend on which genes share its block
+        if work.size != active.size:
+            keep = np.isin(work, active, assume_unique=True)
+            stats, ll, wa, mua, sda = stats[keep], ll[keep], wa[keep], mua[keep], sda[keep]
         nk, sy, sy2 = stats[..., 0], stats[..., 1], stats[..., 2]
         ca = n_cens[active]
         if has_cens[active].any():
@@ -220,17 +240,20 @@ def _merge_duplicates(w, mu, sd) -> None:
     """Fold components that coincide (same mean and sd, e.g. two on one run of equal counts) into one.
 
     EM cannot separate identical components, and the copy would only renumber the states above it.
-    In place: the later copy's weight moves to the earlier one and becomes 0.
+    In place: a later copy's weight moves to the first of its copies and becomes 0.
     """
     k = w.shape[1]
-    for i in range(k):
-        for j in range(i + 1, k):
-            same = ((w[:, i] > 0) & (w[:, j] > 0)
-                    & (np.abs(mu[:, i] - mu[:, j]) <= 1e-3 * np.minimum(sd[:, i], sd[:, j]))
-                    & (np.abs(sd[:, i] - sd[:, j]) <= 1e-3 * np.minimum(sd[:, i], sd[:, j])))
-            if same.any():
-                w[same, i] += w[same, j]
-                w[same, j] = 0.0
+    tol = 1e-3 * np.minimum(sd[:, :, None], sd[:, None, :])
+    same = ((np.abs(mu[:, :, None] - mu[:, None, :]) <= tol) & (np.abs(sd[:, :, None] - sd[:, None, :]) <= tol)
+            & (w[:, :, None] > 0) & (w[:, None, :] > 0) & np.triu(np.ones((k, k), bool), 1)[None])
+    if not same.any():
+        return
+    for j in range(1, k):
+        rows = np.flatnonzero(same[:, :j, j].any(axis=1) & (w[:, j] > 0))
+        if rows.size:
+            first = np.argmax(same[rows, :j, j], axis=1)
+            w[rows, first] += w[rows, j]
+            w[rows, j] = 0.0
 
 
 def _sufficient_stats(feats, weight, w, mu, sd, *, loglik_only: bool = False):
@@ -308,6 +331,11 @@ def _quantile_start(y, weight, k: int, shift_ends: bool, min_sd: float):
     var = (weight * (y - mean[:, None]) ** 2).sum(axis=1) / np.maximum(n_obs - 1.0, 1.0)
     sd = np.maximum(np.sqrt(var), min_sd)
     return means, np.repeat(sd[:, None], k, axis=1), np.full((y.shape[0], k), 1.0 / k)
+
+
+def _pad(a: np.ndarray, width: int, fill: float) -> np.ndarray:
+    """(B, K) start parameters padded to ``width`` components (weight 0: dead from the start)."""
+    return np.concatenate([a, np.full((a.shape[0], width - a.shape[1]), fill)], axis=1)
 
 
 def _weighted_min(y, weight):
@@ -448,9 +476,6 @@ class LTMGFit:
     bic: np.ndarray
     n_iter: np.ndarray
 
-    def subset(self, genes) -> LTMGFit:
-        return LTMGFit(*(getattr(self, f)[genes] for f in self.__dataclass_fields__))
-
     @classmethod
     def concat(cls, fits: list[LTMGFit]) -> LTMGFit:
         return cls(*(np.concatenate([getattr(f, name) for f in fits]) for name in cls.__dataclass_fields__))
@@ -514,28 +539,45 @@ def fit_genes(values: np.ndarray, *, zcut: np.ndarray, cut: np.ndarray, censored
         bic=np.full(g, np.nan), n_iter=np.zeros(g, np.int64),
     )
     scale = 1.0 if n_cells_total is None or n == 0 else n_cells_total / n
+    # each gene's uncensored values as sorted unique values with multiplicities (compressed 64 genes at a
+    # time to bound the memory of sorting)
+    comp_vals, comp_counts = [], []
+    n_unique = np.zeros(g, np.int64)
     for g0 in range(0, g, _GENE_GROUP):
         group = np.arange(g0, min(g0 + _GENE_GROUP, g))
         x = values[:, group]
         obs = positive_mask(x) & (x >= cut[None, group])
         y = np.where(obs, to_log(np.where(obs, x, 1), log1p_input=log1p_input), np.nan).T  # (genes, n)
-        vals, counts, n_unique = _unique_rows(y)
+        vals, counts, nu = _unique_rows(y)
         del x, obs, y
-        n_obs = counts.sum(axis=1)
-        n_cens = n - n_obs
-        # genes with similar numbers of unique values share an EM sub-block: little padding
-        order = np.argsort(n_unique, kind="stable")
-        start = 0
-        while start < group.size:
-            stop = start + 1
-            while (stop < group.size
-                   and (stop - start + 1) * max(int(n_unique[order[stop]]), 1) * k_max <= _EM_BUDGET):
-                stop += 1
-            rows = order[start:stop]
-            m = max(int(n_unique[rows].max()), 1)
-            _fit_sub_block(fit, group[rows], vals[rows, :m], counts[rows, :m], n_obs[rows], n_cens[rows],
-                           k_min=k_min, k_max=k_max, max_iter=max_iter, tol=tol, min_sd=min_sd, scale=scale)
-            start = stop
+        n_unique[group] = nu
+        comp_vals += [vals[j, :max(nu[j], 1)] for j in range(group.size)]
+        comp_counts += [counts[j, :max(nu[j], 1)] for j in range(group.size)]
+    n_obs = np.array([c.sum() for c in comp_counts]) if g else np.zeros(0)
+    n_cens = n - n_obs
+    # genes with similar numbers of unique values share an EM sub-block (padding to at most 4x the first
+    # gene's values, few EM calls); its work arrays hold (genes x K values tried x components x values) floats at most _EM_BUDGET
+    per_gene = k_max * max(k_max - k_min + 1, k_max - 1, 1)
+    order = np.argsort(n_unique, kind="stable")
+    start = 0
+    while start < g:
+        stop = start + 1
+        first = max(int(n_unique[order[start]]), 1)
+        while (stop < g and (stop - start + 1) * max(int(n_unique[order[stop]]), 1) * per_gene <= _EM_BUDGET
+               and n_unique[order[stop]] <= 4 * first):
+            stop += 1
+        genes = order[start:stop]
+        m = max(int(n_unique[genes].max()), 1)
+        y = np.empty((genes.size, m))
+        weight = np.zeros((genes.size, m))
+        for r, gene in enumerate(genes):
+            v = comp_vals[gene]
+            y[r, :v.size] = v
+            y[r, v.size:] = v[0]  # padding: a finite value with weight 0
+            weight[r, :v.size] = comp_counts[gene]
+        _fit_sub_block(fit, genes, y, weight, n_obs[genes], n_cens[genes], k_min=k_min, k_max=k_max,
+                       max_iter=max_iter, tol=tol, min_sd=min_sd, scale=scale)
+        start = stop
     return fit
 
 
@@ -548,25 +590,37 @@ def _fit_sub_block(fit: LTMGFit, genes, y, weight, n_obs, n_cens, *, k_min, k_ma
         rows = np.flatnonzero(cens == branch_censored)
         if rows.size == 0:
             continue
+        # one EM call for every K when the genes have few distinct values (integer counts): EM is then
+        # bound by per-iteration overhead, and K slots padded with dead components (weight 0) cost little
+        stack = y.shape[1] <= _STACK_MAX_VALUES
+        width = max(ks)
+        jobs = []  # (rows of the sub-block, K, start)
         for k in ks:
-            ok = n_obs[rows] > k  # the published "too little conditions": need more values than components
-            if not ok.any():
+            sel = rows[n_obs[rows] > k]  # the published "too little conditions": more values than components
+            if sel.size == 0:
                 break
-            sel = rows[ok]
-            yk, wk, zk = y[sel], weight[sel], fit.zcut[genes[sel]]
+            jobs.append((sel, k, _quantile_start(y[sel], weight[sel], k, branch_censored, min_sd)))
+        if not jobs:
+            continue
+        groups = [jobs] if stack else [[job] for job in jobs]
+        for group in groups:
+            sel = np.concatenate([job[0] for job in group])
+            starts = [np.concatenate([_pad(job[2][i], width, fill) for job in group])
+                      for i, fill in ((0, 0.0), (1, 1.0), (2, 0.0))]
             ncens = n_cens[sel] if branch_censored else np.zeros(sel.size)
-            start = _quantile_start(yk, wk, k, branch_censored, min_sd)
-            res = em_censored_mixture(yk, wk, ncens, zk, *start, max_iter=max_iter, tol=tol, min_sd=min_sd)
-            # BIC_LTMG: n = all cells; BIC_ZIMG: n = the uncensored values (all cells too: none is censored)
-            # a fit that lost components is a fit with fewer components: it pays for the live ones only
+            res = em_censored_mixture(y[sel], weight[sel], ncens, fit.zcut[genes[sel]], *starts,
+                                      max_iter=max_iter, tol=tol, min_sd=min_sd)
+            # BIC_LTMG: n = all cells; BIC_ZIMG: n = the uncensored values (all cells too: none is censored).
+            # A fit that lost components is a fit with fewer components: it pays for the live ones only.
             n_bic = (n_obs[sel] + ncens) * scale
             k_live = (res.weights > 0).sum(axis=1)
             bic = (3 * k_live - 1) * np.log(n_bic) - 2.0 * scale * res.loglik_uncensored
-            better = np.isfinite(bic) & (bic < best_bic[sel])
-            for j in np.flatnonzero(better):
+            # in order of K: on equal BIC the smaller K stays
+            for j in range(sel.size):
                 r = sel[j]
-                best_bic[r] = bic[j]
-                best[r] = (res.weights[j], res.means[j], res.sds[j], res.n_iter[j])
+                if np.isfinite(bic[j]) and bic[j] < best_bic[r]:
+                    best_bic[r] = bic[j]
+                    best[r] = (res.weights[j], res.means[j], res.sds[j], res.n_iter[j])
     for r, gene in enumerate(genes):
         if best[r] is None:
             continue
@@ -662,8 +716,6 @@ def _envelope(w, mu, sd, zcut):
 
     edges = np.concatenate([[zcut], cand])
     reps = [0.5 * (edges[i] + edges[i + 1]) for i in range(len(cand))] + [edges[-1] + 1.0]
-    if len(cand):
-        reps[0] = 0.5 * (zcut + cand[0])
     wins = [winner(r) for r in reps]
     bps, out = [], [wins[0]]
     for c, win in zip(cand, wins[1:], strict=True):
@@ -725,7 +777,7 @@ def ltmg(values: np.ndarray, *, log1p_input: bool = False, k_min: int = 2, k_max
         (n, G) non-negative expression (or its log1p with ``log1p_input``).
     fit_rows
         rows to fit on (a cell sample); None: all. Cuts always come from all rows; every row is labelled.
-    others
+    k_min, k_max, max_iter, tol, min_sd, numbering
         as in :func:`fit_genes` and :func:`state_table`.
 
     Returns

@@ -123,6 +123,11 @@ def run(
                 log.info("%s: already done, skipped", stage)
                 continue
             store.forget_stages(order[i:])  # everything after a redone stage is stale
+            if stage in ("graph", "gae", "cluster"):
+                # iterate replaced the first pass's embedding/graph/clusters: redo from the first pass's
+                from .stages.iterate import restore_first_pass
+
+                restore_first_pass(store)
             ctx = StageContext(store=store, config=config, stage=stage, chain_hash=hashes[stage],
                                input=source, quiet=quiet, _client_holder=holder)
             module = importlib.import_module(f".stages.{stage}", __package__)
@@ -159,11 +164,12 @@ def _uns_summary(store: RunStore) -> dict:
         except PackageNotFoundError:
             pass
     stages = store.manifest["stages"]
-    # nested dicts as JSON strings: one small write each instead of one zarr array per leaf
+    # nested dicts as JSON strings: one small write each instead of one zarr array per leaf;
+    # json.loads(adata.uns["scgnn"]["config"]) gives them back
     summary = {
         "config": json.dumps(store.manifest["config"]),
         "versions": json.dumps(versions),
-        "timings": json.dumps({s: e["seconds"] for s, e in stages.items()}),
+        "timings": {s: e["seconds"] for s, e in stages.items()},
         "stages": json.dumps({s: e.get("info", {}) for s, e in stages.items()}, default=str),
     }
     history = stages.get("iterate", {}).get("info", {}).get("history")
@@ -175,7 +181,7 @@ def _uns_summary(store: RunStore) -> dict:
     for entry in stages.values():
         metrics.update(entry.get("info", {}).get("metrics", {}))
     if metrics:
-        summary["metrics"] = json.dumps(metrics, default=str)
+        summary["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
     return summary
 
 

@@ -38,7 +38,7 @@ def test_exact_knn_equals_brute_force(rng):
 def test_torch_knn_equals_brute_force(rng):
     x = rng.normal(size=(300, 8)).astype(np.float32)
     ref_idx, ref_dist = _brute_force(x, 7)
-    idx, dist = knn.knn_torch(x, 7, device="cpu", query_block=64, ref_block=100)  # blocks straddle the diagonal
+    idx, dist = knn.knn_torch(x, 7, device="cpu", query_block=64, block_bytes=4 * 64 * 100)  # 100-row reference blocks
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(dist, ref_dist, rtol=1e-5)
 

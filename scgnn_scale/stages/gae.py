@@ -15,7 +15,10 @@ Input: the 128-d embedding ``obsm/X_scgnn_feature`` (node features E) and the ce
   edges per target form the negative pairs. The seeds (targets, their positive partners and the
   negatives' partners) get their embedding from a sampled neighbourhood
   (:func:`scgnn_scale.nn.sampling.sample_blocks`, full-degree normalisation). ``epoch_cells`` bounds
-  the work: with the defaults an epoch is 13 steps, whatever N is, and 200 epochs visit 10M targets.
+  the work: with the defaults an epoch is 4 steps of 4096 targets whatever N is, 800 steps in all
+  (~0.25 s each on one CPU thread at 200k cells). Measured on three gold sets (PCA-50 input,
+  1.5k-4k cells, batch 256): 200 minibatch steps clustered as well as 200 full-graph epochs, and
+  4x more steps did not help, so the step count need not grow with N.
 
 **First-layer precomputation.** ``A~ E`` does not depend on the weights, so it is computed once
 (one sparse product over the whole graph, ``O(N k d)``) and the first layer becomes
@@ -164,6 +167,13 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, seed: int = 0, de
     return z, info
 
 
+def _gather_rows(table: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+    """``table[ids]``; on the CPU through numpy's ``take``, 3-4x faster than torch indexing there."""
+    if table.device.type == "cpu":
+        return torch.from_numpy(table.numpy().take(ids, axis=0))
+    return table.index_select(0, torch.from_numpy(ids).to(table.device))
+
+
 def _minibatch_loss(model, graph: CSRGraph, targets: np.ndarray, fanouts: list[int], cfg: GAEConfig,
                     rng: np.random.Generator, propagated: torch.Tensor, raw: torch.Tensor | None, device):
     """Negative-sampled BCE of one minibatch of target cells (see the module docstring)."""
@@ -176,11 +186,10 @@ def _minibatch_loss(model, graph: CSRGraph, targets: np.ndarray, fanouts: list[i
     seeds = np.unique(np.concatenate([targets, partner, neg_b]))
     if raw is not None:
         input_nodes, blocks = sample_blocks(graph, seeds, fanouts, rng)
-        z = model(raw[torch.from_numpy(input_nodes).to(device)], [b.to_torch(device) for b in blocks])
+        z = model(_gather_rows(raw, input_nodes), [b.to_torch(device) for b in blocks])
     else:
         input_nodes, blocks = sample_blocks(graph, seeds, fanouts[:1], rng)
-        z = model(propagated[torch.from_numpy(input_nodes).to(device)], [blocks[0].to_torch(device)],
-                  precomputed=True)
+        z = model(_gather_rows(propagated, input_nodes), [blocks[0].to_torch(device)], precomputed=True)
 
     def rows(ids):  # z's rows follow the sorted seeds
         return torch.from_numpy(np.searchsorted(seeds, ids)).to(device)

@@ -26,15 +26,17 @@ Store layout while running (all under ``work.zarr``)::
     work/first_pass/{X_scgnn_feature, X_scgnn, graph, cluster, labels}
                                                      the first pass's results, which iterate replaces
                                                      (L0 and c_0 come from here; kept after the stage)
-    work/iterate/<t>/x                               X_t, removed once its feature AE has committed
+    work/iterate/<t>/x                               X_t, removed once iteration t has committed
     work/iterate/<t>/recon, feature, graph, gae, cluster, labels
     models/iterate_feature_<t>.pt                    the feature AE (and optimiser) after iteration t
 
 Each iteration is one staged commit (its steps read what the earlier steps staged), and the
-stage checkpoints (``ctx.save_checkpoint``) after every finished iteration: a killed run resumes at the last finished iteration, from the same stored
-reconstruction, clusters and model file, with seeds that depend only on (seed, iteration,
-cluster), so it ends with the same result as an uninterrupted run. Iteration ``t - 1``'s arrays
-and model are removed once iteration ``t`` has committed.
+stage checkpoints (``ctx.save_checkpoint``) after every finished iteration: a killed run resumes
+at the last finished iteration, from the same stored reconstruction, clusters and model file,
+with seeds that depend only on (seed, iteration, cluster), so it ends with the same result as an
+uninterrupted run. Iteration ``t - 1``'s arrays and model are removed once iteration ``t`` has
+committed. Disk: at most about three cells x genes arrays at a time (``R_(t-1)``, the cluster
+outputs or ``R_t``, and ``X_t``).
 
 Outputs: the last iteration's embedding, graph, graph embedding and clusters replace
 ``obsm/X_scgnn_feature``, ``obsp/scgnn_graph``, ``obsm/X_scgnn``, ``obs/scgnn_cluster``; the info

@@ -89,8 +89,8 @@ def _scan_block(x_path: str, g0: int, g1: int, rows: np.ndarray) -> dict:
     return {"min_pos": mins, "n_zero": n_zero, "sample": sample}
 
 
-def _scan_stats(scan: dict) -> tuple[np.ndarray, np.ndarray]:
-    return scan["min_pos"], scan["n_zero"]
+def _scan_min(scan: dict) -> np.ndarray:
+    return scan["min_pos"]
 
 
 def _fit_label_block(scan: dict, x_path: str, out_path: str, g0: int, g1: int, zcut_global: float,
@@ -141,17 +141,15 @@ def run(ctx) -> dict:
     from distributed import as_completed
 
     with ctx.store.staging(ctx.stage) as st:
-        out = st.create_matrix("layers/ltmg", (n, g), np.uint8, chunks=x.chunks)
+        st.create_matrix("layers/ltmg", (n, g), np.uint8, chunks=x.chunks)  # tasks fill it by gene block
         out_path = st.path_of("layers/ltmg")
         rows_future = client.scatter(rows, broadcast=True) if rows.size > 50_000 else rows
         scans = [client.submit(_scan_block, x_path, g0, g1, rows_future) for g0, g1 in blocks]
-        stats = [client.submit(_scan_stats, s) for s in scans]
+        mins = [client.submit(_scan_min, s) for s in scans]
         with ctx.progress(g, "scan (min positive per gene)", unit="genes") as bar:
-            for fut in as_completed(stats):
-                bar.update(int(fut.result()[0].size))
-        stat_values = client.gather(stats)
-        min_pos = np.concatenate([s[0] for s in stat_values])
-        n_zero = np.concatenate([s[1] for s in stat_values])
+            for fut in as_completed(mins):
+                bar.update(int(fut.result().size))
+        min_pos = np.concatenate(client.gather(mins))
         t_scan = time.perf_counter() - t_start
         zcut_global = L.global_zcut(L.to_log(min_pos, log1p_input=True), min_sd=cfg.min_sd)
         ctx.log.info("ltmg: Zcut_G = %.4g (log scale) from %d genes' smallest positive values",
@@ -164,7 +162,7 @@ def run(ctx) -> dict:
                 res = fut.result()
                 results.append(res)
                 bar.update(int(res["fit"].k.size))
-        del scans, stats, fits
+        del scans, mins, fits
         results.sort(key=lambda r: r["g0"])
         fit = L.LTMGFit.concat([r["fit"] for r in results])
         st.write_elem("var/ltmg_k", fit.k.astype(np.int64))
@@ -183,10 +181,10 @@ def run(ctx) -> dict:
     label_s = sum(r["label_seconds"] for r in results)
     return {
         "n_cells": int(n), "n_genes": int(g), "sample_cells": int(rows.size), "n_blocks": len(blocks),
-        "zcut_global": float(zcut_global),
+        "zcut_global": float(zcut_global) if np.isfinite(zcut_global) else None,
         "k_counts": {str(k): c for k, c in k_counts.items()},
         "genes_with_censoring": int(fit.censored.sum()), "genes_without_fit": int((fit.k == 0).sum()),
-        "state_fractions": {str(s): round(c / total, 6) for s, c in enumerate(state_counts) if c},
+        "state_fractions": {str(s): round(int(c) / total, 6) for s, c in enumerate(state_counts) if c},
         "metrics": {
             "seconds": round(seconds, 3), "scan_seconds": round(t_scan, 3),
             "genes_per_s": round(g / seconds, 2) if seconds > 0 else None,

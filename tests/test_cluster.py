@@ -1,0 +1,120 @@
+"""Cluster stage: LouvainK rule, Leiden/Louvain, small-cluster merging, labels and metrics in the store."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from scgnn_scale.config import ClusterConfig, GraphConfig, build_config
+from scgnn_scale.errors import InputError
+from scgnn_scale.stages import cluster as cluster_stage
+from scgnn_scale.stages.graph import knn_graph
+from scgnn_scale.testing import stage_context, store_with_matrix
+
+
+def blobs(sizes, d=16, sep=8.0, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    centres = rng.normal(0, sep, (len(sizes), d))
+    x = centres[labels] + rng.normal(0, 1, (labels.size, d))
+    perm = rng.permutation(labels.size)
+    return x[perm].astype(np.float32), labels[perm]
+
+
+@pytest.mark.parametrize("k_louvain,n_cells,expected", [
+    (3, 1000, 2),      # k_L <= 3: 2, as the published code
+    (2, 5000, 2),
+    (10, 1000, 8),     # below 2000 cells: x 0.8
+    (10, 1999, 8),
+    (10, 2000, 5),     # from 2000 cells on: x 0.5
+    (5, 5000, 2),      # int(2.5)
+    (7, 5000, 3),
+    (100, 1000, 30),   # capped at max_clusters
+])
+def test_louvaink_count_rule(k_louvain, n_cells, expected):
+    assert cluster_stage.louvaink_count(k_louvain, n_cells, ClusterConfig()) == expected
+
+
+def test_merge_small_clusters_into_nearest_centroid_and_order_by_size():
+    emb = np.concatenate([np.zeros((50, 2)), np.full((30, 2), 10.0), np.full((3, 2), 9.0), np.full((2, 2), 1.0)])
+    labels = np.concatenate([np.full(50, 7), np.full(30, 2), np.full(3, 5), np.full(2, 0)])
+    out = cluster_stage.merge_small_clusters(labels, emb, min_size=5, max_clusters=30)
+    # the 3 cells at 9.0 join the cluster at 10, the 2 cells at 1.0 the cluster at 0; 0 is the largest
+    np.testing.assert_array_equal(out, np.concatenate([np.zeros(50), np.ones(33), np.zeros(2)]).astype(int))
+
+
+def test_merge_respects_max_clusters():
+    rng = np.random.default_rng(0)
+    sizes = np.arange(10, 50, 4)  # 10 clusters, all above min_size
+    labels = np.repeat(np.arange(sizes.size), sizes)
+    emb = np.repeat(rng.normal(0, 10, (sizes.size, 3)), sizes, axis=0)
+    out = cluster_stage.merge_small_clusters(labels, emb, min_size=5, max_clusters=4)
+    assert np.unique(out).size == 4
+    counts = np.bincount(out)
+    assert (np.diff(counts) <= 0).all()  # ordered by size
+    # the 4 largest original clusters survive intact
+    for orig in range(sizes.size - 4, sizes.size):
+        assert np.unique(out[labels == orig]).size == 1
+
+
+@pytest.mark.parametrize("method", ["leiden", "louvain"])
+def test_graph_methods_recover_planted_blobs(method):
+    x, labels = blobs([80, 60, 50, 40])
+    g, _ = knn_graph(x, GraphConfig())
+    for graph_choice in ("pruned", "embedding"):
+        pred, info = cluster_stage.cluster_embedding(x, g, ClusterConfig(method=method, graph=graph_choice), seed=0)
+        assert adjusted_rand_score(labels, pred) > 0.95, (graph_choice, info)
+        assert info["n_clusters"] == 4
+        assert (np.diff(np.bincount(pred)) <= 0).all()
+
+
+def test_louvaink_follows_its_rule_and_separates_blobs():
+    x, labels = blobs([70, 70, 70, 70, 70, 70, 70, 70])
+    g, _ = knn_graph(x, GraphConfig())
+    pred, info = cluster_stage.cluster_embedding(x, g, ClusterConfig(method="louvaink"), seed=0)
+    assert info["kmeans_k"] == cluster_stage.louvaink_count(info["louvain_clusters"], x.shape[0], ClusterConfig())
+    assert info["n_clusters"] == info["kmeans_k"]
+    # KMeans with fewer clusters than blobs merges whole blobs: every blob stays in one cluster
+    for b in range(8):
+        assert np.bincount(pred[labels == b]).max() >= 0.95 * 70
+
+
+def test_clustering_is_deterministic_per_seed():
+    x, _ = blobs([60, 60, 60], sep=2.0)
+    g, _ = knn_graph(x, GraphConfig())
+    for method in ("leiden", "louvain", "louvaink"):
+        a, _ = cluster_stage.cluster_embedding(x, g, ClusterConfig(method=method), seed=3)
+        b, _ = cluster_stage.cluster_embedding(x, g, ClusterConfig(method=method), seed=3)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cluster_stage_writes_categorical_and_metrics(tmp_path):
+    x, labels = blobs([90, 60, 30])
+    g, _ = knn_graph(x, GraphConfig())
+    store = store_with_matrix(tmp_path / "run", np.ones((x.shape[0], 3), np.float32), labels=labels)
+    with store.staging("gae") as st:
+        st.write_elem("obsp/scgnn_graph", g)
+        st.write_elem("obsm/X_scgnn", x)
+    info = cluster_stage.run(stage_context(store, "cluster"))
+    obs = store.read_elem("obs")
+    col = obs["scgnn_cluster"]
+    assert isinstance(col.dtype, pd.CategoricalDtype)
+    assert list(col.cat.categories) == ["0", "1", "2"]
+    assert col.value_counts().loc["0"] == 90 and col.value_counts().loc["2"] == 30
+    assert info["metrics"]["ari"] == pytest.approx(1.0) and info["metrics"]["nmi"] == pytest.approx(1.0)
+    assert info["metrics"]["silhouette"] > 0.5
+
+
+def test_cluster_stage_without_labels_has_no_metrics(tmp_path):
+    x, _ = blobs([40, 40])
+    store = store_with_matrix(tmp_path / "run", np.ones((80, 3), np.float32))
+    with store.staging("gae") as st:
+        st.write_elem("obsm/X_scgnn", x)
+    cfg = build_config({"cluster": {"graph": "embedding"}})
+    info = cluster_stage.run(stage_context(store, "cluster", cfg))
+    assert "metrics" not in info and info["n_clusters"] == 2
+
+
+def test_louvaink_without_graph_is_an_input_error():
+    with pytest.raises(InputError, match="louvaink"):
+        cluster_stage.cluster_embedding(np.zeros((10, 2), np.float32), None, ClusterConfig(method="louvaink"))
