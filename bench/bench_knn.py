@@ -51,11 +51,12 @@ def exact_neighbours_of(x: np.ndarray, rows: np.ndarray, k: int, device: str) ->
     sq = (xt * xt).sum(1)
     extra = k + 8
     out = np.empty((rows.size, k), np.int64)
-    qb = 2048 if dev.type == "cpu" else 8192
+    qb = max(1, (256 << 20) // (4 * x.shape[0])) if dev.type == "cpu" else 8192  # 256 MiB blocks on a CPU
     with torch.no_grad():
         for a in range(0, rows.size, qb):
             r = torch.from_numpy(rows[a:a + qb]).to(dev)
-            d2 = sq[r, None] - 2.0 * (xt[r] @ xt.T) + sq[None, :]
+            d2 = torch.addmm(sq[None, :], xt[r], xt.T, alpha=-2.0)
+            d2 += sq[r, None]
             d2[torch.arange(r.numel(), device=dev), r] = float("inf")
             cand = torch.topk(d2, extra, dim=1, largest=False).indices.cpu().numpy()
             out[a:a + qb], _ = _refine(x, rows[a:a + qb], cand, k)

@@ -131,9 +131,15 @@ def knn_pynndescent(x: np.ndarray, k: int = 10, *, n_neighbors: int = 30, n_tree
     x = _check_input(x, k)
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "scgnn_scale_numba"))
     try:
+        import numba
         from pynndescent import NNDescent
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise MissingDependencyError("graph.method 'pynndescent' needs the pynndescent package") from exc
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's OpenMP pool keeps torch's OpenMP from running afterwards in the same process (torch
+        # ops measured 55x slower after one pynndescent call); its own 'workqueue' pool does not.
+        # Effective only before numba's first parallel launch in the process.
+        numba.config.THREADING_LAYER = "workqueue"
     n_jobs = n_jobs or min(8, os.cpu_count() or 1)
     n_neighbors = max(int(n_neighbors), k + 1)
     index = NNDescent(x, metric="euclidean", n_neighbors=min(n_neighbors, x.shape[0]), n_trees=n_trees,

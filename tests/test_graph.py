@@ -59,6 +59,7 @@ def test_strip_self_wherever_it_is():
     np.testing.assert_array_equal(d, [[1, 2, 3], [4, 6, 7], [8, 9, 10]])
 
 
+@pytest.mark.slow  # pynndescent's numba compilation: ~1-2 min of CPU per process, not cached across processes
 def test_pynndescent_recall_on_blobs_and_determinism():
     x, _ = _blobs(3000, 32, 10, spread=1.0, scale=1.0)
     idx, dist = knn.knn_pynndescent(x, 10, n_neighbors=30, n_jobs=2, seed=3)
