@@ -133,6 +133,9 @@ class GAEConfig:
     final_relu: bool = _f(False, "ReLU on the graph embedding (the paper's formula); off (default): linear "
                           "output as the published code's GCNModelAE (LouvainK mean ARI over 7 gold sets 0.43 "
                           "linear vs 0.33 ReLU)")
+    standardize: bool = _f(True, "z-score each input feature (column of the 128-d embedding) before the GCN; raw "
+                           "AE embeddings reach scales of 10-100 that kill the first ReLU (the published code "
+                           "fed a 0/1 binarised embedding)")
     epoch_cells: int = _f(16384, "minibatch mode: target cells per epoch (min with N), so the work of 'epochs' "
                           "is bounded at any N (200 epochs x 16384 / batch 4096 = 800 steps, 3.3M targets)")
     sample_first_layer: bool = _f(False, "minibatch mode: also sample the first layer's neighbours (classic "
@@ -203,6 +206,8 @@ class RuntimeConfig:
     device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
+    worker_processes: bool = _f(False, "embedded LocalCluster workers as processes (True) or threads (False); "
+                                "processes need the calling script to have an `if __name__ == '__main__'` guard")
     memory_limit: str = _f("", "memory per Dask worker of the embedded cluster, e.g. '2GiB' (empty: Dask's default)")
 
 

@@ -35,7 +35,10 @@ class ClientHolder:
             log.info("dask: connected to %s", self.cfg.scheduler)
         else:
             n = self.cfg.n_workers or os.cpu_count() or 1
-            kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            # threads by default: the work (numpy, zarr codecs, torch) releases the GIL, and worker processes
+            # would re-import a user's script that lacks an `if __name__ == "__main__"` guard
+            kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": self.cfg.worker_processes,
+                      "dashboard_address": ":0",
                       "silence_logs": logging.ERROR}
             if self.cfg.memory_limit:
                 kwargs["memory_limit"] = self.cfg.memory_limit

@@ -18,16 +18,13 @@ from scgnn_scale.evaluate import clustering_metrics
 
 TINY = """
 [feature]
-min_steps = 60
-iter_steps = 30
-batch_size = 128
-[gae]
-epochs = 40
+min_steps = 200
+iter_steps = 100
 [iterate]
 max_iterations = 2
-cluster_steps = 30
+cluster_steps = 100
 [impute]
-steps = 60
+steps = 100
 [ltmg]
 max_iter = 30
 [runtime]

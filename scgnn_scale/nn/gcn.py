@@ -20,9 +20,18 @@ graph information).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without the 'beta state' warning on every call (its entries are valid)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def normalized_adjacency(crow: torch.Tensor, col: torch.Tensor, n: int, values: torch.Tensor | None = None,
@@ -52,8 +61,16 @@ def normalized_adjacency(crow: torch.Tensor, col: torch.Tensor, n: int, values: 
     degree = torch.zeros(n, dtype=dtype, device=col.device).index_add_(0, rows, vals)
     dinv = degree.rsqrt()
     vals = vals * dinv[rows] * dinv[cols]
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n)).coalesce()
-    return coo.to_sparse_csr()
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n), check_invariants=False).coalesce()
+    rows, cols = coo.indices()
+    return sparse_csr(_crow(rows, n), cols, coo.values(), (n, n))
+
+
+def _crow(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR row pointer of row indices sorted ascending (a coalesced COO tensor's first index row)."""
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=sorted_rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(sorted_rows, minlength=n), 0)
+    return crow
 
 
 class GCNEncoder(nn.Module):

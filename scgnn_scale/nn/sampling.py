@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .gcn import sparse_csr
+
 
 class CSRGraph:
     """A symmetric graph as CSR arrays (int64), with its degrees and ``(deg + 1)^-1/2``.
@@ -153,8 +155,8 @@ class Block:
         order = np.argsort(self.rows, kind="stable")
         crow = np.zeros(self.n_dst + 1, np.int64)
         np.cumsum(np.bincount(self.rows, minlength=self.n_dst), out=crow[1:])
-        out = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(self.cols[order]),
-                                      torch.from_numpy(self.values[order]), (self.n_dst, self.n_src))
+        out = sparse_csr(torch.from_numpy(crow), torch.from_numpy(self.cols[order]),
+                         torch.from_numpy(self.values[order]), (self.n_dst, self.n_src))
         return out.to(device) if device is not None else out
 
     def to_dense(self) -> np.ndarray:

@@ -26,6 +26,11 @@ Input: the 128-d embedding ``obsm/X_scgnn_feature`` (node features E) and the ce
 step); in minibatch mode the first layer is therefore exact and only hop 1 is sampled, unless
 ``gae.sample_first_layer`` asks for classic 2-hop sampling on E.
 
+**Input scaling.** With ``gae.standardize`` (default) each feature column is z-scored first: the
+feature AE's embedding has scales of 10-100, which at lr 0.01 left most first-layer ReLUs dead and
+collapsed the embedding on small sets (goolam, pollen, baron: KMeans found fewer distinct points
+than clusters). The published code fed a binarised 0/1 embedding instead.
+
 **Inference** runs on the whole graph with no sampling: two sparse products over N cells.
 On the CPU the result is deterministic for a seed (numpy and torch generators seeded from
 ``runtime.seed``).
@@ -59,6 +64,13 @@ def parse_fanouts(text: str) -> list[int]:
     if len(values) != 2 or any(v == 0 or v < -1 for v in values):
         raise InputError(f"gae.fanouts {text!r}: expected two positive fan-outs (or -1 for all), e.g. '10,10'")
     return values
+
+
+def standardize_columns(x: np.ndarray) -> np.ndarray:
+    """Each column to mean 0 and standard deviation 1 (constant columns to 0), in float32."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    sd = x.std(axis=0, dtype=np.float64)
+    return ((x - mean) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
 def _sparse_adjacency(graph: CSRGraph, device) -> torch.Tensor:
@@ -104,7 +116,10 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, seed: int = 0, de
 
     t0 = time.perf_counter()
     adj = _sparse_adjacency(graph, device)
-    features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if cfg.standardize:
+        x = standardize_columns(x)
+    features = torch.from_numpy(x).to(device)
     with torch.no_grad():
         propagated = torch.sparse.mm(adj, features)  # A~ E, exact, once
     raw = features if (mode == "minibatch" and cfg.sample_first_layer) else None
