@@ -243,3 +243,11 @@ def test_gae_refuses_mismatched_graph():
     g = random_graph(10, 0.5)
     with pytest.raises(InputError, match="nodes"):
         gae_stage.fit_gae(np.zeros((12, 4), np.float32), CSRGraph.from_scipy(g), GAEConfig(epochs=1))
+
+
+def test_standardize_columns():
+    x = np.column_stack([np.arange(10.0) * 50 + 3, np.full(10, 7.0)]).astype(np.float32)
+    s = gae_stage.standardize_columns(x)
+    np.testing.assert_allclose(s[:, 0].mean(), 0, atol=1e-6)
+    np.testing.assert_allclose(s[:, 0].std(), 1, atol=1e-6)
+    assert (s[:, 1] == 0).all()

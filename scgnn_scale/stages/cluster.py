@@ -15,13 +15,24 @@ Then, for every method: clusters under ``min_cluster_size`` cells, and all but t
 is nearest to theirs; labels are renumbered by decreasing size and written as a Categorical of
 strings "0".."k-1" at ``obs/scgnn_cluster``.
 
-**Default (Leiden, resolution 0.3, on the pruned graph)**, chosen by ARI against the gold labels
-of 7 sets in ``../shared/data`` (klein, zeisel, goolam, pollen, baron toy, mouse bladder top2000,
-worm neuron), PCA-50 of log1p counts as the input embedding, mean of 2 seeds: Leiden on the pruned
-graph 0.585 / 0.611 / 0.556 / 0.471 mean ARI at resolution 0.2 / 0.3 / 0.5 / 1.0, the paper's
-LouvainK 0.428 (0.333 with a ReLU GAE output). Leiden on a 15-NN graph of the GAE embedding
-scored below the pruned graph at resolution 1.0 (klein 0.35 vs 0.44, zeisel 0.15 vs 0.25) and at
-most resolutions of a 0.1-1.0 sweep on 4 sets. The scanpy default on the same 7 sets: 0.543.
+**Default (Leiden, resolution 0.3, on the pruned graph)**, chosen by ARI against gold labels
+(mean over the sets; GAE defaults: standardised input, linear output):
+
+===================================  ===========================  ==========================
+rule                                 pipeline runs, 5 sets (a)    PCA-50 input, 7 sets (b)
+===================================  ===========================  ==========================
+Leiden, pruned graph, res 0.2        0.672                        0.585
+Leiden, pruned graph, res 0.3        0.601                        0.611
+Leiden, pruned graph, res 0.5        0.524                        0.556
+Leiden, pruned graph, res 1.0        0.470                        0.471
+Leiden, 15-NN of GAE emb., res 0.3   0.518                        0.516
+LouvainK (the paper)                 0.429                        0.379
+===================================  ===========================  ==========================
+
+(a) ``scgnn-scale run --until gae`` (feature AE embedding) on klein, zeisel, goolam, pollen, baron
+toy, 3 seeds of GAE and clustering; (b) PCA-50 of log1p counts on those plus mouse bladder top2000
+and worm neuron, 2 seeds. Sets with many classes (pollen, bladder, worm) prefer higher resolutions,
+so 0.3 is the compromise. The scanpy default scores 0.543 on the 7 sets of (b).
 
 On a CUDA device with cugraph importable, Louvain/Leiden run in cuGraph (**untested here: no GPU
 with cugraph was available; the CPU path is the tested one**).
