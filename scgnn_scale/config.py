@@ -191,13 +191,14 @@ class ImputeConfig:
     gamma1: float = _f(0.3, "weight of the graph regulariser (per-cell degree weight)")
     gamma2: float = _f(0.1, "weight of the cell-type regulariser (per-cell cluster-size weight)")
     l1: float = _f(1.0, "weight of the L1 penalty on the network weights")
-    steps: int = _f(500, "optimiser steps at least")
+    steps: int = _f(200, "optimiser steps at least (the published code: EM_epochs = 200 full-batch epochs)")
     max_epochs: int = _f(10, "passes over the data once that exceeds 'steps' (as feature.max_epochs); the "
                          "network size, batch size, learning rate and loader are the feature autoencoder's")
     use_ltmg: bool = _f(True, "add the LTMG-weighted error (alpha term of the feature AE) when layers/ltmg exists")
-    input: str = _f("X", "what the imputation AE reconstructs: 'X' (the preprocessed matrix: paper, DESIGN) or "
-                    "'recon' (work/recon, the feature AE's reconstruction, as the published code's reconOri)",
-                    ("X", "recon"))
+    input: str = _f("recon", "what the imputation AE reconstructs (input and target): 'recon' (work/recon, the "
+                    "feature AE's first reconstruction: the published code's reconOri), 'final' (work/recon_final, "
+                    "the last iteration's feature-AE reconstruction) or 'X' (the preprocessed matrix, which holds "
+                    "the dropout zeros: the AE learns them back)", ("recon", "final", "X"))
 
 
 @dataclass(frozen=True)

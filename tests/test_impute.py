@@ -102,7 +102,7 @@ def _config(batch_size=64, memory_budget_mb=0, **impute_options):
 
 
 def test_imputation_recovers_masked_entries_better_than_zeros(tmp_path):
-    config = _config()
+    config = _config(input="X")
     store, counts, masked = _masked_store(tmp_path, config)
     info = impute.run(stage_context(store, "impute", config))
     imputed = store.open_array("layers/imputed")[:]
@@ -127,6 +127,7 @@ def test_input_recon_trains_on_the_feature_reconstruction(tmp_path):
         st.create_matrix("work/recon", counts.shape, np.float32)[:] = np.log1p(counts)
     info = impute.run(stage_context(store, "impute", config))
     assert info["input"] == "work/recon"
+    assert impute.run(stage_context(store, "impute", _config(**full_batch)))["input"] == "work/recon"  # the default
     truth = np.log1p(counts).ravel()[masked]
     from_recon = np.median(np.abs(store.open_array("layers/imputed")[:].ravel()[masked] - truth))
     impute.run(stage_context(store, "impute", _config(input="X", **full_batch)))
@@ -140,3 +141,31 @@ def test_missing_graph_is_a_clear_error(tmp_path):
     store = store_with_matrix(tmp_path / "run", counts)
     with pytest.raises(InputError, match="scgnn_graph"):
         impute.run(stage_context(store, "impute"))
+
+
+def test_defaults_follow_the_published_imputation():
+    """reconOri (the feature AE's first reconstruction) as input and target, EM_epochs = 200 steps."""
+    cfg = ImputeConfig()
+    assert (cfg.input, cfg.steps, cfg.gamma1, cfg.gamma2, cfg.l1) == ("recon", 200, 0.3, 0.1, 1.0)
+
+
+def test_input_final_reads_the_last_iteration_reconstruction(tmp_path):
+    from scgnn_scale.stages.iterate import FINAL_RECON
+
+    full_batch = {"batch_size": 300, "memory_budget_mb": 100, "steps": 120}
+    store, counts, masked = _masked_store(tmp_path, _config(**full_batch))
+    observed = store.open_array("X")[:]
+    with store.staging("feature") as st:  # the first reconstruction: the masked X itself
+        st.create_matrix("work/recon", counts.shape, np.float32)[:] = observed
+    # no iteration ran (no work/recon_final): the last reconstruction is the feature stage's
+    info = impute.run(stage_context(store, "impute", _config(input="final", **full_batch)))
+    assert info["input"] == "work/recon"
+    with store.staging("iterate") as st:  # an oracle last reconstruction: the true values
+        st.create_matrix(FINAL_RECON, counts.shape, np.float32)[:] = np.log1p(counts)
+    info = impute.run(stage_context(store, "impute", _config(input="final", **full_batch)))
+    assert info["input"] == FINAL_RECON
+    truth = np.log1p(counts).ravel()[masked]
+    from_final = np.median(np.abs(store.open_array("layers/imputed")[:].ravel()[masked] - truth))
+    impute.run(stage_context(store, "impute", _config(input="recon", **full_batch)))
+    from_recon = np.median(np.abs(store.open_array("layers/imputed")[:].ravel()[masked] - truth))
+    assert from_final < 0.75 * from_recon, (from_final, from_recon)

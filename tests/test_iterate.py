@@ -140,12 +140,27 @@ def _first_pass(tmp_path, config, name="run"):
     return store, labels
 
 
-def test_iterate_writes_history_and_final_outputs(tmp_path):
+def _record_feature_reconstructions(monkeypatch) -> dict:
+    """Spy on the continued feature AE: its reconstruction per iteration key, as staged."""
+    recons, original = {}, feature.train_feature
+
+    def spy(ctx, staging, **kw):
+        out = original(ctx, staging, **kw)
+        recons[kw["recon_key"]] = feature.open_input(ctx, staging, kw["recon_key"])[:]
+        return out
+
+    monkeypatch.setattr(feature, "train_feature", spy)
+    return recons
+
+
+def test_iterate_writes_history_and_final_outputs(tmp_path, monkeypatch):
     config = tiny_config(max_iterations=2, ari_stop=1.1, graph_tol=0.0)  # run both iterations
     store, labels = _first_pass(tmp_path, config)
     before = store.open_array("obsm/X_scgnn_feature")[:]
     first_clusters = np.asarray(store.read_elem("obs/scgnn_cluster"))
     first_graph = store.read_elem("obsp/scgnn_graph")
+    first_recon = store.open_array("work/recon")[:]
+    recons = _record_feature_reconstructions(monkeypatch)
     info = iterate.run(stage_context(store, "iterate", config))
     assert info["iterations"] == 2 and info["stopped"] == "max_iterations"
     history = info["history"]
@@ -171,6 +186,11 @@ def test_iterate_writes_history_and_final_outputs(tmp_path):
     assert adjusted_rand_score(labels, np.asarray(clusters)) > 0.3
     # working data removed; the last model kept
     assert not store.has("work/iterate/1/recon") and not (store.work_path / "iterate").exists()
+    # the last iteration's feature-AE reconstruction kept for impute.input "final"; the first pass's untouched
+    assert sorted(recons) == ["work/iterate/1/recon", "work/iterate/2/recon"]
+    np.testing.assert_array_equal(store.open_array(iterate.FINAL_RECON)[:], recons["work/iterate/2/recon"])
+    assert not np.allclose(recons["work/iterate/2/recon"], recons["work/iterate/1/recon"])
+    np.testing.assert_array_equal(store.open_array("work/recon")[:], first_recon)
     assert sorted(p.name for p in (store.root / "models").glob("iterate_*.pt")) == ["iterate_feature_2.pt"]
     assert info["model"].endswith("iterate_feature_2.pt")
     # the first pass is kept, and can be put back for a rerun of the stages before iterate
@@ -185,6 +205,11 @@ def test_iterate_stops_when_clusters_agree(tmp_path):
     store, _ = _first_pass(tmp_path, config)
     info = iterate.run(stage_context(store, "iterate", config))
     assert info["iterations"] == 1 and info["stopped"] == "clusters"
+    assert store.has(iterate.FINAL_RECON)
+    # a rerun with no iteration removes the older config's last reconstruction (impute then reads work/recon)
+    none = dataclasses.replace(config, iterate=dataclasses.replace(config.iterate, max_iterations=0))
+    assert iterate.run(stage_context(store, "iterate", none))["iterations"] == 0
+    assert not store.has(iterate.FINAL_RECON) and store.has("work/recon")
 
 
 def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -218,6 +243,8 @@ def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path, mon
     np.testing.assert_array_equal(np.asarray(store_b.read_elem("obs/scgnn_cluster")),
                                   np.asarray(store_a.read_elem("obs/scgnn_cluster")))
     np.testing.assert_allclose(store_b.read_elem("obsm/X_scgnn"), store_a.read_elem("obsm/X_scgnn"), atol=1e-5)
+    np.testing.assert_allclose(store_b.open_array(iterate.FINAL_RECON)[:], store_a.open_array(iterate.FINAL_RECON)[:],
+                               atol=1e-5)
     for h_full, h_res in zip(full["history"], resumed["history"], strict=True):
         assert h_res["ari_to_previous"] == pytest.approx(h_full["ari_to_previous"])
         assert h_res["graph_change"] == pytest.approx(h_full["graph_change"])

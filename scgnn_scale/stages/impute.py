@@ -48,10 +48,11 @@ import numpy as np
 from ..errors import InputError
 from ..nn.losses import ORIGINAL_BATCH_CELLS, imputation_cell_weights
 from .feature import ltmg_key, train_autoencoder_stage
+from .iterate import FINAL_RECON
 
 MODEL_NAME = "impute_ae"
 #: ``impute.input`` -> the store key the imputation AE reconstructs
-INPUT_KEYS = {"recon": "work/recon", "final": "work/recon_final", "X": "X"}
+INPUT_KEYS = {"recon": "work/recon", "final": FINAL_RECON, "X": "X"}
 
 
 def regulariser_weights(ctx, n_cells: int) -> tuple[np.ndarray, dict]:
@@ -81,20 +82,22 @@ def regulariser_weights(ctx, n_cells: int) -> tuple[np.ndarray, dict]:
 
 
 def input_key(ctx) -> str:
-    """The store key the imputation AE reconstructs, from ``impute.input`` (see the module docstring)."""
-    from .iterate import FINAL_RECON
+    """The store key the imputation AE reconstructs, from ``impute.input`` (see the module docstring).
 
+    ``final`` is the last feature-AE reconstruction the run holds: iterate's ``work/recon_final``,
+    or the feature stage's ``work/recon`` when iterate ran no iteration (it then removes any older
+    ``work/recon_final``).
+    """
     choice = ctx.config.impute.input
     if choice not in INPUT_KEYS:
         raise InputError(f"impute.input: '{choice}' is not one of {', '.join(INPUT_KEYS)}")
     key = INPUT_KEYS[choice]
-    if choice == "final" and not ctx.store.has(key) and ctx.store.has(INPUT_KEYS["recon"]):
-        # iterate ran no iteration (max_iterations 0): the last reconstruction is the first pass's
-        key = INPUT_KEYS["recon"] if ctx.store.manifest.get("stages", {}).get("iterate", {}).get(
-            "info", {}).get("iterations") == 0 else key
+    if choice == "final" and not ctx.store.has(key):
+        key = INPUT_KEYS["recon"]
     if not ctx.store.has(key):
-        raise InputError(f"{ctx.store.root}: impute.input={choice} needs '{key}', which the run does not hold"
-                         + (" (run iterate first)" if choice == "final" else ""))
+        raise InputError(f"{ctx.store.root}: impute.input={choice} needs '{key}', which the run does not hold "
+                         "(the feature stage writes it)" if key != "X" else
+                         f"{ctx.store.root}: the run has no X; run preprocess first")
     return key
 
 
@@ -102,8 +105,8 @@ def run(ctx) -> dict:
     """Stage ``impute``: train the regularised autoencoder on ``impute.input`` and write ``layers/imputed``."""
     fcfg, icfg = ctx.config.feature, ctx.config.impute
     n_cells = int(ctx.store.open_array("X").shape[0])
-    x_key = input_key(ctx)
     weights, weight_info = regulariser_weights(ctx, n_cells)
+    x_key = input_key(ctx)
     with ctx.store.staging(ctx.stage) as st:
         info = train_autoencoder_stage(
             ctx, st, x_key=x_key, trs_key=ltmg_key(ctx) if icfg.use_ltmg else None, steps=None, model_in=None,

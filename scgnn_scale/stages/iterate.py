@@ -29,6 +29,8 @@ Store layout while running (all under ``work.zarr``)::
     work/iterate/<t>/x                               X_t, removed once iteration t has committed
     work/iterate/<t>/recon, feature, graph, gae, cluster, labels
     models/iterate_feature_<t>.pt                    the feature AE (and optimiser) after iteration t
+    work/recon_final                                 after the stage: R_T, the last iteration's
+                                                     feature-AE reconstruction (FINAL_RECON)
 
 Each iteration is one staged commit (its steps read what the earlier steps staged), and the
 stage checkpoints (``ctx.save_checkpoint``) after every finished iteration: a killed run resumes
@@ -36,15 +38,19 @@ at the last finished iteration, from the same stored reconstruction, clusters an
 with seeds that depend only on (seed, iteration, cluster), so it ends with the same result as an
 uninterrupted run. Iteration ``t - 1``'s arrays and model are removed once iteration ``t`` has
 committed. Disk: at most about three cells x genes arrays at a time (``R_(t-1)``, the cluster
-outputs or ``R_t``, and ``X_t``).
+outputs or ``R_t``, and ``X_t``), and one (``work/recon_final``) once the stage has ended.
 
 Outputs: the last iteration's embedding, graph, graph embedding and clusters replace
 ``obsm/X_scgnn_feature``, ``obsp/scgnn_graph``, ``obsm/X_scgnn``, ``obs/scgnn_cluster``; the info
 dict carries the per-iteration ``history`` (stored by the pipeline in ``uns/scgnn/history``). The
-last feature-AE reconstruction is not kept: the impute stage trains on ``X``, and a run's imputed
-matrix is ``layers/imputed``; ``work/iterate`` is removed when the stage ends. The last feature
-model stays in ``models/`` (its path is in the info dict), and so does ``work/first_pass``
-(O(N (k + d)), see :func:`restore_first_pass`).
+last iteration's feature-AE reconstruction ``R_T`` is kept at ``work/recon_final``
+(:data:`FINAL_RECON`, committed with the other final outputs) for the impute stage's
+``impute.input = "final"``; the default imputation input is the first pass's ``work/recon`` (the
+published ``reconOri``, see :mod:`scgnn_scale.stages.impute`), which the feature stage wrote and
+iterate only reads. A run with no iteration (``max_iterations = 0``) or a rerun from scratch
+removes a ``work/recon_final`` left by an earlier config. ``work/iterate`` is removed when the
+stage ends. The last feature model stays in ``models/`` (its path is in the info dict), and so
+does ``work/first_pass`` (O(N (k + d)), see :func:`restore_first_pass`).
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ FIRST_PASS = "work/first_pass"
 _FIRST_PASS_KEYS = {"obsm/X_scgnn_feature": "X_scgnn_feature", "obsm/X_scgnn": "X_scgnn",
                     "obsp/scgnn_graph": "graph", "obs/scgnn_cluster": "cluster"}
 _SCRATCH = "iterate_scratch"
+#: the last iteration's feature-AE reconstruction, kept for the impute stage (``impute.input = "final"``)
+FINAL_RECON = "work/recon_final"
 
 
 # -- keys and files ------------------------------------------------------------------------------
@@ -103,6 +111,7 @@ def run(ctx) -> dict:
     cfg = ctx.config.iterate
     if cfg.max_iterations <= 0:
         ctx.log.info("iterate: max_iterations is 0; the first pass's results stay")
+        ctx.store.delete(FINAL_RECON)  # an earlier config's; the last reconstruction is now work/recon
         return {"iterations": 0, "stopped": "max_iterations", "history": []}
     for key in ("work/recon", "obsp/scgnn_graph", "obs/scgnn_cluster"):
         if not ctx.store.has(key):
@@ -113,6 +122,7 @@ def run(ctx) -> dict:
         _cleanup_all(ctx, keep_model=state["info"]["iterations"])
         return state["info"]
     if not state:
+        ctx.store.delete(FINAL_RECON)  # an earlier config's: never read next to this run's results
         _snapshot_first_pass(ctx)
         state = {"done": 0, "history": [], "stopped": None}
         ctx.save_checkpoint(state)
@@ -551,6 +561,7 @@ def _commit_final(ctx, t: int, history: list[dict], stopped: str, truth) -> dict
         _copy_array(ctx.store.open_array(_key(t, "gae")), st, "obsm/X_scgnn")
         st.write_elem("obsp/scgnn_graph", _read_graph(ctx, t))
         st.write_elem("obs/scgnn_cluster", as_categorical(labels))
+        _copy_array(ctx.store.open_array(_key(t, "recon")), st, FINAL_RECON)  # R_T, for impute.input "final"
     info = {"iterations": t, "stopped": stopped, "history": history, "n_clusters": k,
             "model": str(_model_path(ctx, t)),
             "final_ari_to_previous": history[-1]["ari_to_previous"] if history else None}
