@@ -6,8 +6,9 @@ For each set whose values are counts (``stats.json``: ``integer_valued``; pollen
 left out), runs ``scgnn-scale evaluate-imputation`` (flip ``--rate`` of the non-zeros to zero, run the
 whole pipeline, score the flipped entries of kept cells and genes on the log1p scale of X) and reads its
 ``report.json``. Prints one JSON line per set and a markdown table (median L1, cosine similarity, RMSE;
-mean +- std over repeats; lower L1/RMSE and higher cosine are better), and writes
-bench/out/imputation.json. Wall seconds and peak RSS (the whole process tree) come from measure.py.
+mean +- std over repeats; lower L1/RMSE and higher cosine are better) with the [impute] options the
+runs used (default: input = "recon", the feature AE's first reconstruction as the published reconOri,
+200 steps; see scgnn_scale/stages/impute.py), and writes bench/out/imputation.json. Wall seconds and peak RSS (the whole process tree) come from measure.py.
 Numbers depend on the machine only through time; name the machine, cores and chunking when quoting.
 """
 
@@ -51,7 +52,9 @@ def evaluate(name: str, rate: float, repeats: int, seed: int, config: str | None
     measured = run_measured(cmd, stdout=subprocess.DEVNULL)
     report = json.loads((out / "report.json").read_text())
     scored = [r["n_scored"] for r in report["repeats"]]
+    manifest = json.loads((Path(report["repeats"][0]["run"]) / "manifest.json").read_text())
     return {"set": name, "rate": rate, "repeats": repeats, "methods": report["methods"],
+            "impute_config": manifest["config"]["impute"],
             "n_flipped": [r["n_flipped"] for r in report["repeats"]], "n_scored": scored,
             "scgnn_beats_both_on_median_l1": report["methods"]["scgnn"]["median_l1"]
             < min(report["methods"]["zeros"]["median_l1"], report["methods"]["knn"]["median_l1"]),
@@ -59,7 +62,8 @@ def evaluate(name: str, rate: float, repeats: int, seed: int, config: str | None
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| data set | rate | method | median L1 | cosine | RMSE | scored entries | seconds | peak RSS MB |",
+    configs = {json.dumps(row.get("impute_config", {}), sort_keys=True) for row in rows}
+    lines = [f"[impute] options: {' / '.join(sorted(configs))}", "","| data set | rate | method | median L1 | cosine | RMSE | scored entries | seconds | peak RSS MB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         for key, label in METHODS:

@@ -31,11 +31,17 @@ regularisers; its output is the imputed matrix. Here:
 
 Why not ``X``: the scored entries of the dropout protocol (:mod:`scgnn_scale.dropout`) are zeros
 in ``X``, and an autoencoder trained to reproduce ``X`` learns them back (the ReLU output makes
-many exactly 0). The first reconstruction has already smoothed them over the cell's neighbours in
-expression; the imputation AE on it denoises further under the graph and cluster weights.
-Measured on the count sets of ``../shared/data`` (10% of the non-zeros flipped, median L1 on the
-log1p scale; bench/bench_imputation.py): ``recon`` beats the kNN-smoothing baseline on every set,
-``X`` does not (goolam 3.22 vs kNN 0.60 at 500 steps).
+many exactly 0). The feature autoencoder does not reproduce single zeros (its first
+reconstruction already predicts the flipped entries better than kNN smoothing), and the
+imputation AE trained on that reconstruction keeps them filled. Measured with
+bench/bench_imputation.py's protocol (10% of the non-zeros flipped, one masking, median L1 over
+the flipped entries on the log1p scale; scGNN / kNN smoothing / zeros): goolam 0.38 / 0.61 / 5.53,
+klein_subset 0.29 / 0.39 / 1.79, zeisel_subset 0.31 / 0.47 / 1.10, baron_pancreas_toy
+0.44 / 0.48 / 1.10, mouse_bladder_top2000 0.50 / 0.58 / 0.69 with the defaults; with
+``input = "X"`` (500 steps) goolam 3.22, klein_subset 0.46, zeisel_subset 0.66, baron_pancreas_toy
+0.91, all worse than kNN smoothing. ``final`` gave 0.30, 0.31, 0.45, 0.50 on goolam, zeisel,
+baron and mouse bladder (better on goolam, worse on baron, equal on the others): no consistent
+gain over ``recon``, which is the published input.
 
 Writes ``layers/imputed`` (float32 N x G, the reconstruction, block by block) and
 ``models/impute_ae.pt``.
