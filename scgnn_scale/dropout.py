@@ -319,15 +319,8 @@ def knn_smoothed_at(x, graph, cells: np.ndarray, genes: np.ndarray, *, block_row
         weight = data[offsets]
         order = np.argsort(neighbour, kind="stable")
         entry, neighbour, weight = entry[order], neighbour[order], weight[order]
-        gene = genes[entry]
-        bounds = np.searchsorted(neighbour, np.arange(0, int(x.shape[0]) + block_rows, block_rows))
-        for i, a in enumerate(range(0, int(x.shape[0]), block_rows)):
-            lo, hi = bounds[i], bounds[i + 1]
-            if lo == hi:
-                continue
-            block = np.asarray(x[a:a + block_rows])
-            contrib = weight[lo:hi] * block[neighbour[lo:hi] - a, gene[lo:hi]]
-            out += np.bincount(entry[lo:hi], weights=contrib, minlength=len(out))
+        neighbour_values = values_at(x, neighbour, genes[entry], block_rows=block_rows)
+        out += np.bincount(entry, weights=weight * neighbour_values, minlength=len(out))
     return out
 
 
