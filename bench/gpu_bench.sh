@@ -32,10 +32,13 @@ python3 -c "import torch, scgnn_scale, anndata, zarr, dask, distributed, pynndes
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'anndata', anndata.__version__,
       'zarr', zarr.__version__, 'dask', dask.__version__)" || exit 1
 
-step gpu_tests 120 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -x
-step knn_1m 90 python3 bench/bench_knn.py --n 1000000 --methods torch --device cuda --sample 20000 \
+# STEPS: which steps to run (default all), e.g. STEPS="gpu_tests scaling"
+STEPS="${STEPS:-gpu_tests knn_1m loader scaling}"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+want gpu_tests && step gpu_tests 120 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -x
+want knn_1m && step knn_1m 90 python3 bench/bench_knn.py --n 1000000 --methods torch --device cuda --sample 20000 \
     --out "$RES/knn_1m.json"
-step loader 90 python3 bench/bench_loader.py --cells 200000 --genes 2000 --device cuda --steps 300
-step scaling 220 python3 bench/bench_scaling.py --cells "$CELLS" -- --device cuda
+want loader && step loader 90 python3 bench/bench_loader.py --cells 200000 --genes 2000 --device cuda --steps 300
+want scaling && step scaling 220 python3 bench/bench_scaling.py --cells "$CELLS" -- --device cuda
 cp "bench/out/run_${CELLS}x2000/manifest.json" "$RES/scaling_manifest.json" 2>/dev/null || true
 nvidia-smi --query-gpu=memory.used --format=csv,noheader

@@ -7,6 +7,17 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
+
+def _allow_arrow_strings() -> None:
+    # pandas >= 3 holds strings as Arrow-backed StringArray; anndata writes those only when opted in
+    import anndata
+
+    if hasattr(anndata.settings, "allow_write_nullable_strings"):
+        anndata.settings.allow_write_nullable_strings = True
+
+
+_allow_arrow_strings()
+
 from .config import RunConfig, load_config  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .pipeline import STAGE_NAMES, read_run, run  # noqa: E402
