@@ -35,7 +35,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'anndata', 
 # STEPS: which steps to run (default all), e.g. STEPS="gpu_tests scaling"
 STEPS="${STEPS:-gpu_tests knn_1m loader scaling}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-want gpu_tests && step gpu_tests 120 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -x
+want gpu_tests && step gpu_tests 120 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
 want knn_1m && step knn_1m 90 python3 bench/bench_knn.py --n 1000000 --methods torch --device cuda --sample 20000 \
     --out "$RES/knn_1m.json"
 want loader && step loader 90 python3 bench/bench_loader.py --cells 200000 --genes 2000 --device cuda --steps 300
