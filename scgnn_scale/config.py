@@ -209,7 +209,8 @@ class RuntimeConfig:
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
     worker_processes: bool = _f(False, "embedded LocalCluster workers as processes (True) or threads (False); "
                                 "processes need the calling script to have an `if __name__ == '__main__'` guard")
-    memory_limit: str = _f("", "memory per Dask worker of the embedded cluster, e.g. '2GiB' (empty: Dask's default)")
+    memory_limit: str = _f("", "memory for the whole run, e.g. '4GiB': caps what the loaders hold instead of "
+                            "streaming and the Dask workers' memory (empty: the configured budgets and Dask's default)")
 
 
 SECTIONS: dict[str, type] = {

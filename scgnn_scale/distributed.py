@@ -6,6 +6,7 @@ import logging
 import os
 
 from .errors import InputError
+from .memory import MemoryPlan
 
 log = logging.getLogger("scgnn_scale")
 
@@ -40,8 +41,9 @@ class ClientHolder:
             kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": self.cfg.worker_processes,
                       "dashboard_address": ":0",
                       "silence_logs": logging.ERROR}
-            if self.cfg.memory_limit:
-                kwargs["memory_limit"] = self.cfg.memory_limit
+            limit = MemoryPlan.from_config(self.cfg).dask_worker_limit(n, self.cfg.worker_processes)
+            if limit is not None:
+                kwargs["memory_limit"] = limit
             self._cluster = LocalCluster(**kwargs)
             self._client = Client(self._cluster)
             log.info("dask: embedded LocalCluster with %d worker(s)", n)

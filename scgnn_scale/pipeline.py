@@ -19,6 +19,7 @@ from typing import Any
 from .config import RunConfig
 from .context import StageContext
 from .errors import InputError
+from .memory import MemoryPlan
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
@@ -107,6 +108,7 @@ def run(
     config = config or RunConfig()
     if until is not None and until not in STAGES:
         raise InputError(f"--until {until}: not a stage; stages are {', '.join(STAGE_NAMES)}")
+    MemoryPlan.from_config(config.runtime)  # a bad --memory-limit fails before any work
     identity = input_identity(source)
     run_identity = {"input": identity, "config": config.section_hash(*[s for s in config.to_dict() if s != "runtime"]),
                     "seed": config.runtime.seed}

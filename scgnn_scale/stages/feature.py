@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..memory import MemoryPlan
 from ..loader import MinibatchLoader, iter_row_blocks
 
 MODEL_NAME = "feature_ae"
@@ -346,10 +347,11 @@ def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, st
         start = min(_resume(ctx, model, optimizer), total)
         checkpoint = _checkpointer(ctx, model, optimizer, ckpt_path)
 
+    budget_mb = MemoryPlan.from_config(ctx.config.runtime).loader_mb(fcfg.memory_budget_mb)
     with cpu_threads(device, fcfg.torch_threads):
         info = fit_autoencoder(
             ctx, model, optimizer, arrays, steps=total, batch_size=fcfg.batch_size, gamma=gamma, alpha=alpha,
-            l1=l1, seed=seed, memory_budget_mb=fcfg.memory_budget_mb, buffer_blocks=fcfg.buffer_blocks,
+            l1=l1, seed=seed, memory_budget_mb=budget_mb, buffer_blocks=fcfg.buffer_blocks,
             prefetch_blocks=fcfg.prefetch_blocks, cell_weight=cell_weight, start_step=start, checkpoint=checkpoint,
             checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, desc=desc)
         info["torch_threads"] = torch.get_num_threads()
