@@ -164,3 +164,34 @@ def test_a_subset_of_rows_reads_only_its_blocks(arrays):
         np.testing.assert_array_equal(b1[0], b2[0])
     with pytest.raises(ValueError):
         MinibatchLoader([x], 4, seed=0, rows=[N])
+
+
+def test_parallel_block_reads_give_the_same_batches(arrays):
+    x, t, _ = arrays
+    one = MinibatchLoader([x, t], 24, seed=5, memory_budget_mb=0, read_threads=1)
+    four = MinibatchLoader([x, t], 24, seed=5, memory_budget_mb=0, read_threads=4, prefetch=3)
+    for epoch in (0, 1):
+        a, b = _epoch(one, epoch), _epoch(four, epoch)
+        assert len(a) == len(b)
+        for (ra, pa), (rb, pb) in zip(a, b, strict=True):
+            assert np.array_equal(ra, rb)
+            for u, v in zip(pa, pb, strict=True):
+                np.testing.assert_array_equal(u, v)
+
+
+def test_parallel_reads_stop_on_break_and_pass_errors_on(arrays):
+    x, _, _ = arrays
+    loader = MinibatchLoader([x], 8, seed=0, memory_budget_mb=0, read_threads=3)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break
+    assert not [th for th in threading.enumerate() if th.name.startswith(("scgnn-prefetch", "scgnn-read"))]
+
+    class Broken(RecordingArray):
+        def __getitem__(self, key):
+            if key.start >= 5 * CHUNK:
+                raise OSError("disk gone")
+            return super().__getitem__(key)
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(MinibatchLoader([Broken(x)], 8, seed=0, shuffle=False, memory_budget_mb=0, read_threads=3).epoch(0))
