@@ -184,6 +184,10 @@ class IterateConfig:
     scatter_buffer_mb: int = _f(256, "memory for the rows buffered while laying clusters out and putting them back")
     feature_ltmg: bool = _f(True, "keep the LTMG term in the continued feature AE (the published code drops it "
                             "in iterations unless --EMreguTag)")
+    cluster_count: str = _f("first", "number of clusters in the iterations: 'first' (the first pass's count, kept: "
+                            "Leiden/Louvain at the resolution that gives it, LouvainK's KMeans with it) or 'free' "
+                            "(the cluster rule decides again each iteration, as the published code; over-splits "
+                            "as iterations shrink within-cluster variation)", ("first", "free"))
 
 
 @dataclass(frozen=True)

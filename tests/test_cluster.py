@@ -79,6 +79,52 @@ def test_louvaink_follows_its_rule_and_separates_blobs():
         assert np.bincount(pred[labels == b]).max() >= 0.95 * 70
 
 
+def chain_blobs(n_blobs=4, per_blob=150, length=30.0, sep=200.0, seed=0):
+    """Blobs that are thin segments (nearly 1-d): what the scGNN iterations make of each cluster."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_blobs), per_blob)
+    t = rng.uniform(0, length, labels.size)
+    x = np.zeros((labels.size, 8))
+    x[:, 0] = t + sep * labels
+    x[:, 1:] = rng.normal(0, 0.05, (labels.size, 7))
+    return x.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("method", ["leiden", "louvain"])
+def test_fixed_count_searches_the_resolution(method):
+    """Issue 5: a fixed resolution cuts thin clusters into pieces; a fixed count keeps them whole."""
+    x, labels = chain_blobs()
+    g, _ = knn_graph(x, GraphConfig())
+    cfg = ClusterConfig(method=method)
+    free, free_info = cluster_stage.cluster_embedding(x, g, cfg, seed=0)
+    assert free_info["n_clusters"] > 4  # resolution 0.3 over-splits chains
+    pred, info = cluster_stage.cluster_embedding(x, g, cfg, seed=0, n_clusters=4)
+    assert info["n_clusters"] == info["target_clusters"] == 4, info
+    assert info["resolution"] < cfg.resolution and info["resolution_steps"] <= cluster_stage.COUNT_SEARCH_STEPS
+    assert adjusted_rand_score(labels, pred) > 0.99
+    # more clusters than the resolution gives: the search goes up; deterministic per seed
+    more, more_info = cluster_stage.cluster_embedding(x, g, cfg, seed=0, n_clusters=free_info["n_clusters"] + 3)
+    assert more_info["n_clusters"] == free_info["n_clusters"] + 3 and more_info["resolution"] > cfg.resolution
+    again, _ = cluster_stage.cluster_embedding(x, g, cfg, seed=0, n_clusters=free_info["n_clusters"] + 3)
+    np.testing.assert_array_equal(more, again)
+
+
+def test_fixed_count_unreachable_returns_the_nearest():
+    x, _ = blobs([60, 60, 60, 60], sep=50.0)
+    g, _ = knn_graph(x, GraphConfig())  # 4 disconnected components: never fewer than 4 communities
+    pred, info = cluster_stage.cluster_embedding(x, g, ClusterConfig(), seed=0, n_clusters=2)
+    assert info["n_clusters"] == 4 and info["target_clusters"] == 2
+    assert info["resolution_steps"] == 1  # already as few as the components allow: no search
+
+
+def test_louvaink_with_fixed_count_runs_kmeans_with_it():
+    x, labels = blobs([70, 70, 70, 70, 70, 70])
+    g, _ = knn_graph(x, GraphConfig())
+    pred, info = cluster_stage.cluster_embedding(x, g, ClusterConfig(method="louvaink"), seed=0, n_clusters=6)
+    assert info["kmeans_k"] == 6 and "louvain_clusters" not in info
+    assert adjusted_rand_score(labels, pred) > 0.95
+
+
 def test_clustering_is_deterministic_per_seed():
     x, _ = blobs([60, 60, 60], sep=2.0)
     g, _ = knn_graph(x, GraphConfig())

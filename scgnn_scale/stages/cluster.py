@@ -10,6 +10,11 @@ Methods (``cluster.method``):
   modularity objective and ``cluster.resolution``, or multilevel Louvain), on the graph chosen by
   ``cluster.graph``: a KNN graph of the GAE embedding (``'embedding'``) or the pruned cell graph.
 
+With a fixed number of clusters (the scGNN iterations after the first pass, ``iterate.cluster_count
+= 'first'``): LouvainK runs KMeans with that number; Leiden/Louvain search the resolution that gives
+it (:func:`communities_with_count`), since a fixed resolution over-splits the thin clusters the
+iterations make (see :mod:`scgnn_scale.stages.iterate`).
+
 Then, for every method: clusters under ``min_cluster_size`` cells, and all but the
 ``max_clusters`` largest, are merged whole into the kept cluster whose centroid (in the embedding)
 is nearest to theirs; labels are renumbered by decreasing size and written as a Categorical of
@@ -54,6 +59,8 @@ from .graph import knn_graph, read_input
 EMBEDDING_KEY = "obsm/X_scgnn"
 GRAPH_KEY = "obsp/scgnn_graph"
 OUT_KEY = "obs/scgnn_cluster"
+#: partitions tried at most when searching the resolution that gives a fixed number of clusters
+COUNT_SEARCH_STEPS = 16
 
 
 def louvaink_count(k_louvain: int, n_cells: int, cfg: ClusterConfig) -> int:
@@ -184,8 +191,70 @@ def merge_small_clusters(labels: np.ndarray, embedding: np.ndarray, *, min_size:
     return rank[labels]
 
 
+def communities_with_count(graph: sp.csr_matrix, method: str, n_clusters: int, *, embedding: np.ndarray,
+                           cfg: ClusterConfig, seed: int = 0, use_gpu: bool = False,
+                           max_steps: int = COUNT_SEARCH_STEPS) -> tuple[np.ndarray, dict]:
+    """Leiden/Louvain communities at the resolution that gives ``n_clusters`` clusters.
+
+    The count is taken after :func:`merge_small_clusters` (what the stage reports). The resolution
+    starts at ``cfg.resolution`` and moves geometrically (halved / doubled until the target count
+    is bracketed, then bisected on the log scale), at most ``max_steps`` partitions;
+    the count is not strictly monotone in the resolution, so the partition whose count is nearest
+    the target (ties: the resolution nearest ``cfg.resolution``) is returned when none hits it. The
+    search stops early when the count is down to the number of connected components of at least
+    ``cfg.min_cluster_size`` cells (no resolution gives fewer).
+
+    Returns
+    -------
+    labels, info
+        Merged ``0..k-1`` labels and ``resolution``, ``target_clusters``, ``resolution_steps``,
+        ``communities`` (before merging), ``backend``.
+    """
+    target = int(max(1, n_clusters))
+    start = float(cfg.resolution) if cfg.resolution > 0 else 1.0
+    # every connected component of min_cluster_size cells or more stays at least one cluster
+    from scipy.sparse.csgraph import connected_components
+
+    _, component = connected_components(graph, directed=False)
+    floor = min(int((np.bincount(component) >= cfg.min_cluster_size).sum()), cfg.max_clusters)
+    low = high = None  # resolutions known to give too few / too many clusters
+    best = None
+    resolution = start
+    steps = 0
+    while steps < max(1, max_steps):
+        steps += 1
+        membership, backend = communities(graph, method, resolution=resolution, n_iterations=cfg.n_iterations,
+                                          seed=seed, use_gpu=use_gpu)
+        labels = merge_small_clusters(membership, embedding, min_size=cfg.min_cluster_size,
+                                      max_clusters=cfg.max_clusters)
+        count = int(labels.max()) + 1
+        score = (abs(count - target), abs(np.log(resolution / start)))
+        if best is None or score < best[0]:
+            best = (score, labels, resolution, int(np.unique(membership).size), backend)
+        if count == target or (count > target and count <= floor):
+            break  # hit, or as few as the components allow
+        if count > target:
+            high = resolution if high is None else min(high, resolution)
+        else:
+            low = resolution if low is None else max(low, resolution)
+        if high is not None and low is not None and high <= low:
+            break  # the count is not monotone here: keep the nearest
+        if high is None:
+            resolution = resolution * 2.0
+        elif low is None:
+            resolution = resolution / 2.0
+        else:
+            resolution = float(np.sqrt(low * high))
+        if not 1e-6 <= resolution <= 1e3:
+            break
+    _, labels, resolution, n_comm, backend = best
+    return labels, {"resolution": round(float(resolution), 6), "target_clusters": target,
+                    "resolution_steps": steps, "communities": n_comm, "backend": backend}
+
+
 def cluster_embedding(z: np.ndarray, graph: sp.csr_matrix | None, cfg: ClusterConfig, *, seed: int = 0,
-                      graph_cfg: GraphConfig | None = None, use_gpu: bool = False) -> tuple[np.ndarray, dict]:
+                      graph_cfg: GraphConfig | None = None, use_gpu: bool = False,
+                      n_clusters: int | None = None) -> tuple[np.ndarray, dict]:
     """Cluster cells given their embedding and pruned graph (no store involved).
 
     Parameters
@@ -202,6 +271,11 @@ def cluster_embedding(z: np.ndarray, graph: sp.csr_matrix | None, cfg: ClusterCo
         KNN options for the embedding graph (backend choice); defaults otherwise.
     use_gpu
         Allow cuGraph when present.
+    n_clusters
+        None: the method chooses the number of clusters (the first pass). A number: the clusters
+        are that many (the later iterations with ``iterate.cluster_count = 'first'``): 'louvaink'
+        skips the Louvain count and runs KMeans with ``n_clusters``; 'leiden'/'louvain' search the
+        resolution that gives ``n_clusters`` (:func:`communities_with_count`).
 
     Returns
     -------
@@ -217,12 +291,16 @@ def cluster_embedding(z: np.ndarray, graph: sp.csr_matrix | None, cfg: ClusterCo
     if cfg.method == "louvaink":
         if graph is None:
             raise InputError("cluster.method 'louvaink' needs the pruned cell graph")
-        membership, backend = communities(graph, "louvain", resolution=1.0, seed=seed, use_gpu=use_gpu)
-        k_louvain = int(np.unique(membership).size)
-        k = louvaink_count(k_louvain, n, cfg)
+        if n_clusters is None:
+            membership, backend = communities(graph, "louvain", resolution=1.0, seed=seed, use_gpu=use_gpu)
+            k_louvain = int(np.unique(membership).size)
+            k = louvaink_count(k_louvain, n, cfg)
+            info.update({"louvain_clusters": k_louvain, "backend": backend})
+        else:
+            k = int(max(2, min(n_clusters, cfg.max_clusters, n - 1)))
+            info["target_clusters"] = int(n_clusters)
         labels = _kmeans(z, k, cfg, seed)
-        info.update({"louvain_clusters": k_louvain, "kmeans_k": k, "backend": backend,
-                     "kmeans": "full" if n <= cfg.kmeans_max_cells else "minibatch"})
+        info.update({"kmeans_k": k, "kmeans": "full" if n <= cfg.kmeans_max_cells else "minibatch"})
     elif cfg.method in ("leiden", "louvain"):
         if cfg.graph == "pruned":
             if graph is None:
@@ -235,11 +313,16 @@ def cluster_embedding(z: np.ndarray, graph: sp.csr_matrix | None, cfg: ClusterCo
 
             cluster_graph, ginfo = knn_graph(z, replace(gcfg, k=k_emb), seed=seed, prune="none")
             info["embedding_graph"] = {"k": k_emb, "method": ginfo["method"], "n_edges": ginfo["n_edges"]}
-        membership, backend = communities(cluster_graph, cfg.method, resolution=cfg.resolution,
-                                          n_iterations=cfg.n_iterations, seed=seed, use_gpu=use_gpu)
-        info.update({"graph": cfg.graph, "resolution": cfg.resolution, "backend": backend,
-                     "communities": int(np.unique(membership).size)})
-        labels = membership
+        if n_clusters is None:
+            membership, backend = communities(cluster_graph, cfg.method, resolution=cfg.resolution,
+                                              n_iterations=cfg.n_iterations, seed=seed, use_gpu=use_gpu)
+            info.update({"graph": cfg.graph, "resolution": cfg.resolution, "backend": backend,
+                         "communities": int(np.unique(membership).size)})
+            labels = membership
+        else:
+            labels, search = communities_with_count(cluster_graph, cfg.method, n_clusters, embedding=z, cfg=cfg,
+                                                    seed=seed, use_gpu=use_gpu)
+            info.update({"graph": cfg.graph, **search})
     else:
         raise InputError(f"cluster.method {cfg.method!r}: not one of louvaink, leiden, louvain")
     labels = merge_small_clusters(labels, z, min_size=cfg.min_cluster_size, max_clusters=cfg.max_clusters)
@@ -266,7 +349,7 @@ def _use_gpu(ctx) -> bool:
 
 
 def cluster_cells(ctx, staging, *, embedding_key: str = EMBEDDING_KEY, graph_key: str = GRAPH_KEY,
-                  out_key: str = OUT_KEY) -> tuple[np.ndarray, dict]:
+                  out_key: str = OUT_KEY, n_clusters: int | None = None) -> tuple[np.ndarray, dict]:
     """Cluster the cells of a run and stage the labels at ``out_key``.
 
     Parameters
@@ -277,6 +360,8 @@ def cluster_cells(ctx, staging, *, embedding_key: str = EMBEDDING_KEY, graph_key
         Where the labels are written; inputs staged there by the caller are read from it.
     embedding_key, graph_key, out_key
         Store keys of the GAE embedding, the pruned graph and the output obs column.
+    n_clusters
+        A fixed number of clusters (see :func:`cluster_embedding`), or None (the method decides).
 
     Returns
     -------
@@ -289,7 +374,7 @@ def cluster_cells(ctx, staging, *, embedding_key: str = EMBEDDING_KEY, graph_key
     needs_graph = cfg.method == "louvaink" or cfg.graph == "pruned"
     graph = read_input(ctx, staging, graph_key).tocsr() if needs_graph else None
     labels, info = cluster_embedding(z, graph, cfg, seed=ctx.config.runtime.seed, graph_cfg=ctx.config.graph,
-                                     use_gpu=_use_gpu(ctx))
+                                     use_gpu=_use_gpu(ctx), n_clusters=n_clusters)
     staging.write_elem(out_key, as_categorical(labels))
     truth = _reference_labels(ctx, n_cells=z.shape[0])
     if truth is not None:

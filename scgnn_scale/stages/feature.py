@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..memory import MemoryPlan
 from ..loader import MinibatchLoader, iter_row_blocks
+from ..memory import MemoryPlan
 
 MODEL_NAME = "feature_ae"
 _LOG_EVERY = 50  # steps between loss records
