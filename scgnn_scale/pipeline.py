@@ -73,6 +73,13 @@ def _content_fingerprint(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB): where it jumps, that stage set the peak."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def chain_hashes(config: RunConfig, identity: dict) -> dict[str, str]:
     hashes, prev = {}, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     seed = config.runtime.seed
@@ -138,6 +145,7 @@ def run(
             info = module.run(ctx) or {}
             holder = ctx._client_holder
             seconds = time.perf_counter() - t0
+            info["peak_rss_mb"] = _peak_rss_mb()  # of this process so far (Dask worker threads included)
             store.record_stage(stage, hashes[stage], seconds, info)
             log.info("%s: done in %.1f s %s", stage, seconds, _short(info))
             if store.has("X"):
