@@ -92,7 +92,8 @@ class FeatureConfig:
     max_epochs: int = _f(10, "passes over the data when that takes more than min_steps: the schedule is "
                          "max(min_steps, max_epochs x batches per epoch) optimiser steps")
     iter_steps: int = _f(200, "optimiser steps of the continued feature AE in each later iteration")
-    memory_budget_mb: int = _f(2048, "X is served from memory when it fits this budget, streamed from the store otherwise")
+    memory_budget_mb: int = _f(512, "X (and its LTMG states) is served from memory when it fits this budget (about "
+                               "50k cells at 2,000 genes), streamed from the store otherwise")
     buffer_blocks: int = _f(4, "row blocks (chunks of cells) mixed in the loader's shuffle buffer")
     prefetch_blocks: int = _f(2, "row blocks read ahead on a background thread while the model trains")
     checkpoint_minutes: float = _f(10.0, "save the model and optimiser this often during training, so a killed run resumes (0: never)")

@@ -77,3 +77,19 @@ class MemoryPlan:
         if processes:
             return int(self.limit_bytes * DASK_SHARE / max(1, n_workers))
         return int(self.limit_bytes)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS (glibc only; a no-op elsewhere).
+
+    Worker threads that trained autoencoders leave their freed buffers in per-thread malloc arenas,
+    which count in the RSS until trimmed: without this the 10k-cell run peaked at 2.4 GB.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

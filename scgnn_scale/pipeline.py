@@ -19,7 +19,7 @@ from typing import Any
 from .config import RunConfig
 from .context import StageContext
 from .errors import InputError
-from .memory import MemoryPlan
+from .memory import MemoryPlan, release_freed_memory
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
@@ -146,6 +146,7 @@ def run(
             holder = ctx._client_holder
             seconds = time.perf_counter() - t0
             info["peak_rss_mb"] = _peak_rss_mb()  # of this process so far (Dask worker threads included)
+            release_freed_memory()
             store.record_stage(stage, hashes[stage], seconds, info)
             log.info("%s: done in %.1f s %s", stage, seconds, _short(info))
             if store.has("X"):

@@ -92,7 +92,7 @@ import zarr
 from .. import convergence as cv
 from ..errors import InputError
 from ..loader import iter_row_blocks
-from ..memory import MemoryPlan
+from ..memory import MemoryPlan, release_freed_memory
 
 WORK = "work/iterate"
 #: the first pass's results (feature, graph, gae, cluster stages), kept because iterate replaces them
@@ -396,6 +396,7 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
                 "memory_budget_mb": loader_mb,
             })
         results = _run_jobs(ctx, jobs, executor)
+        release_freed_memory()  # the cluster AEs' buffers, before the feature AE allocates its own
         for c in range(n_clusters):  # inputs are no longer needed: free the disk before the gather
             shutil.rmtree(scratch.path_of(f"{WORK}/clusters/{c}/input"), ignore_errors=True)
 
