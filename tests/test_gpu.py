@@ -35,15 +35,21 @@ def test_torch_knn_on_cuda_matches_exact_cpu():
     assert not (idx == np.arange(len(x))[:, None]).any()
 
 
-@requires_cuda
-def test_full_run_on_cuda_recovers_planted_types(tmp_path):
-    counts, labels = planted_counts(n_cells=600, n_genes=300, n_types=4, seed=3)
+def _planted_h5ad(path, **planted):
+    """Write planted counts (with their types in obs['label']) to ``path``; return the types."""
+    counts, labels = planted_counts(**planted)
     adata = anndata.AnnData(X=sp.csr_matrix(counts))
     adata.obs_names = [f"c{i}" for i in range(counts.shape[0])]
     adata.var_names = [f"g{j}" for j in range(counts.shape[1])]
     adata.obs["label"] = labels.astype(str)
+    adata.write_h5ad(path)
+    return labels
+
+
+@requires_cuda
+def test_full_run_on_cuda_recovers_planted_types(tmp_path):
     inp = tmp_path / "planted.h5ad"
-    adata.write_h5ad(inp)
+    labels = _planted_h5ad(inp, n_cells=600, n_genes=300, n_types=4, seed=3)
     out = tmp_path / "run"
     # torch KNN (the GPU graph backend) even at this size, and iterate with the in-process executor
     assert main(["run", str(inp), "--out", str(out), "--device", "cuda", "--label-key", "label", "--quiet",
@@ -63,12 +69,8 @@ def test_cuda_and_cpu_feature_training_agree_in_quality(tmp_path):
     """Same planted data through the feature AE on both devices: the embeddings separate the types alike."""
     from sklearn.metrics import silhouette_score
 
-    counts, labels = planted_counts(n_cells=500, n_genes=200, n_types=3, seed=5)
-    adata = anndata.AnnData(X=sp.csr_matrix(counts))
-    adata.obs_names = [f"c{i}" for i in range(counts.shape[0])]
-    adata.var_names = [f"g{j}" for j in range(counts.shape[1])]
     inp = tmp_path / "p.h5ad"
-    adata.write_h5ad(inp)
+    labels = _planted_h5ad(inp, n_cells=500, n_genes=200, n_types=3, seed=5)
     sil = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / device

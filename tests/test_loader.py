@@ -65,18 +65,22 @@ def test_deterministic_per_seed_and_epoch(arrays):
     assert not np.array_equal(rows(1, 0), rows(1, 1))
 
 
-def test_memory_and_streamed_give_the_same_batches(arrays):
-    x, t, _ = arrays
-    stream = MinibatchLoader([x, t], 32, seed=7, memory_budget_mb=0, prefetch=2)
-    memory = MinibatchLoader([x, t], 32, seed=7, memory_budget_mb=100)
-    assert stream.mode == "stream" and memory.mode == "memory"
-    for epoch in (0, 1):
-        a, b = _epoch(stream, epoch), _epoch(memory, epoch)
+def _assert_same_batches(one, other, epochs=(0, 1)):
+    for epoch in epochs:
+        a, b = _epoch(one, epoch), _epoch(other, epoch)
         assert len(a) == len(b)
         for (ra, pa), (rb, pb) in zip(a, b, strict=True):
             assert np.array_equal(ra, rb)
             for u, v in zip(pa, pb, strict=True):
                 np.testing.assert_array_equal(u, v)
+
+
+def test_memory_and_streamed_give_the_same_batches(arrays):
+    x, t, _ = arrays
+    stream = MinibatchLoader([x, t], 32, seed=7, memory_budget_mb=0, prefetch=2)
+    memory = MinibatchLoader([x, t], 32, seed=7, memory_budget_mb=100)
+    assert stream.mode == "stream" and memory.mode == "memory"
+    _assert_same_batches(stream, memory)
 
 
 def test_streaming_reads_whole_aligned_blocks_and_mixes_a_few(arrays):
@@ -170,13 +174,7 @@ def test_parallel_block_reads_give_the_same_batches(arrays):
     x, t, _ = arrays
     one = MinibatchLoader([x, t], 24, seed=5, memory_budget_mb=0, read_threads=1)
     four = MinibatchLoader([x, t], 24, seed=5, memory_budget_mb=0, read_threads=4, prefetch=3)
-    for epoch in (0, 1):
-        a, b = _epoch(one, epoch), _epoch(four, epoch)
-        assert len(a) == len(b)
-        for (ra, pa), (rb, pb) in zip(a, b, strict=True):
-            assert np.array_equal(ra, rb)
-            for u, v in zip(pa, pb, strict=True):
-                np.testing.assert_array_equal(u, v)
+    _assert_same_batches(one, four)
 
 
 def test_parallel_reads_stop_on_break_and_pass_errors_on(arrays):
