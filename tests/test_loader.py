@@ -35,6 +35,19 @@ class RecordingArray:
         return self.arr[key]
 
 
+class BrokenFrom(RecordingArray):
+    """Fails every read that starts at row ``first_bad`` or later, as a disk that went away."""
+
+    def __init__(self, arr, first_bad):
+        super().__init__(arr)
+        self.first_bad = first_bad
+
+    def __getitem__(self, key):
+        if key.start >= self.first_bad:
+            raise OSError("disk gone")
+        return super().__getitem__(key)
+
+
 def _epoch(loader, epoch):
     return [(b.row_index.copy(), [p.copy() for p in b]) for b in loader.epoch(epoch)]
 
@@ -121,14 +134,8 @@ def test_breaking_early_stops_the_prefetch_thread(arrays):
 def test_read_errors_reach_the_consumer(arrays):
     x, _, _ = arrays
 
-    class Broken(RecordingArray):
-        def __getitem__(self, key):
-            if key.start >= 3 * CHUNK:
-                raise OSError("disk gone")
-            return super().__getitem__(key)
-
     with pytest.raises(OSError, match="disk gone"):
-        list(MinibatchLoader([Broken(x)], 8, seed=0, shuffle=False, memory_budget_mb=0).epoch(0))
+        list(MinibatchLoader([BrokenFrom(x, 3 * CHUNK)], 8, seed=0, shuffle=False, memory_budget_mb=0).epoch(0))
 
 
 def test_arrays_must_share_rows(arrays, tmp_path):
@@ -185,11 +192,5 @@ def test_parallel_reads_stop_on_break_and_pass_errors_on(arrays):
             break
     assert not [th for th in threading.enumerate() if th.name.startswith(("scgnn-prefetch", "scgnn-read"))]
 
-    class Broken(RecordingArray):
-        def __getitem__(self, key):
-            if key.start >= 5 * CHUNK:
-                raise OSError("disk gone")
-            return super().__getitem__(key)
-
     with pytest.raises(OSError, match="disk gone"):
-        list(MinibatchLoader([Broken(x)], 8, seed=0, shuffle=False, memory_budget_mb=0, read_threads=3).epoch(0))
+        list(MinibatchLoader([BrokenFrom(x, 5 * CHUNK)], 8, seed=0, shuffle=False, memory_budget_mb=0, read_threads=3).epoch(0))
