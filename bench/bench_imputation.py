@@ -8,7 +8,7 @@ whole pipeline, score the flipped entries of kept cells and genes on the log1p s
 ``report.json``. Prints one JSON line per set and a markdown table (median L1, cosine similarity, RMSE;
 mean +- std over repeats; lower L1/RMSE and higher cosine are better) with the [impute] options the
 runs used (default: input = "recon", the feature AE's first reconstruction as the published reconOri,
-200 steps; see scgnn_scale/stages/impute.py), and writes bench/out/imputation.json. Wall seconds and peak RSS (the whole process tree) come from measure.py.
+200 steps; see scgnn_scale/stages/impute.py), and writes bench/out/imputation_rate<RATE>.json. Wall seconds and peak RSS (the whole process tree) come from measure.py.
 Numbers depend on the machine only through time; name the machine, cores and chunking when quoting.
 """
 
@@ -42,7 +42,8 @@ def count_sets() -> list[str]:
 
 
 def evaluate(name: str, rate: float, repeats: int, seed: int, config: str | None, fresh: bool) -> dict:
-    out = OUT / "imputation_runs" / f"{name}_rate{rate:g}_seed{seed}"
+    tag = f"_{Path(config).stem}" if config else ""
+    out = OUT / "imputation_runs" / f"{name}_rate{rate:g}_seed{seed}{tag}"
     if fresh and out.exists():
         shutil.rmtree(out)
     cmd = ["scgnn-scale", "evaluate-imputation", str(DATA / name / "counts.h5ad"), "--out", str(out),
@@ -55,6 +56,7 @@ def evaluate(name: str, rate: float, repeats: int, seed: int, config: str | None
     manifest = json.loads((Path(report["repeats"][0]["run"]) / "manifest.json").read_text())
     return {"set": name, "rate": rate, "repeats": repeats, "methods": report["methods"],
             "impute_config": manifest["config"]["impute"],
+            "iterate_max_iterations": manifest["config"]["iterate"]["max_iterations"],
             "n_flipped": [r["n_flipped"] for r in report["repeats"]], "n_scored": scored,
             "scgnn_beats_both_on_median_l1": report["methods"]["scgnn"]["median_l1"]
             < min(report["methods"]["zeros"]["median_l1"], report["methods"]["knn"]["median_l1"]),
@@ -93,7 +95,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    (OUT / "imputation.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    (OUT / f"imputation_rate{args.rate:g}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print()
     print(markdown(rows))
 

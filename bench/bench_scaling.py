@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def one_size(n: int, genes: int, until: str, extra: list[str]) -> dict:
+def one_size(n: int, genes: int, until: str, extra: list[str], resume: bool = False) -> dict:
     data = OUT / f"atlas_{n}x{genes}.zarr"
     if not data.exists():
         sim = run_measured(["scgnn-scale", "simulate", str(data), "--cells", str(n), "--genes", str(genes),
@@ -33,6 +34,8 @@ def one_size(n: int, genes: int, until: str, extra: list[str]) -> dict:
     else:
         sim = None
     run_dir = OUT / f"run_{n}x{genes}"
+    if run_dir.exists() and not resume:  # a from-scratch run: its peak RSS covers every stage
+        shutil.rmtree(run_dir)
     measured = run_measured(["scgnn-scale", "run", str(data), "--out", str(run_dir), "--until", until,
                              "--label-key", "label", "--overwrite", "--quiet", *extra], stdout=subprocess.DEVNULL)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -54,12 +57,14 @@ def main() -> None:
     ap.add_argument("--cells", default="10000,100000", help="comma-separated sizes")
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--until", default="impute")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in bench/out/run_NxG (default: delete it and start from scratch)")
     ap.add_argument("extra", nargs="*", help="more 'scgnn-scale run' options after --")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results = []
     for n in [int(x) for x in args.cells.split(",")]:
-        results.append(one_size(n, args.genes, args.until, args.extra))
+        results.append(one_size(n, args.genes, args.until, args.extra, args.resume))
         print(json.dumps(results[-1]), flush=True)
     for a, b in zip(results, results[1:], strict=False):
         ratio = math.log(b["cells"] / a["cells"])

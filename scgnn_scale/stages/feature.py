@@ -312,6 +312,7 @@ def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, st
     import torch
 
     from ..nn.autoencoder import DenseAutoencoder
+    from ..nn.optim import adam
 
     fcfg = ctx.config.feature
     seed = ctx.config.runtime.seed if seed is None else int(seed)
@@ -336,7 +337,7 @@ def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, st
             raise InputError(f"{model_in}: model has {model.n_genes} genes, '{x_key}' has {g}")
     else:
         model, saved = DenseAutoencoder(g, fcfg.hidden, fcfg.latent).to(device), {}
-    optimizer = torch.optim.Adam(model.parameters(), lr=fcfg.lr)
+    optimizer = adam(model.parameters(), lr=fcfg.lr)
     if "optimizer" in saved:  # iterations continue the optimiser too, as the original's single Adam
         optimizer.load_state_dict(saved["optimizer"])
     total = training_steps(n, fcfg.batch_size, min_steps, max_epochs) if steps is None else int(steps)

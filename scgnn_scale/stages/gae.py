@@ -47,6 +47,7 @@ import torch
 from ..config import GAEConfig
 from ..errors import InputError
 from ..nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits
+from ..nn.optim import adam
 from ..nn.sampling import CSRGraph, sample_blocks, sample_neighbors
 from .graph import read_input
 
@@ -112,7 +113,7 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, seed: int = 0, de
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     model = GCNEncoder(d, cfg.hidden, cfg.latent, final_relu=cfg.final_relu, generator=gen).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model.parameters(), lr=cfg.lr)
 
     t0 = time.perf_counter()
     adj = _sparse_adjacency(graph, device)

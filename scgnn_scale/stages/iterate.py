@@ -462,6 +462,7 @@ def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
 
     from ..context import StageContext
     from ..nn.autoencoder import DenseAutoencoder
+    from ..nn.optim import adam
     from .feature import fit_autoencoder, load_model, write_outputs
 
     config = job["config"]
@@ -479,7 +480,7 @@ def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
         model, _ = load_model(job["model_in"], device)
     else:
         model = DenseAutoencoder(int(x.shape[1]), fcfg.hidden, fcfg.latent).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=fcfg.lr)
+    optimizer = adam(model.parameters(), lr=fcfg.lr)
     info = fit_autoencoder(ctx, model, optimizer, [x], steps=job["steps"], batch_size=fcfg.batch_size,
                            gamma=cfg.cluster_gamma, alpha=0.0, l1=fcfg.l1, seed=job["seed"],
                            memory_budget_mb=job["memory_budget_mb"], buffer_blocks=fcfg.buffer_blocks,
