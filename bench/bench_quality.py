@@ -4,8 +4,10 @@
 
 For each set, in the same run: the scanpy default pipeline (normalize_total, log1p, 2000 HVG, PCA 50,
 kNN 15, Leiden 1.0; mean over seeds) and scgnn-scale one pass (``--until cluster``) with the default
-cluster rule and with the paper's LouvainK; with ``--full`` also the whole iterative method
-(``--until iterate``) with the default rule, and with ``--full-louvaink`` with LouvainK too. Prints JSON lines and a markdown table; writes bench/out/quality.json.
+cluster rule and with the paper's LouvainK; with ``--full`` also the whole method (``--until impute``:
+iterations, then the imputation autoencoder) with the default rule, and with ``--full-louvaink`` with
+LouvainK too. The iterative rows score the final clusters; their seconds are the stages through
+``iterate``, with ``impute_seconds`` and ``imputed`` (``layers/imputed`` written) beside them. Prints JSON lines and a markdown table; writes bench/out/quality.json.
 Needs the bench extra: pip install -e ".[bench]".
 """
 
@@ -55,23 +57,27 @@ def scgnn_row(name: str, until: str, method: str, seed: int, work: Path) -> dict
     run_dir = work / f"{name}_s{seed}"
     cmd = ["scgnn-scale", "run", str(DATA / name / "counts.h5ad"), "--out", str(run_dir), "--label-key", "label",
            "--until", until, "--cluster-method", method, "--seed", str(seed), "--quiet", "--overwrite"]
-    measured = run_measured(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    obs = anndata.read_zarr(run_dir / "adata.zarr").obs
-    truth, pred = obs["label"].astype(str).to_numpy(), obs["scgnn_cluster"].astype(str).to_numpy()
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / f"{name}_s{seed}_{until}_{method}.log", "w") as log:  # the error, if the run fails
+        measured = run_measured(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    adata = anndata.read_zarr(run_dir / "adata.zarr")
+    truth, pred = adata.obs["label"].astype(str).to_numpy(), adata.obs["scgnn_cluster"].astype(str).to_numpy()
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     order = ["ingest", "preprocess", "ltmg", "feature", "graph", "gae", "cluster", "iterate"]
-    seconds = sum(stages[s]["seconds"] for s in order[: order.index(until) + 1])
+    last = "iterate" if until == "impute" else until  # impute does not change the clusters
+    seconds = sum(stages[s]["seconds"] for s in order[: order.index(last) + 1])
+    whole = {"impute_seconds": stages["impute"]["seconds"], "imputed": "imputed" in adata.layers} if until == "impute" else {}
     # seconds: the stages this result needs (from the manifest, whichever invocation ran them);
     # peak RSS: of this invocation, which may have reused earlier stages
     return {"ari": adjusted_rand_score(truth, pred), "nmi": normalized_mutual_info_score(truth, pred),
-            "clusters": int(len(set(pred))), "seconds": seconds, "peak_rss_mb": measured["peak_rss_mb"]}
+            "clusters": int(len(set(pred))), "seconds": seconds, "peak_rss_mb": measured["peak_rss_mb"], **whole}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="", help="comma-separated set names (default: every set in ../shared/data)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--full", action="store_true", help="also the whole iterative method (--until iterate)")
+    ap.add_argument("--full", action="store_true", help="also the whole method (--until impute)")
     ap.add_argument("--full-louvaink", action="store_true",
                     help="with --full, also iterate with the paper's LouvainK (the slowest row)")
     ap.add_argument("--_scanpy", nargs=2, help=argparse.SUPPRESS)
@@ -83,11 +89,11 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     work = OUT / "quality_runs"
     rows = []
-    variants = [("cluster", "leiden"), ("iterate", "leiden"), ("cluster", "louvaink"), ("iterate", "louvaink")]
+    variants = [("cluster", "leiden"), ("impute", "leiden"), ("cluster", "louvaink"), ("impute", "louvaink")]
     if not args.full:
         variants = [v for v in variants if v[0] == "cluster"]
     elif not args.full_louvaink:
-        variants = [v for v in variants if v != ("iterate", "louvaink")]
+        variants = [v for v in variants if v != ("impute", "louvaink")]
     for name in names:
         per = []
         for seed in range(args.seeds):

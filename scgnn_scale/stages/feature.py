@@ -174,7 +174,9 @@ def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_si
                 window.append(loss.detach())
                 if step % _LOG_EVERY == 0 or step == steps:  # one device sync per record, not per step
                     history.append({"step": step, "loss": float(torch.stack(window).mean())})
-                    bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
+                    elapsed = max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.4g}",
+                                    cells_s=f"{(step - start_step) * batch_size / elapsed:.0f}")
                     window = []
                 bar.update(1)
                 t0 = time.perf_counter()
