@@ -78,3 +78,17 @@ def test_cuda_and_cpu_feature_training_agree_in_quality(tmp_path):
         emb = anndata.read_zarr(out / "adata.zarr").obsm["X_scgnn_feature"]
         sil[device] = silhouette_score(emb, labels)
     assert sil["cuda"] > 0.5 * sil["cpu"] and sil["cuda"] > 0.2
+
+
+@requires_cuda
+def test_pinned_loader_batches_equal_the_plain_ones():
+    from scgnn_scale.loader import MinibatchLoader
+
+    x = np.random.default_rng(1).random((1000, 40), dtype=np.float32)
+    plain = list(MinibatchLoader([x], 64, seed=5, block_rows=100, buffer_blocks=3).epoch(2))
+    pinned = list(MinibatchLoader([x], 64, seed=5, block_rows=100, buffer_blocks=3, pin_memory=True).epoch(2))
+    assert len(plain) == len(pinned) == 16
+    for p, q in zip(plain, pinned, strict=True):
+        assert isinstance(q[0], torch.Tensor) and q[0].is_pinned()
+        np.testing.assert_array_equal(p[0], q[0].numpy())
+        np.testing.assert_array_equal(p.row_index, q.row_index)

@@ -97,6 +97,14 @@ def _batches_from(loader: MinibatchLoader, step: int, per_epoch: int):
                     step += 1
 
 
+def _on_device(part, device):
+    """A batch part (np.ndarray, or a pinned tensor from a CUDA loader) on ``device``; asynchronous when pinned."""
+    import torch
+
+    tensor = part if isinstance(part, torch.Tensor) else torch.from_numpy(part)
+    return tensor.to(device, non_blocking=True)
+
+
 def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_size: int, gamma: float,
                     alpha: float, l1: float, seed: int, memory_budget_mb: float, buffer_blocks: int = 4,
                     prefetch_blocks: int = 2, cell_weight: np.ndarray | None = None, start_step: int = 0,
@@ -141,7 +149,8 @@ def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_si
         raise ValueError("no rows to train on")
     batch_size = max(1, min(int(batch_size), n))
     loader = MinibatchLoader(arrays, batch_size, seed=seed, prefetch=prefetch_blocks,
-                             memory_budget_mb=memory_budget_mb, buffer_blocks=buffer_blocks, rows=rows)
+                             memory_budget_mb=memory_budget_mb, buffer_blocks=buffer_blocks, rows=rows,
+                             pin_memory=device.type == "cuda")
     per_epoch = len(loader)
     n_ref = reference_cells(n)
     weights = torch.from_numpy(np.asarray(cell_weight, dtype=np.float32)) if cell_weight is not None else None
@@ -160,8 +169,8 @@ def fit_autoencoder(ctx, model, optimizer, arrays: list, *, steps: int, batch_si
             for batch in stream if step < steps else ():
                 t1 = time.perf_counter()
                 wait += t1 - t0
-                x = torch.from_numpy(batch[0]).to(device, non_blocking=True)
-                trs = torch.from_numpy(batch[1]).to(device, non_blocking=True) if len(batch) > 1 else None
+                x = _on_device(batch[0], device)
+                trs = _on_device(batch[1], device) if len(batch) > 1 else None
                 w = weights[torch.from_numpy(batch.row_index)].to(device) if weights is not None else None
                 recon, _ = model(x)
                 rec = reconstruction_loss(x, recon, trs=trs, gamma=gamma, alpha=alpha, cell_weight=w,
