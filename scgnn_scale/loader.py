@@ -8,8 +8,9 @@ threads (zarr's chunk decoding releases the GIL; one thread per two cores, at mo
 GPU host one reader thread decoded 173k cells/s against a model that trains 389k cells/s), and
 batches are cut on another thread, so training waits on I/O only when the disk is slower than the
 model; for a CUDA model batches are cut straight into pinned memory, so their copies to the device
-run asynchronously (``pin_memory``). (tensorstore reads of the same blocks measured within 1.2x of zarr's on two cores, 3x on 16
-cores with one reading thread; parallel zarr reads close most of that gap with one reader.)
+run asynchronously (``pin_memory``). (tensorstore reads of the same blocks measured within 1.2x of
+zarr's on two cores, 3x on 16 cores with one reading thread; parallel zarr reads close most of that
+gap with one reader.)
 
 When the arrays fit ``memory_budget_mb`` they are read once and the same batches (same seed,
 same order) are served from memory; otherwise nothing larger than the shuffle buffer and the
