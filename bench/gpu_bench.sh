@@ -39,6 +39,7 @@ want gpu_tests && step gpu_tests 120 python3 -m pytest -m gpu tests/test_gpu.py 
 want knn_1m && step knn_1m 90 python3 bench/bench_knn.py --n 1000000 --methods torch --device cuda --sample 20000 \
     --out "$RES/knn_1m.json"
 want loader && step loader 90 python3 bench/bench_loader.py --cells 200000 --genes 2000 --device cuda --steps 300
-want scaling && step scaling 220 python3 bench/bench_scaling.py --cells "$CELLS" -- --device cuda
+# the whole method; at CELLS=1000000 give it SCALING_LIMIT=540 (one call's limit is 600 s) and STEPS=scaling
+want scaling && step scaling "${SCALING_LIMIT:-220}" python3 bench/bench_scaling.py --cells "$CELLS" -- --device cuda
 cp "bench/out/run_${CELLS}x2000/manifest.json" "$RES/scaling_manifest.json" 2>/dev/null || true
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
