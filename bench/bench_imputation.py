@@ -8,7 +8,9 @@ whole pipeline, score the flipped entries of kept cells and genes on the log1p s
 ``report.json``. Prints one JSON line per set and a markdown table (median L1, cosine similarity, RMSE;
 mean +- std over repeats; lower L1/RMSE and higher cosine are better) with the [impute] options the
 runs used (default: input = "recon", the feature AE's first reconstruction as the published reconOri,
-200 steps; see scgnn_scale/stages/impute.py), and writes bench/out/imputation_rate<RATE>.json. Wall seconds and peak RSS (the whole process tree) come from measure.py.
+200 steps; see scgnn_scale/stages/impute.py), and writes bench/out/imputation_rate<RATE>.json. Wall
+seconds and peak RSS (the whole process tree) come from measure.py. The table in bench/RESULTS.md uses
+``--config bench/imputation_table.toml`` (no clustering iterations; see that file).
 Numbers depend on the machine only through time; name the machine, cores and chunking when quoting.
 """
 

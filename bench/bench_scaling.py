@@ -1,8 +1,9 @@
 """End-to-end scaling: simulate N cells x G genes, run the whole method, per-stage seconds and peak RSS.
 
-    python bench/bench_scaling.py --cells 10000,100000 [--genes 2000] [--until impute] [--device cpu]
+    python bench/bench_scaling.py --cells 10000,100000 [--genes 2000] [--until impute] [--resume] [-- RUN OPTIONS]
 
-Prints one JSON object per size (per-stage seconds from the run's manifest, peak RSS of the whole
+Each size runs from scratch (the run directory bench/out/run_NxG is deleted first, so the peak RSS
+covers every stage; ``--resume`` continues it instead). Prints one JSON object per size (per-stage seconds from the run's manifest, peak RSS of the whole
 process tree, store size on disk per element) and the growth exponents of time between sizes.
 """
 
