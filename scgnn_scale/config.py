@@ -90,7 +90,11 @@ class FeatureConfig:
     batch_size: int = _f(1024, "cells per minibatch")
     min_steps: int = _f(500, "optimiser steps at least (the original: 500 full-batch epochs = 500 steps)")
     max_epochs: int = _f(10, "passes over the data when that takes more than min_steps: the schedule is "
-                         "max(min_steps, max_epochs x batches per epoch) optimiser steps")
+                         "max(min_steps, min(max_epochs x batches per epoch, max_steps)) optimiser steps")
+    max_steps: int = _f(2000, "cap on the epoch rule's steps (0: none): from about 205k cells on (at batch 1,024) the "
+                        "schedule stops growing with N, 2,000 steps = 2M cells seen (1M cells: 2 passes, not 10); "
+                        "what decides how far Adam gets is the number of steps, and a larger atlas of the same "
+                        "cell types is not a harder problem")
     iter_steps: int = _f(200, "optimiser steps of the continued feature AE in each later iteration")
     memory_budget_mb: int = _f(512, "X (and its LTMG states) is served from memory when it fits this budget (about "
                                "50k cells at 2,000 genes), streamed from the store otherwise")
@@ -199,6 +203,7 @@ class ImputeConfig:
     steps: int = _f(200, "optimiser steps at least (the published code: EM_epochs = 200 full-batch epochs)")
     max_epochs: int = _f(10, "passes over the data once that exceeds 'steps' (as feature.max_epochs); the "
                          "network size, batch size, learning rate and loader are the feature autoencoder's")
+    max_steps: int = _f(2000, "cap on the epoch rule's steps (as feature.max_steps; 0: none)")
     use_ltmg: bool = _f(True, "add the LTMG-weighted error (alpha term of the feature AE) when layers/ltmg exists")
     input: str = _f("recon", "what the imputation AE reconstructs (input and target): 'recon' (work/recon, the "
                     "feature AE's first reconstruction: the published code's reconOri), 'final' (work/recon_final, "

@@ -132,6 +132,14 @@ def test_schedule():
     assert feature.training_steps(100, 1024, 500, 10) == 500
     assert feature.training_steps(100_000, 1024, 500, 10) == 980
     assert feature.training_steps(1_000_000, 1024, 500, 10) == 9770
+    # the cap: from ~205k cells on the schedule stops growing; min_steps still wins below it
+    assert feature.training_steps(100_000, 1024, 500, 10, max_steps=2000) == 980
+    assert feature.training_steps(1_000_000, 1024, 500, 10, max_steps=2000) == 2000
+    assert feature.training_steps(10_000_000, 1024, 500, 10, max_steps=2000) == 2000
+    assert feature.training_steps(1_000_000, 1024, 500, 10, max_steps=300) == 500
+    defaults = RunConfig().feature
+    assert feature.training_steps(1_000_000, defaults.batch_size, defaults.min_steps, defaults.max_epochs,
+                                  defaults.max_steps) == 2000
 
 
 def test_model_of_other_genes_is_refused(tmp_path):

@@ -7,13 +7,16 @@ Loss (see :mod:`scgnn_scale.nn.losses`): ``gamma * SE + alpha * TRS o SE`` summe
 averaged over the minibatch and scaled to one full batch of the original (``min(N, 12,800)``
 cells), plus ``l1 * sum|w|``. For a full batch of N <= 12,800 cells this is the published loss.
 
-Schedule: ``max(min_steps, max_epochs * ceil(N / batch_size))`` Adam steps. The original trains
+Schedule: ``max(min_steps, min(max_epochs * ceil(N / batch_size), max_steps))`` Adam steps. The original trains
 500 full-batch epochs, i.e. 500 optimiser steps, on data sets of a few thousand cells; with a
 loss whose scale does not depend on the batch, what fixes how far Adam gets is the number of
 steps, so small data sets get the same 500 steps (on minibatches of 1,024 cells). Large data
 sets need more than 500 steps to see their cells; they get ``max_epochs`` passes (10 by default:
-about 980 steps at 100k cells, 9,800 at 1M cells, 10M cells seen), so the work grows linearly
-with N and stays a few passes over the data.
+about 980 steps at 100k cells), up to ``max_steps`` (2,000: 2M cells seen, reached at about 205k
+cells). Above that the number of steps stops growing: a 1M-cell atlas is not a harder problem than
+a 100k one drawn from the same cell types, and what decides how far Adam gets is the number of
+steps, not how many distinct cells they saw (scvi-tools' default epoch count likewise keeps the
+number of cells seen fixed above 20k cells). At 1M cells that is 2 passes, not 10 (9,770 steps).
 """
 
 from __future__ import annotations
@@ -36,10 +39,16 @@ MODEL_NAME = "feature_ae"
 _LOG_EVERY = 50  # steps between loss records
 
 
-def training_steps(n_cells: int, batch_size: int, min_steps: int, max_epochs: int) -> int:
-    """Optimiser steps of a schedule: ``max(min_steps, max_epochs * ceil(n_cells / batch_size))``."""
+def training_steps(n_cells: int, batch_size: int, min_steps: int, max_epochs: int, max_steps: int = 0) -> int:
+    """Optimiser steps of a schedule: ``max(min_steps, min(max_epochs * ceil(n_cells / batch_size), max_steps))``.
+
+    ``max_steps`` 0: no cap (the epoch rule alone above ``min_steps``).
+    """
     per_epoch = math.ceil(n_cells / max(1, min(batch_size, n_cells)))
-    return int(max(min_steps, max_epochs * per_epoch))
+    by_epochs = max_epochs * per_epoch
+    if max_steps > 0:
+        by_epochs = min(by_epochs, max_steps)
+    return int(max(min_steps, by_epochs))
 
 
 def open_input(ctx, staging, key: str):
@@ -317,7 +326,7 @@ def cpu_threads(device, requested: int = 0):
 def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, steps: int | None, model_in,
                             model_out, embedding_key: str | None, recon_key: str | None, gamma: float,
                             alpha: float, l1: float, min_steps: int, max_epochs: int,
-                            cell_weight: np.ndarray | None = None, seed: int | None = None,
+                            max_steps: int, cell_weight: np.ndarray | None = None, seed: int | None = None,
                             resume: bool = False, desc: str = "training") -> dict:
     """Shared body of the feature and imputation stages: build or load, train, save, write outputs."""
     import torch
@@ -351,7 +360,8 @@ def train_autoencoder_stage(ctx, staging, *, x_key: str, trs_key: str | None, st
     optimizer = adam(model.parameters(), lr=fcfg.lr)
     if "optimizer" in saved:  # iterations continue the optimiser too, as the original's single Adam
         optimizer.load_state_dict(saved["optimizer"])
-    total = training_steps(n, fcfg.batch_size, min_steps, max_epochs) if steps is None else int(steps)
+    total = (training_steps(n, fcfg.batch_size, min_steps, max_epochs, max_steps) if steps is None
+             else int(steps))
 
     start, checkpoint = 0, None
     if resume and model_out is not None:
@@ -399,7 +409,8 @@ def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int |
     trs_key
         N x G uint8 LTMG states (``layers/ltmg``) or None for the loss without the alpha term.
     steps
-        Optimiser steps; None: the schedule ``max(min_steps, max_epochs * batches per epoch)``.
+        Optimiser steps; None: the schedule ``max(min_steps, min(max_epochs * batches per epoch,
+        max_steps))``.
     model_in
         Path of a saved model (and optimiser) to continue, or None for a fresh model seeded by
         ``config.runtime.seed``.
@@ -419,7 +430,8 @@ def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int |
     return train_autoencoder_stage(
         ctx, staging, x_key=x_key, trs_key=trs_key, steps=steps, model_in=model_in, model_out=model_out,
         embedding_key=embedding_key, recon_key=recon_key, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=fcfg.l1,
-        min_steps=fcfg.min_steps, max_epochs=fcfg.max_epochs, seed=seed, resume=ctx.stage == "feature",
+        min_steps=fcfg.min_steps, max_epochs=fcfg.max_epochs, max_steps=fcfg.max_steps, seed=seed,
+        resume=ctx.stage == "feature",
         desc="feature autoencoder")
 
 

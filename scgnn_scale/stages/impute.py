@@ -14,7 +14,8 @@ regularisers; its output is the imputed matrix. Here:
   ``X`` is the preprocessed matrix itself (DESIGN.md's wording, "on the original X").
 * **network** the feature autoencoder's shape, seeded with ``runtime.seed`` as the feature AE
   is: the same initial weights as the published reset; fresh optimiser.
-* **steps** ``impute.steps`` (200) at least, ``max_epochs`` passes once that is more (the
+* **steps** ``impute.steps`` (200) at least, ``max_epochs`` passes once that is more, at most
+  ``max_steps`` (2,000) unless ``steps`` asks for more (the
   feature AE's schedule rule, batch size, learning rate and loader); full batch, as the
   original, while N is at most ``feature.batch_size``.
 * **loss** the feature autoencoder's (``gamma * SE + alpha * TRS o SE``, the alpha term when
@@ -118,7 +119,8 @@ def run(ctx) -> dict:
             ctx, st, x_key=x_key, trs_key=ltmg_key(ctx) if icfg.use_ltmg else None, steps=None, model_in=None,
             model_out=ctx.store.root / "models" / f"{MODEL_NAME}.pt", embedding_key=None,
             recon_key="layers/imputed", gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
-            max_epochs=icfg.max_epochs, cell_weight=weights, resume=True, desc="imputation autoencoder")
+            max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=weights, resume=True,
+            desc="imputation autoencoder")
     info["regularisers"] = weight_info
     info["input"] = x_key
     info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
