@@ -2,6 +2,7 @@
 
     python bench/profile_stages.py --cells 100000 [--genes 2000] [--stages feature,gae] [--rate 20]
     python bench/profile_stages.py --summarise bench/out/profile_100k/feature.txt
+    python bench/profile_stages.py --attach PID --stage-log RUN.log --cells 1000000
 
 Runs the simulated atlas of bench_scaling.py (made if missing) stage by stage, ``scgnn-scale run
 --until STAGE`` under ``py-spy record --subprocesses`` (the earlier stages are reused from the same
@@ -10,6 +11,11 @@ Samples are on-CPU stacks (py-spy without ``--idle``): a thread waiting on I/O o
 counted, so a stage's samples can exceed its wall seconds times one core. For each stage it prints
 the wall seconds and the heaviest (scgnn-scale function -> leaf function) pairs by share of samples,
 as JSON lines and a markdown table, and writes bench/out/profile_<N>/summary.json.
+``--attach`` samples a run that is already going (e.g. bench_scaling.py's 1M run, too long to run
+twice) in windows of ``--window`` seconds, ``py-spy --nonblocking`` so the run is never paused; each
+window is filed under the stage the run's log (its stderr) last reported as started when the window
+began, so a window that spans a stage's end is counted to that stage. Files go to
+bench/out/profile_<N>/attach/ and are merged per stage when the run exits.
 Needs py-spy (the bench extra) and permission to sample child processes.
 """
 
@@ -82,12 +88,41 @@ def profile(cells: int, genes: int, stages: list[str], rate: int) -> list[dict]:
     return rows
 
 
+_STARTED = re.compile(r"^(\w+): started", re.M)
+
+
+def attach(pid: int, stage_log: Path, cells: int, rate: int, window: int) -> list[dict]:
+    """Sample the running process ``pid`` window by window, filed by the stage its log names."""
+    where = OUT / f"profile_{cells}" / "attach"
+    where.mkdir(parents=True, exist_ok=True)
+    seconds: collections.Counter = collections.Counter()
+    i = 0
+    while Path(f"/proc/{pid}").exists():
+        started = _STARTED.findall(stage_log.read_text(errors="replace")) if stage_log.exists() else []
+        stage = started[-1] if started else "start"
+        t0 = time.perf_counter()
+        subprocess.run(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate",
+                        str(rate), "--duration", str(window), "--format", "raw",
+                        "-o", str(where / f"{i:05d}_{stage}.txt")],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds[stage] += time.perf_counter() - t0
+        i += 1
+    rows = []
+    for stage in [s for s in ["start", *STAGES] if seconds[s]]:
+        merged = where.parent / f"{stage}.txt"
+        merged.write_text("".join(f.read_text() for f in sorted(where.glob(f"*_{stage}.txt"))))
+        rows.append({"stage": stage, "cells": cells, "sampled_seconds": round(seconds[stage], 1), **summarise(merged)})
+        print(json.dumps(rows[-1]), flush=True)
+    (where.parent / "summary.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def markdown(rows: list[dict], top: int = 5) -> str:
     lines = ["| stage | seconds | share | in (scgnn-scale) | leaf |", "|---|---|---|---|---|"]
     for row in rows:
         for i, t in enumerate(row["top"][:top]):
             first = i == 0
-            lines.append(f"| {row['stage'] if first else ''} | {row.get('stage_seconds', '') if first else ''} | "
+            lines.append(f"| {row['stage'] if first else ''} | {row.get('stage_seconds', row.get('sampled_seconds', '')) if first else ''} | "
                          f"{t['share']:.1%} | {t['in']} | {t['leaf']} |")
     return "\n".join(lines)
 
@@ -99,8 +134,13 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to sample (default: all)")
     ap.add_argument("--rate", type=int, default=20, help="samples per second (default 20)")
     ap.add_argument("--summarise", nargs="+", metavar="RAW", help="only summarise existing py-spy raw files")
+    ap.add_argument("--attach", type=int, metavar="PID", help="sample this running 'scgnn-scale run' instead")
+    ap.add_argument("--stage-log", type=Path, help="with --attach: the run's stderr log (names the stages)")
+    ap.add_argument("--window", type=int, default=60, help="with --attach: seconds per sampling window")
     args = ap.parse_args()
-    if args.summarise:
+    if args.attach:
+        rows = attach(args.attach, args.stage_log or Path("/dev/null"), args.cells, args.rate, args.window)
+    elif args.summarise:
         rows = [{"stage": Path(p).stem, **summarise(Path(p))} for p in args.summarise]
         for row in rows:
             print(json.dumps(row))
