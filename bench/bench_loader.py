@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
         result = {
             "conditions": {
                 "cells": args.cells, "genes": args.genes, "batch_size": args.batch_size,
-                "chunks": [args.chunk_rows, args.chunk_genes], "codec": "blosc zstd level 3",
+                "chunks": [args.chunk_rows, args.chunk_genes], "codec": f"blosc zstd level {config.store.compression_level}",
                 "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
                 "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                 "platform": platform.platform(), "torch": torch.__version__,

@@ -37,7 +37,8 @@ _DICT_GROUPS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
 warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
 
 
-def _compressors(level: int):
+def compressors(level: int):
+    """The store's codec: Blosc zstd with byte shuffle at ``level`` (bench/bench_codec.py chose level 1)."""
     from zarr.codecs import BloscCodec
 
     return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
@@ -106,7 +107,7 @@ class Staging:
                 chunks = (min(cfg.chunk_rows * 64, max(shape[0], 1)),) + tuple(shape[1:])
         arr = self.group.create_array(
             key, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
-            compressors=_compressors(cfg.compression_level), overwrite=True,
+            compressors=compressors(cfg.compression_level), overwrite=True,
         )
         arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         return arr

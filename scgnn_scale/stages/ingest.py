@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from ..errors import InputError
 from ..readers import open_input, source_name
+from ..store import compressors as store_compressors
 
 # entries per chunk of the 1-d CSR arrays (4 MiB of float32)
 CSR_CHUNK = 1 << 20
@@ -51,12 +52,6 @@ class _Appender:
     def close(self) -> int:
         self._write(final=True)
         return self.written
-
-
-def _compressors(level: int):
-    from zarr.codecs import BloscCodec
-
-    return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
 
 
 def check_block_values(block: sp.csr_matrix, start: int, obs_names, var_names, name: str) -> None:
@@ -99,7 +94,7 @@ def run(ctx) -> dict:
         if n_cells == 0 or n_genes == 0:
             raise InputError(f"{name}: empty matrix ({n_cells} cells x {n_genes} genes)")
         obs_names, var_names = obs.index, var.index
-        compressors = _compressors(ctx.config.store.compression_level)
+        compressors = store_compressors(ctx.config.store.compression_level)
         with ctx.store.staging(ctx.stage) as st:
             group = st.create_group("work/input")
             data = _Appender(group, "data", np.float32, compressors)
