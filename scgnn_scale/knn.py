@@ -69,23 +69,34 @@ def knn_exact(x: np.ndarray, k: int = 10, *, block_bytes: int = 256 << 20, progr
         ``(N, k)`` int64 and float32, rows sorted by distance.
     """
     x = _check_input(x, k)
+    return exact_neighbours_of(x, np.arange(x.shape[0]), k, block_bytes=block_bytes, progress=progress)
+
+
+def exact_neighbours_of(x: np.ndarray, rows: np.ndarray, k: int, *, block_bytes: int = 256 << 20, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours (self excluded) of the cells ``rows`` among all N, in bounded memory.
+
+    Query rows go in blocks sized so that one ``block x N`` distance block (float32, plus the int64
+    argpartition output) takes ``block_bytes``; temporaries are updated in place.
+    """
     n = x.shape[0]
+    rows = np.asarray(rows, dtype=np.int64)
     extra = min(k + 8, n - 1)  # a few spare candidates for the exact re-ranking
     sq = np.einsum("ij,ij->i", x, x)
-    block = max(1, min(n, block_bytes // (12 * n)))  # float32 distances + int64 argpartition per entry
-    out_idx = np.empty((n, k), np.int64)
-    out_dist = np.empty((n, k), np.float32)
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        d2 = x[a:b] @ x.T  # in place from here: one block-sized temporary
+    block = max(1, min(max(len(rows), 1), block_bytes // (12 * n)))  # float32 distances + int64 argpartition
+    out_idx = np.empty((len(rows), k), np.int64)
+    out_dist = np.empty((len(rows), k), np.float32)
+    for a in range(0, len(rows), block):
+        r = rows[a:a + block]
+        d2 = x[r] @ x.T  # in place from here: one block-sized temporary
         d2 *= -2.0
         d2 += sq[None, :]
-        d2 += sq[a:b, None]
-        d2[np.arange(b - a), np.arange(a, b)] = np.inf  # self
+        d2 += sq[r, None]
+        d2[np.arange(len(r)), r] = np.inf  # self
         cand = np.argpartition(d2, extra - 1, axis=1)[:, :extra]
-        out_idx[a:b], out_dist[a:b] = _refine(x, np.arange(a, b), cand, k)
+        del d2
+        out_idx[a:a + len(r)], out_dist[a:a + len(r)] = _refine(x, r, cand, k)
         if progress is not None:
-            progress.update(b - a)
+            progress.update(len(r))
     return out_idx, out_dist
 
 
@@ -200,24 +211,19 @@ def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 409
     return out_idx, out_dist
 
 
-def knn_recall(x: np.ndarray, indices: np.ndarray, *, sample: int = 1000, seed: int = 0) -> float:
+def knn_recall(x: np.ndarray, indices: np.ndarray, *, sample: int = 1000, seed: int = 0,
+               block_bytes: int = 256 << 20) -> float:
     """Recall@k of ``indices`` against exact neighbours of a random sample of cells.
 
     Exact neighbours of the sampled cells are found by brute force against all N cells
-    (``O(sample * N * d)``).
+    (``O(sample * N * d)``), in blocks of ``block_bytes`` (at 1M cells, 256 sampled rows in one
+    block took about 4 GB: the distances and argpartition's int64 output, both sample x N).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = indices.shape
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
-    sq = np.einsum("ij,ij->i", x, x)
-    hits = 0
-    for a in range(0, len(rows), 512):
-        r = rows[a:a + 512]
-        d2 = sq[r, None] - 2.0 * (x[r] @ x.T) + sq[None, :]
-        d2[np.arange(len(r)), r] = np.inf
-        cand = np.argpartition(d2, min(k + 8, n - 1) - 1, axis=1)[:, :min(k + 8, n - 1)]
-        truth, _ = _refine(x, r, cand, k)
-        hits += sum(len(np.intersect1d(t, g)) for t, g in zip(truth, indices[r], strict=True))
+    truth, _ = exact_neighbours_of(x, rows, k, block_bytes=block_bytes)
+    hits = sum(len(np.intersect1d(t, g)) for t, g in zip(truth, indices[rows], strict=True))
     return hits / (len(rows) * k)
 
 

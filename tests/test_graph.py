@@ -79,6 +79,8 @@ def test_knn_recall_counts_misses(rng):
     broken = idx.copy()
     broken[:, 5:] = (broken[:, 5:] + 1) % 200  # half the neighbours replaced (almost always wrong)
     assert 0.4 < knn.knn_recall(x, broken, sample=200) < 0.6
+    # in blocks of a few query rows (what bounds its memory at 1M cells) the count is the same
+    assert knn.knn_recall(x, broken, sample=200, block_bytes=12 * 200 * 7) == knn.knn_recall(x, broken, sample=200)
 
 
 def test_prune_std_equals_dense_reference(rng):
