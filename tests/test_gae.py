@@ -251,3 +251,8 @@ def test_standardize_columns():
     np.testing.assert_allclose(s[:, 0].mean(), 0, atol=1e-6)
     np.testing.assert_allclose(s[:, 0].std(), 1, atol=1e-6)
     assert (s[:, 1] == 0).all()
+    # in row blocks (what bounds its memory) it equals numpy's whole-array formula
+    rng = np.random.default_rng(0)
+    y = (rng.normal(size=(1000, 6)) * [1, 10, 100, 0.1, 5, 3] + [0, 5, -50, 1e3, 2, 0]).astype(np.float32)
+    reference = ((y - y.mean(0, dtype=np.float64)) / y.std(0, dtype=np.float64)).astype(np.float32)
+    np.testing.assert_allclose(gae_stage.standardize_columns(y, block_rows=77), reference, rtol=1e-5, atol=1e-5)
