@@ -79,6 +79,13 @@ class MemoryPlan:
         return int(self.limit_bytes)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB): where it jumps, that step set the peak."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def release_freed_memory() -> None:
     """Hand memory that Python and torch have freed back to the OS (glibc only; a no-op elsewhere).
 

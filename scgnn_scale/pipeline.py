@@ -19,7 +19,7 @@ from typing import Any
 from .config import RunConfig
 from .context import StageContext
 from .errors import InputError
-from .memory import MemoryPlan, release_freed_memory
+from .memory import MemoryPlan, peak_rss_mb, release_freed_memory
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
@@ -71,13 +71,6 @@ def _content_fingerprint(path: Path) -> str:
                 fh.seek(-(1 << 20), os.SEEK_END)
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:24]
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB): where it jumps, that stage set the peak."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def chain_hashes(config: RunConfig, identity: dict) -> dict[str, str]:
@@ -145,7 +138,7 @@ def run(
             info = module.run(ctx) or {}
             holder = ctx._client_holder
             seconds = time.perf_counter() - t0
-            info["peak_rss_mb"] = _peak_rss_mb()  # of this process so far (Dask worker threads included)
+            info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
             release_freed_memory()
             store.record_stage(stage, hashes[stage], seconds, info)
             log.info("%s: done in %.1f s %s", stage, seconds, _short(info))

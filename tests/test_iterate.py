@@ -169,6 +169,8 @@ def test_iterate_writes_history_and_final_outputs(tmp_path, monkeypatch):
         assert -1 <= h["ari_to_previous"] <= 1 and h["graph_change"] > 0 and h["n_clusters"] >= 2
         assert np.isfinite(h["feature_loss"]) and np.isfinite(h["cluster_ae_loss"]) and h["seconds"] > 0
         assert 0 <= h["ari_to_label"] <= 1
+        peaks = [h[f"peak_rss_mb_after_{k}"] for k in ("cluster_autoencoders", "feature", "graph", "gae", "cluster")]
+        assert peaks == sorted(peaks) and peaks[0] > 0  # the process's peak so far: never falls
     # the first comparison is against L0 itself (published code), larger than later graph changes
     assert history[0]["graph_change"] > history[1]["graph_change"]
     n = len(labels)

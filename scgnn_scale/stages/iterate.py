@@ -92,7 +92,7 @@ import zarr
 from .. import convergence as cv
 from ..errors import InputError
 from ..loader import iter_row_blocks
-from ..memory import MemoryPlan, release_freed_memory
+from ..memory import MemoryPlan, peak_rss_mb, release_freed_memory
 
 WORK = "work/iterate"
 #: the first pass's results (feature, graph, gae, cluster stages), kept because iterate replaces them
@@ -131,7 +131,8 @@ def run(ctx) -> dict:
         ``iterations``, ``stopped`` (``"clusters"``, ``"graph"`` or ``"max_iterations"``),
         ``history`` (one dict per iteration: ``iteration``, ``ari_to_previous``, ``graph_change``,
         ``graph_threshold``, ``feature_loss``, ``feature_recon_mse``, ``cluster_ae_loss``,
-        ``n_clusters``, ``seconds``; ``ari_to_label`` / ``nmi_to_label`` with a label column),
+        ``n_clusters``, ``seconds``, ``peak_rss_mb_after_<step>`` (the process's peak so far after the
+        cluster AEs, feature AE, graph, GAE and clustering); ``ari_to_label`` / ``nmi_to_label`` with a label column),
         ``model`` and ``metrics``.
     """
     cfg = ctx.config.iterate
@@ -183,6 +184,7 @@ def run(ctx) -> dict:
                 "cluster_ae_loss": _num(step["cluster_ae_loss"]),
                 "n_clusters": int(len(np.unique(labels))), "seconds": round(time.perf_counter() - t0, 3),
             }
+            record.update({f"peak_rss_mb_after_{k}": v for k, v in step["peak_rss_mb_after"].items()})
             if "resolution" in step["cluster"]:
                 record["resolution"] = step["cluster"]["resolution"]
             if truth is not None:
@@ -219,25 +221,31 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
     torch.manual_seed(seed + 7919 * t)
     np.random.seed((seed + 7919 * t) % 2**32)
 
+    peaks = {}  # the process's peak RSS so far after each step: where it jumps, that step set it
     # one commit per iteration: the steps read what the previous ones staged
     with ctx.store.staging(f"iterate_{t}") as st:
         cluster_info = run_cluster_autoencoders(
             ctx, st, source_key=_recon_key(t - 1), labels=labels_prev, out_key=_key(t, "x"),
             model_in=_model_path(ctx, t - 1) if cfg.cluster_init == "feature" else None, iteration=t)
+        peaks["cluster_autoencoders"] = peak_rss_mb()
         feature_info = train_feature(
             ctx, st, x_key=_key(t, "x"), trs_key=ltmg_key(ctx) if cfg.feature_ltmg else None,
             steps=ctx.config.feature.iter_steps, model_in=_model_path(ctx, t - 1), model_out=_model_path(ctx, t),
             embedding_key=_key(t, "feature"), recon_key=_key(t, "recon"), seed=seed + t)
+        peaks["feature"] = peak_rss_mb()
         build_graph(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"))
+        peaks["graph"] = peak_rss_mb()
         train_gae(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"), out_key=_key(t, "gae"))
+        peaks["gae"] = peak_rss_mb()
         n_clusters = _first_pass_count(ctx) if cfg.cluster_count == "first" else None
         labels, cinfo = cluster_cells(ctx, st, embedding_key=_key(t, "gae"), graph_key=_key(t, "graph"),
                                       out_key=_key(t, "cluster"), n_clusters=n_clusters)
+        peaks["cluster"] = peak_rss_mb()
         labels = _dense_labels(labels)
         st.write_elem(_key(t, "labels"), labels)
     ctx.store.delete(_key(t, "x"))  # only this iteration's feature AE reads it
     return {"labels": labels, "feature": feature_info, "cluster_ae_loss": cluster_info["loss_mean"],
-            "cluster": cinfo}
+            "cluster": cinfo, "peak_rss_mb_after": peaks}
 
 
 def _first_pass_count(ctx) -> int:
