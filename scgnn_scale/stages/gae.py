@@ -141,7 +141,7 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, seed: int = 0, de
     with torch.no_grad():
         propagated = torch.sparse.mm(adj, features)  # A~ E, exact, once
     raw = features if (mode == "minibatch" and cfg.sample_first_layer) else None
-    del features
+    del features, x  # only A~ E is needed from here (at 1M x 128 each copy is 512 MB)
 
     losses: list[float] = []
     bar = progress(cfg.epochs, f"GAE ({mode})", "epochs") if progress else None
@@ -250,9 +250,9 @@ def train_gae(ctx, staging, *, embedding_key: str = EMBEDDING_KEY, graph_key: st
     dict
         mode, steps, first/last loss, seconds.
     """
-    x = np.asarray(read_input(ctx, staging, embedding_key), dtype=np.float32)
     graph = CSRGraph.from_scipy(read_input(ctx, staging, graph_key))
-    z, info = fit_gae(x, graph, ctx.config.gae, seed=ctx.config.runtime.seed, device=ctx.torch_device(),
+    # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
+    z, info = fit_gae(np.asarray(read_input(ctx, staging, embedding_key), dtype=np.float32), graph, ctx.config.gae, seed=ctx.config.runtime.seed, device=ctx.torch_device(),
                       progress=lambda total, desc, unit: ctx.progress(total, desc, unit))
     staging.write_elem(out_key, z)
     ctx.log.info("gae: %s mode, %d steps, loss %.4f -> %.4f", info["mode"], info["steps"], info["loss_first"],
