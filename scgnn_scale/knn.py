@@ -72,7 +72,8 @@ def knn_exact(x: np.ndarray, k: int = 10, *, block_bytes: int = 256 << 20, progr
     return exact_neighbours_of(x, np.arange(x.shape[0]), k, block_bytes=block_bytes, progress=progress)
 
 
-def exact_neighbours_of(x: np.ndarray, rows: np.ndarray, k: int, *, block_bytes: int = 256 << 20, progress=None) -> tuple[np.ndarray, np.ndarray]:
+def exact_neighbours_of(x: np.ndarray, rows: np.ndarray, k: int, *, block_bytes: int = 256 << 20,
+                        progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours (self excluded) of the cells ``rows`` among all N, in bounded memory.
 
     Query rows go in blocks sized so that one ``block x N`` distance block (float32, plus the int64

@@ -252,7 +252,8 @@ def train_gae(ctx, staging, *, embedding_key: str = EMBEDDING_KEY, graph_key: st
     """
     graph = CSRGraph.from_scipy(read_input(ctx, staging, graph_key))
     # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
-    z, info = fit_gae(np.asarray(read_input(ctx, staging, embedding_key), dtype=np.float32), graph, ctx.config.gae, seed=ctx.config.runtime.seed, device=ctx.torch_device(),
+    z, info = fit_gae(np.asarray(read_input(ctx, staging, embedding_key), dtype=np.float32), graph,
+                      ctx.config.gae, seed=ctx.config.runtime.seed, device=ctx.torch_device(),
                       progress=lambda total, desc, unit: ctx.progress(total, desc, unit))
     staging.write_elem(out_key, z)
     ctx.log.info("gae: %s mode, %d steps, loss %.4f -> %.4f", info["mode"], info["steps"], info["loss_first"],

@@ -132,7 +132,8 @@ def run(ctx) -> dict:
         ``history`` (one dict per iteration: ``iteration``, ``ari_to_previous``, ``graph_change``,
         ``graph_threshold``, ``feature_loss``, ``feature_recon_mse``, ``cluster_ae_loss``,
         ``n_clusters``, ``seconds``, ``peak_rss_mb_after_<step>`` (the process's peak so far after the
-        cluster AEs, feature AE, graph, GAE and clustering); ``ari_to_label`` / ``nmi_to_label`` with a label column),
+        cluster AEs, feature AE, graph, GAE and clustering); ``ari_to_label`` / ``nmi_to_label`` with a
+        label column),
         ``model`` and ``metrics``.
     """
     cfg = ctx.config.iterate
