@@ -2,7 +2,9 @@
 
     python bench/bench_codec.py [--run bench/out/run_100000x2000] [--chunks 8]
 
-Reads ``--chunks`` chunks (2048 cells x 256 genes, the store's layout) of the run's X (log1p counts),
+``--run`` names a finished run directory (it needs ``layers/imputed``; the numbers in RESULTS.md came
+from the 100k scaling run, kept as bench/out/run_100000x2000_session3). Reads ``--chunks`` chunks
+(2048 cells x 256 genes, the store's layout) of the run's X (log1p counts),
 layers/ltmg (uint8 states) and layers/imputed (a dense float reconstruction, like work/recon and the
 cluster autoencoders' outputs), encodes and decodes each with every candidate Blosc codec on one
 thread, and prints one JSON line per (array, codec): milliseconds per chunk and the compressed
@@ -40,7 +42,8 @@ def measure(block: np.ndarray, cname: str, clevel: int, shuffle: int, repeats: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=Path(__file__).resolve().parent / "out" / "run_100000x2000")
+    ap.add_argument("--run", type=Path, default=Path(__file__).resolve().parent / "out" / "run_100000x2000",
+                    help="a finished run directory (default: the 100k scaling run)")
     ap.add_argument("--chunks", type=int, default=8, help="chunks per array (along the cells)")
     args = ap.parse_args()
     numcodecs.blosc.set_nthreads(1)
