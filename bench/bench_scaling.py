@@ -3,8 +3,9 @@
     python bench/bench_scaling.py --cells 10000,100000 [--genes 2000] [--until impute] [--resume] [-- RUN OPTIONS]
 
 Each size runs from scratch (the run directory bench/out/run_NxG is deleted first, so the peak RSS
-covers every stage; ``--resume`` continues it instead). Prints one JSON object per size (per-stage seconds from the run's manifest, peak RSS of the whole
-process tree, store size on disk per element) and the growth exponents of time between sizes.
+covers every stage; ``--resume`` continues it instead). Prints one JSON object per size (per-stage
+seconds from the run's manifest, peak RSS of the whole process tree, store size on disk per element)
+and the growth exponents of time between sizes.
 """
 
 from __future__ import annotations
