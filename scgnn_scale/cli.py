@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.3, help="extra dropout probability (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--block-rows", type=int, default=16384, help="cells simulated per block (default 16384)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes drawing blocks in parallel (default: one per CPU core from 64 tiles of about 2M "
+                        "values on, i.e. 65,536 cells at 2,000 genes, else 1); the atlas does not depend on it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
@@ -138,7 +141,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         path = simulate_atlas(args.out, n_cells=args.cells, n_genes=args.genes, n_types=args.types,
                               dropout=args.dropout, seed=args.seed, block_rows=args.block_rows,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, workers=args.workers)
         print(f"wrote {path}")
         return 0
     if args.command == "evaluate":

@@ -14,7 +14,8 @@ The model (every draw seeded from ``seed``):
 
 Cells are drawn in tiles of a fixed number of rows (about 2 million values: 1024 cells at 2000 genes),
 each tile with its own seed (``SeedSequence(seed, spawn_key=(1, tile))``), so the atlas does not depend
-on ``block_rows`` and memory stays at a few tiles whatever ``n_cells`` (10 million included). X is
+on ``block_rows`` nor on ``workers`` (tiles drawn in parallel worker processes), and memory stays at a
+few blocks whatever ``n_cells`` (10 million included). X is
 written as CSR (float32 data, int32 indices, int64 indptr) and ``obs`` column by column, all appended
 block by block; the output is an AnnData store (``.zarr``: Zarr v3 directory; ``.h5ad``: HDF5) that
 ``anndata`` reads and ``scgnn-scale run`` accepts. ``obs['label']`` (categorical, ``type0`` ...) holds the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ from .errors import InputError
 
 _TILE_VALUES = 1 << 21
 _ARRAY_CHUNK = 1 << 20  # entries per chunk of the 1-d arrays written
+_PARALLEL_FROM_TILES = 64  # below this many tiles, starting worker processes costs more than it saves
 
 
 def _tile_rows(n_genes: int) -> int:
@@ -80,6 +83,23 @@ def _simulate_tile(prog: _Programme, seed: int, tile: int, n_rows: int, dropout:
         rows, cols, values = rows[kept], cols[kept], values[kept]
     block = sp.csr_matrix((values.astype(np.float32), (rows, cols)), shape=counts.shape, dtype=np.float32)
     return block, types
+
+
+def _simulate_block(prog: _Programme, seed: int, tiles: range, n_cells: int, tile: int, dropout: float):
+    """Tiles ``tiles`` stacked: (CSR counts float32, type codes)."""
+    parts = [_simulate_tile(prog, seed, t, min(tile, n_cells - t * tile), dropout) for t in tiles]
+    return sp.vstack([b for b, _ in parts], format="csr"), np.concatenate([c for _, c in parts])
+
+
+class _Serial(Executor):
+    """Runs each submitted call at once, in this process (one worker: no processes to start)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 class _Writer:
@@ -165,7 +185,8 @@ class _Writer:
 
 
 def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int = 2000, n_types: int = 6,
-                   dropout: float = 0.3, seed: int = 0, block_rows: int = 16384, overwrite: bool = False) -> Path:
+                   dropout: float = 0.3, seed: int = 0, block_rows: int = 16384, overwrite: bool = False,
+                   workers: int | None = None) -> Path:
     """Write a synthetic atlas with planted cell types (model in the module docstring).
 
     Parameters
@@ -182,6 +203,9 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
         Cells written per block (rounded up to whole tiles); memory grows with it, not with ``n_cells``.
     overwrite
         Replace an existing ``out``; without it an existing output is an :class:`InputError`.
+    workers
+        Processes drawing tiles (None: one per CPU core for atlases of 64 tiles and more, else 1).
+        Memory grows with it: one block per worker is in flight.
 
     Returns
     -------
@@ -192,7 +216,7 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     if out.suffix not in (".zarr", ".h5ad"):
         raise InputError(f"{out}: the output must end in .zarr (Zarr AnnData store) or .h5ad")
     for option, value, low in (("--cells", n_cells, 1), ("--genes", n_genes, 1), ("--types", n_types, 1),
-                               ("--block-rows", block_rows, 1)):
+                               ("--block-rows", block_rows, 1), ("--workers", workers or 1, 1)):
         if int(value) < low:
             raise InputError(f"simulate {option} {value}: must be at least {low}")
     if n_types > n_cells:
@@ -212,16 +236,22 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     tmp = out.with_name(f".{out.name}.partial")
     _remove(tmp)
     writer = _Writer(tmp, out.suffix == ".h5ad", n_genes, categories, code_dtype)
+    n_tiles = -(-n_cells // tile)
+    if workers is None:
+        workers = (os.cpu_count() or 1) if n_tiles >= _PARALLEL_FROM_TILES else 1
     try:
-        n_tiles = -(-n_cells // tile)
-        for first in range(0, n_tiles, tiles_per_block):
-            blocks, types = [], []
-            for t in range(first, min(first + tiles_per_block, n_tiles)):
-                rows = min(tile, n_cells - t * tile)
-                block, codes = _simulate_tile(prog, seed, t, rows, dropout)
-                blocks.append(block)
-                types.append(codes)
-            writer.append(sp.vstack(blocks, format="csr"), np.concatenate(types))
+        with _tile_executor(workers) as pool:
+            blocks = [range(first, min(first + tiles_per_block, n_tiles))
+                      for first in range(0, n_tiles, tiles_per_block)]
+            # one block per worker in flight and one more: the pool draws while this process writes
+            ahead = workers + 1 if workers > 1 else 1
+            pending = []
+            for block in blocks:
+                pending.append(pool.submit(_simulate_block, prog, seed, block, n_cells, tile, dropout))
+                if len(pending) >= ahead:
+                    writer.append(*pending.pop(0).result())
+            for future in pending:
+                writer.append(*future.result())
         writer.finish(pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(n_genes)])))
     except BaseException:
         if writer.is_h5:
@@ -231,6 +261,15 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     _remove(out)
     os.replace(tmp, out)
     return out
+
+
+def _tile_executor(workers: int) -> Executor:
+    if workers <= 1:
+        return _Serial()
+    import multiprocessing
+
+    # spawn, not fork: zarr keeps an event-loop thread, and forking a threaded process can deadlock
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _remove(path: Path) -> None:

@@ -68,6 +68,16 @@ def test_deterministic_and_independent_of_block_rows(tmp_path):
     assert (a.X != c.X).nnz > 0
 
 
+def test_parallel_workers_write_the_same_atlas(tmp_path):
+    serial = _read(simulate_atlas(tmp_path / "a.zarr", n_cells=5000, n_genes=40, n_types=3, seed=4,
+                                  block_rows=300, workers=1))
+    parallel = _read(simulate_atlas(tmp_path / "b.zarr", n_cells=5000, n_genes=40, n_types=3, seed=4,
+                                    block_rows=300, workers=2))
+    assert serial.shape == parallel.shape == (5000, 40)
+    assert (serial.X != parallel.X).nnz == 0
+    assert list(serial.obs["label"]) == list(parallel.obs["label"])
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     path = simulate_atlas(tmp_path / "a.h5ad", n_cells=50, n_genes=20, n_types=2)
     before = path.read_bytes()
