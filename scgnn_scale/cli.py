@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to hold a run of another input or config (reuses what still matches)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the cells x genes intermediate reconstructions when the run ends (same as "
+                        "--runtime-keep-work true; without it they are removed, and a later change of "
+                        "iterate or impute options redoes the feature autoencoder)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
     _add_config_flags(p)
@@ -131,7 +135,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .config import load_config
         from .pipeline import run
 
-        config = load_config(args.config, _overrides(args))
+        overrides = _overrides(args)
+        if args.keep_work:
+            overrides.setdefault("runtime", {})["keep_work"] = True
+        config = load_config(args.config, overrides)
         store = run(args.input, args.out, config=config, until=args.until, overwrite=args.overwrite,
                     quiet=args.quiet)
         print(f"done: {store.root} (open with scgnn_scale.read_run('{store.root}'))")

@@ -224,6 +224,9 @@ class RuntimeConfig:
                                 "processes need the calling script to have an `if __name__ == '__main__'` guard")
     memory_limit: str = _f("", "memory for the whole run, e.g. '4GiB': caps what the loaders hold instead of "
                             "streaming and the Dask workers' memory (empty: the configured budgets and Dask's default)")
+    keep_work: bool = _f(False, "keep the cells x genes reconstructions (work/recon, work/recon_final) when the "
+                         "run ends: a later change of iterate or impute options then starts from them instead of "
+                         "redoing the feature autoencoder (they take 2 x 4 bytes per cell and gene on disk)")
 
 
 SECTIONS: dict[str, type] = {

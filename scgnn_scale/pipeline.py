@@ -37,6 +37,9 @@ STAGES: dict[str, tuple[str, ...]] = {
     "impute": ("impute",),
 }
 STAGE_NAMES = tuple(STAGES)
+#: the cells x genes reconstructions that iterate and impute start from: removed when a run ends
+#: (runtime.keep_work keeps them), redone by the feature stage when a later run needs them
+INTERMEDIATE_RECONS = ("work/recon", "work/recon_final")
 
 
 def input_identity(source: Any) -> dict:
@@ -120,6 +123,7 @@ def run(
         log.info("run %s -> %s", identity, out)
         order = list(STAGES)
         last = order.index(until) if until else len(order) - 1
+        _redo_removed_reconstructions(store, config, order[: last + 1], hashes)
         for i, stage in enumerate(order[: last + 1]):
             if store.stage_done(stage, hashes[stage]):
                 log.info("%s: already done, skipped", stage)
@@ -144,12 +148,37 @@ def run(
             log.info("%s: done in %.1f s %s", stage, seconds, _short(info))
             if store.has("X"):
                 store.write_uns_summary(_uns_summary(store))
+        if order[last] == order[-1] and not config.runtime.keep_work:
+            _remove_intermediates(store)
     finally:
         if holder is not None:
             holder.close()
         log.removeHandler(handler)
         handler.close()
     return store
+
+
+def _redo_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict) -> None:
+    """Redo from ``feature`` when a stage to be (re)done needs ``work/recon`` and a finished run removed it."""
+    todo = [s for s in stages if not store.stage_done(s, hashes[s])]
+    needs_recon = "iterate" in todo or ("impute" in todo and config.impute.input != "X")
+    if needs_recon and store.stage_done("feature", hashes["feature"]) and not store.has(INTERMEDIATE_RECONS[0]):
+        log.info("%s was removed when the run ended (runtime.keep_work keeps it): redoing from the feature "
+                 "stage", INTERMEDIATE_RECONS[0])
+        store.forget_stages(list(STAGES)[list(STAGES).index("feature"):])
+
+
+def _remove_intermediates(store: RunStore) -> None:
+    """Remove the cells x genes reconstructions once the last stage has finished (disk, not memory)."""
+    removed, size = [], 0
+    for key in INTERMEDIATE_RECONS:
+        if store.has(key):
+            path = Path(store.path_of(key))
+            size += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            store.delete(key)
+            removed.append(key)
+    if removed:
+        log.info("removed %s (%.2f GB on disk); runtime.keep_work keeps them", ", ".join(removed), size / 1e9)
 
 
 def _short(info: dict) -> str:

@@ -1,6 +1,8 @@
 """End to end through the CLI on a tiny planted atlas: outputs, skip, resume after SIGKILL, refusals."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ from conftest import planted_counts
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
 from scgnn_scale.evaluate import clustering_metrics
+from scgnn_scale.pipeline import INTERMEDIATE_RECONS
+from scgnn_scale.store import RunStore
 
 TINY = """
 [feature]
@@ -120,6 +124,37 @@ def test_sigkill_then_resume_gives_the_same_result(full_run, tiny_input, tmp_pat
     np.testing.assert_allclose(a.layers["imputed"][:100].compute(), b.layers["imputed"][:100].compute(),
                                rtol=1e-4, atol=1e-5)
     assert not (out / "staging").exists() or not any((out / "staging").iterdir())
+
+
+def _stage_seconds(run_dir):
+    return {s: e["seconds"] for s, e in json.loads((run_dir / "manifest.json").read_text())["stages"].items()}
+
+
+def test_finished_run_removes_its_reconstructions_and_redoes_them_when_needed(full_run, tiny_input, tmp_path):
+    inp, cfg = tiny_input
+    assert not any(RunStore.open(full_run).has(key) for key in INTERMEDIATE_RECONS)
+    # other impute options on the finished run: work/recon is gone, so the feature stage is redone
+    out = tmp_path / "rerun"
+    shutil.copytree(full_run, out)
+    before = _stage_seconds(out)
+    assert main(_run_args(inp, cfg, out, "--overwrite", "--impute-l1", "0.5")) == 0
+    after = _stage_seconds(out)
+    assert after["preprocess"] == before["preprocess"] and after["ltmg"] == before["ltmg"]
+    assert after["feature"] != before["feature"] and after["impute"] != before["impute"]
+    assert np.isfinite(read_run(out).layers["imputed"][:20].compute()).all()
+    assert not RunStore.open(out).has("work/recon")
+
+
+def test_keep_work_keeps_the_reconstructions_for_a_later_impute(tiny_input, tmp_path):
+    inp, cfg = tiny_input
+    out = tmp_path / "kept"
+    assert main(_run_args(inp, cfg, out, "--keep-work")) == 0
+    assert RunStore.open(out).has("work/recon")
+    before = _stage_seconds(out)
+    assert main(_run_args(inp, cfg, out, "--keep-work", "--overwrite", "--impute-l1", "0.5")) == 0
+    after = _stage_seconds(out)
+    assert after["feature"] == before["feature"] and after["iterate"] == before["iterate"]
+    assert after["impute"] != before["impute"]
 
 
 def test_until_stops_after_the_stage(tiny_input, tmp_path):
