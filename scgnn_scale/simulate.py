@@ -14,9 +14,8 @@ The model (every draw seeded from ``seed``):
 
 Cells are drawn in tiles of a fixed number of rows (about 2 million values: 1024 cells at 2000 genes),
 each tile with its own seed (``SeedSequence(seed, spawn_key=(1, tile))``), so the atlas does not depend
-on ``block_rows`` nor on ``workers`` (tiles drawn in parallel worker processes), and memory stays at a
-few blocks whatever ``n_cells`` (10 million included). X is
-written as CSR (float32 data, int32 indices, int64 indptr) and ``obs`` column by column, all appended
+on ``block_rows`` nor on ``workers`` (blocks of tiles drawn in parallel worker processes), and memory
+stays at about one block per worker whatever ``n_cells`` (10 million included). X is written as CSR (float32 data, int32 indices, int64 indptr) and ``obs`` column by column, all appended
 block by block; the output is an AnnData store (``.zarr``: Zarr v3 directory; ``.h5ad``: HDF5) that
 ``anndata`` reads and ``scgnn-scale run`` accepts. ``obs['label']`` (categorical, ``type0`` ...) holds the
 planted types.
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +94,6 @@ class _Serial(Executor):
     """Runs each submitted call at once, in this process (one worker: no processes to start)."""
 
     def submit(self, fn, /, *args, **kwargs):
-        from concurrent.futures import Future
-
         future = Future()
         future.set_result(fn(*args, **kwargs))
         return future
@@ -204,7 +201,7 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     overwrite
         Replace an existing ``out``; without it an existing output is an :class:`InputError`.
     workers
-        Processes drawing tiles (None: one per CPU core for atlases of 64 tiles and more, else 1).
+        Processes drawing blocks (None: one per CPU core for atlases of 64 tiles and more, else 1).
         Memory grows with it: one block per worker is in flight.
 
     Returns
