@@ -15,8 +15,9 @@ The model (every draw seeded from ``seed``):
 Cells are drawn in tiles of a fixed number of rows (about 2 million values: 1024 cells at 2000 genes),
 each tile with its own seed (``SeedSequence(seed, spawn_key=(1, tile))``), so the atlas does not depend
 on ``block_rows`` nor on ``workers`` (blocks of tiles drawn in parallel worker processes), and memory
-stays at about one block per worker whatever ``n_cells`` (10 million included). X is written as CSR (float32 data, int32 indices, int64 indptr) and ``obs`` column by column, all appended
-block by block; the output is an AnnData store (``.zarr``: Zarr v3 directory; ``.h5ad``: HDF5) that
+stays at about one block per worker whatever ``n_cells`` (10 million included). X is written as CSR
+(float32 data, int32 indices, int64 indptr) and ``obs`` column by column, all appended block by block;
+the output is an AnnData store (``.zarr``: Zarr v3 directory; ``.h5ad``: HDF5) that
 ``anndata`` reads and ``scgnn-scale run`` accepts. ``obs['label']`` (categorical, ``type0`` ...) holds the
 planted types.
 """
