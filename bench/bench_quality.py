@@ -56,9 +56,11 @@ def scgnn_row(name: str, until: str, method: str, seed: int, work: Path) -> dict
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     # one run directory per set and seed: variants reuse the stages whose config chain matches
+    # (--keep-work: a variant's iterate starts from the feature AE's reconstruction kept on disk)
     run_dir = work / f"{name}_s{seed}"
     cmd = ["scgnn-scale", "run", str(DATA / name / "counts.h5ad"), "--out", str(run_dir), "--label-key", "label",
-           "--until", until, "--cluster-method", method, "--seed", str(seed), "--quiet", "--overwrite"]
+           "--until", until, "--cluster-method", method, "--seed", str(seed), "--quiet", "--overwrite",
+           "--keep-work"]
     work.mkdir(parents=True, exist_ok=True)
     with open(work / f"{name}_s{seed}_{until}_{method}.log", "w") as log:  # the error, if the run fails
         measured = run_measured(cmd, stdout=subprocess.DEVNULL, stderr=log)
