@@ -4,9 +4,12 @@
 #   bash bench/gpu_bench.sh [CELLS] [RESULTS_DIR]     (defaults: 100000, bench/out/gpu)
 #
 # The 1M run takes longer than one 10-minute call of the lent machine: start it in the background
-# and follow it over two calls on the same warm machine:
-#   STEPS="scaling_start gpu_tests scaling_wait" WAIT=480 bash bench/gpu_bench.sh 1000000 $OUT
-#   STEPS="scaling_wait" WAIT=300 bash bench/gpu_bench.sh 1000000 $OUT
+# and follow it over calls on the same warm machine (the next call within its 30 s of idle), each
+# call's WAIT leaving room for the steps before it (the GPU tests take about 80 s):
+#   STEPS="scaling_start gpu_tests scaling_wait" WAIT=420 bash bench/gpu_bench.sh 1000000 $OUT  # timeout_s 540
+#   STEPS="scaling_wait" WAIT=540 bash bench/gpu_bench.sh 1000000 $OUT                          # timeout_s 580
+# On 2026-11-26 (one H100) the first pass took 454 s after about 100 s of simulation; the 15 minutes
+# of device time ran out inside the iteration.
 #
 # Needs a CUDA build of torch and this package's dependencies. On a machine without package
 # registries, download the wheels beforehand into .whl/ (see bench/RESULTS.md, "GPU"); they are
