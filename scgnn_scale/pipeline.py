@@ -20,6 +20,7 @@ from .config import RunConfig
 from .context import StageContext
 from .errors import InputError
 from .memory import MemoryPlan, peak_rss_mb, release_freed_memory
+from .stages.iterate import FINAL_RECON
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
@@ -39,7 +40,7 @@ STAGES: dict[str, tuple[str, ...]] = {
 STAGE_NAMES = tuple(STAGES)
 #: the cells x genes reconstructions that iterate and impute start from: removed when a run ends
 #: (runtime.keep_work keeps them), redone by the feature stage when a later run needs them
-INTERMEDIATE_RECONS = ("work/recon", "work/recon_final")
+INTERMEDIATE_RECONS = ("work/recon", FINAL_RECON)
 
 
 def input_identity(source: Any) -> dict:
@@ -165,7 +166,7 @@ def _redo_removed_reconstructions(store: RunStore, config: RunConfig, stages: li
     if needs_recon and store.stage_done("feature", hashes["feature"]) and not store.has(INTERMEDIATE_RECONS[0]):
         log.info("%s was removed when the run ended (runtime.keep_work keeps it): redoing from the feature "
                  "stage", INTERMEDIATE_RECONS[0])
-        store.forget_stages(list(STAGES)[list(STAGES).index("feature"):])
+        store.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index("feature"):]))
 
 
 def _remove_intermediates(store: RunStore) -> None:
