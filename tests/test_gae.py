@@ -143,6 +143,8 @@ def test_sample_blocks_structure_and_normalisation():
     last, first = blocks[1], blocks[0]
     assert last.n_dst == targets.size and first.n_src == input_nodes.size and first.n_dst == last.n_src
     np.testing.assert_array_equal(input_nodes[:targets.size], targets)
+    assert np.unique(input_nodes).size == input_nodes.size
+    assert (graph.scratch_ids() == -1).all()  # the id table is left clean for the next minibatch
     dense = g.toarray()
     deg = dense.sum(1)
     # rebuild each layer's global node ids: block[-1] src = nodes of layer 1 = prefix of input_nodes

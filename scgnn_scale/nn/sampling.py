@@ -51,6 +51,13 @@ class CSRGraph:
         self.degree = np.diff(self.indptr)
         self.dinv = (1.0 / np.sqrt(self.degree + 1.0)).astype(np.float32)
         self._keys: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None
+
+    def scratch_ids(self) -> np.ndarray:
+        """An int64 table of N entries, all -1 between uses (:func:`_relabel` maps global to local ids in it)."""
+        if self._scratch is None:
+            self._scratch = np.full(self.n, -1, dtype=np.int64)
+        return self._scratch
 
     @classmethod
     def from_scipy(cls, graph) -> CSRGraph:
@@ -165,14 +172,28 @@ class Block:
         return dense
 
 
-def _relabel(prefix: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Local ids for ``concat(prefix, extra)`` in order of first appearance (``prefix`` unique, kept first)."""
-    both = np.concatenate([prefix, extra])
-    uniq, first, inverse = np.unique(both, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    return uniq[order], rank[inverse][prefix.size:]
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-d integer array by sort and compare (numpy 2.4's ``np.unique`` took 16x longer here)."""
+    s = np.sort(values)
+    if s.size:
+        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
+    return s
+
+
+def _relabel(graph: CSRGraph, prefix: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local ids for ``concat(prefix, extra)``: ``prefix`` (unique) keeps ``0..len-1``, new ids follow in id order.
+
+    Looks ids up in the graph's N-sized scratch table instead of sorting the concatenation: the sort
+    (``np.unique`` with index and inverse) took two thirds of a GAE minibatch's sampling at 1M cells.
+    """
+    local = graph.scratch_ids()
+    local[prefix] = np.arange(prefix.size, dtype=np.int64)
+    new = sorted_unique(extra[local[extra] < 0])
+    local[new] = np.arange(prefix.size, prefix.size + new.size, dtype=np.int64)
+    extra_local = local[extra]
+    src = np.concatenate([prefix, new])
+    local[src] = -1  # the table is all -1 again for the next call
+    return src, extra_local
 
 
 def sample_blocks(graph: CSRGraph, targets: np.ndarray, fanouts: list[int], rng: np.random.Generator
@@ -203,7 +224,7 @@ def sample_blocks(graph: CSRGraph, targets: np.ndarray, fanouts: list[int], rng:
     blocks: list[Block] = []
     for fanout in fanouts:
         owner, neighbor, n_sampled = sample_neighbors(graph, dst, fanout, rng)
-        src, neighbor_local = _relabel(dst, neighbor)
+        src, neighbor_local = _relabel(graph, dst, neighbor)
         scale = graph.degree[dst] / np.maximum(n_sampled, 1)  # unbiased for the full neighbourhood sum
         nb_values = graph.dinv[dst][owner] * graph.dinv[neighbor] * scale[owner]
         self_ids = np.arange(dst.size, dtype=np.int64)

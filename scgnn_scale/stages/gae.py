@@ -48,7 +48,7 @@ from ..config import GAEConfig
 from ..errors import InputError
 from ..nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits
 from ..nn.optim import adam
-from ..nn.sampling import CSRGraph, sample_blocks, sample_neighbors
+from ..nn.sampling import CSRGraph, sample_blocks, sample_neighbors, sorted_unique
 from .graph import read_input
 
 EMBEDDING_KEY = "obsm/X_scgnn_feature"
@@ -216,7 +216,7 @@ def _minibatch_loss(model, graph: CSRGraph, targets: np.ndarray, fanouts: list[i
     pos_weight = graph.degree[pos_a].astype(np.float32)
     n_neg = max(1, int(round(cfg.neg_ratio * pos_a.size)))
     neg_a, neg_b = graph.sample_non_edges(n_neg, rng, sources=targets)
-    seeds = np.unique(np.concatenate([targets, partner, neg_b]))
+    seeds = sorted_unique(np.concatenate([targets, partner, neg_b]))
     if raw is not None:
         input_nodes, blocks = sample_blocks(graph, seeds, fanouts, rng)
         z = model(_gather_rows(raw, input_nodes), [b.to_torch(device) for b in blocks])
