@@ -171,6 +171,8 @@ def test_iterate_writes_history_and_final_outputs(tmp_path, monkeypatch):
         assert 0 <= h["ari_to_label"] <= 1
         peaks = [h[f"peak_rss_mb_after_{k}"] for k in ("cluster_autoencoders", "feature", "graph", "gae", "cluster")]
         assert peaks == sorted(peaks) and peaks[0] > 0  # the process's peak so far: never falls
+        steps = [h[f"seconds_{k}"] for k in ("cluster_autoencoders", "feature", "graph", "gae", "cluster")]
+        assert all(v > 0 for v in steps) and sum(steps) <= h["seconds"]
     # the first comparison is against L0 itself (published code), larger than later graph changes
     assert history[0]["graph_change"] > history[1]["graph_change"]
     n = len(labels)

@@ -97,8 +97,13 @@ def _cugraph_available(use_gpu: bool) -> bool:
 
 
 def communities(graph: sp.csr_matrix, method: str, *, resolution: float = 1.0, n_iterations: int = -1,
-                seed: int = 0, use_gpu: bool = False) -> tuple[np.ndarray, str]:
+                seed: int = 0, use_gpu: bool = False, initial_membership: np.ndarray | None = None,
+                igraph_graph=None) -> tuple[np.ndarray, str]:
     """Louvain or Leiden (modularity) communities of an undirected CSR graph.
+
+    ``initial_membership`` starts Leiden from a partition (igraph only): a resolution search
+    starting each step from the previous step's partition took 21 s instead of 87 s at 1M cells.
+    ``igraph_graph`` is ``graph`` already converted (:func:`_igraph`, 9 s at 1M cells).
 
     Returns
     -------
@@ -109,13 +114,14 @@ def communities(graph: sp.csr_matrix, method: str, *, resolution: float = 1.0, n
         return _communities_cugraph(graph, method, resolution=resolution), "cugraph"
     import igraph
 
-    g = _igraph(graph)
+    g = igraph_graph if igraph_graph is not None else _igraph(graph)
     # igraph draws from a Python RNG object (the ``random`` module by default): seed a private one
     igraph.set_random_number_generator(random.Random(seed))
     try:
         if method == "leiden":
+            init = None if initial_membership is None else np.asarray(initial_membership).tolist()
             part = g.community_leiden(objective_function="modularity", resolution=resolution,
-                                      n_iterations=n_iterations)
+                                      n_iterations=n_iterations, initial_membership=init)
         elif method == "louvain":
             part = g.community_multilevel(resolution=resolution)
         else:
@@ -198,7 +204,8 @@ def communities_with_count(graph: sp.csr_matrix, method: str, n_clusters: int, *
 
     The count is taken after :func:`merge_small_clusters` (what the stage reports). The resolution
     starts at ``cfg.resolution`` and moves geometrically (halved / doubled until the target count
-    is bracketed, then bisected on the log scale), at most ``max_steps`` partitions;
+    is bracketed, then bisected on the log scale), at most ``max_steps`` partitions, each Leiden run
+    starting from the previous one's partition;
     the count is not strictly monotone in the resolution, so the partition whose count is nearest
     the target (ties: the resolution nearest ``cfg.resolution``) is returned when none hits it. The
     search stops early when the count is down to the number of connected components of at least
@@ -221,10 +228,15 @@ def communities_with_count(graph: sp.csr_matrix, method: str, n_clusters: int, *
     best = None
     resolution = start
     steps = 0
+    # on igraph: convert once, and start each Leiden run from the previous step's partition
+    ig = None if _cugraph_available(use_gpu) else _igraph(graph)
+    previous = None
     while steps < max(1, max_steps):
         steps += 1
         membership, backend = communities(graph, method, resolution=resolution, n_iterations=cfg.n_iterations,
-                                          seed=seed, use_gpu=use_gpu)
+                                          seed=seed, use_gpu=use_gpu, initial_membership=previous,
+                                          igraph_graph=ig)
+        previous = membership if method == "leiden" else None
         labels = merge_small_clusters(membership, embedding, min_size=cfg.min_cluster_size,
                                       max_clusters=cfg.max_clusters)
         count = int(labels.max()) + 1

@@ -132,7 +132,8 @@ def run(ctx) -> dict:
         ``history`` (one dict per iteration: ``iteration``, ``ari_to_previous``, ``graph_change``,
         ``graph_threshold``, ``feature_loss``, ``feature_recon_mse``, ``cluster_ae_loss``,
         ``n_clusters``, ``seconds``, ``peak_rss_mb_after_<step>`` (the process's peak so far after the
-        cluster AEs, feature AE, graph, GAE and clustering); ``ari_to_label`` / ``nmi_to_label`` with a
+        cluster AEs, feature AE, graph, GAE and clustering), ``seconds_<step>`` (each step's time);
+        ``ari_to_label`` / ``nmi_to_label`` with a
         label column),
         ``model`` and ``metrics``.
     """
@@ -186,6 +187,7 @@ def run(ctx) -> dict:
                 "n_clusters": int(len(np.unique(labels))), "seconds": round(time.perf_counter() - t0, 3),
             }
             record.update({f"peak_rss_mb_after_{k}": v for k, v in step["peak_rss_mb_after"].items()})
+            record.update({f"seconds_{k}": v for k, v in step["seconds"].items()})
             if "resolution" in step["cluster"]:
                 record["resolution"] = step["cluster"]["resolution"]
             if truth is not None:
@@ -223,30 +225,38 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
     np.random.seed((seed + 7919 * t) % 2**32)
 
     peaks = {}  # the process's peak RSS so far after each step: where it jumps, that step set it
+    seconds, t_step = {}, time.perf_counter()
+
+    def done(name: str) -> None:
+        nonlocal t_step
+        peaks[name] = peak_rss_mb()
+        seconds[name] = round(time.perf_counter() - t_step, 3)
+        t_step = time.perf_counter()
+
     # one commit per iteration: the steps read what the previous ones staged
     with ctx.store.staging(f"iterate_{t}") as st:
         cluster_info = run_cluster_autoencoders(
             ctx, st, source_key=_recon_key(t - 1), labels=labels_prev, out_key=_key(t, "x"),
             model_in=_model_path(ctx, t - 1) if cfg.cluster_init == "feature" else None, iteration=t)
-        peaks["cluster_autoencoders"] = peak_rss_mb()
+        done("cluster_autoencoders")
         feature_info = train_feature(
             ctx, st, x_key=_key(t, "x"), trs_key=ltmg_key(ctx) if cfg.feature_ltmg else None,
             steps=ctx.config.feature.iter_steps, model_in=_model_path(ctx, t - 1), model_out=_model_path(ctx, t),
             embedding_key=_key(t, "feature"), recon_key=_key(t, "recon"), seed=seed + t)
-        peaks["feature"] = peak_rss_mb()
+        done("feature")
         build_graph(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"))
-        peaks["graph"] = peak_rss_mb()
+        done("graph")
         train_gae(ctx, st, embedding_key=_key(t, "feature"), graph_key=_key(t, "graph"), out_key=_key(t, "gae"))
-        peaks["gae"] = peak_rss_mb()
+        done("gae")
         n_clusters = _first_pass_count(ctx) if cfg.cluster_count == "first" else None
         labels, cinfo = cluster_cells(ctx, st, embedding_key=_key(t, "gae"), graph_key=_key(t, "graph"),
                                       out_key=_key(t, "cluster"), n_clusters=n_clusters)
-        peaks["cluster"] = peak_rss_mb()
+        done("cluster")
         labels = _dense_labels(labels)
         st.write_elem(_key(t, "labels"), labels)
     ctx.store.delete(_key(t, "x"))  # only this iteration's feature AE reads it
     return {"labels": labels, "feature": feature_info, "cluster_ae_loss": cluster_info["loss_mean"],
-            "cluster": cinfo, "peak_rss_mb_after": peaks}
+            "cluster": cinfo, "peak_rss_mb_after": peaks, "seconds": seconds}
 
 
 def _first_pass_count(ctx) -> int:
