@@ -43,6 +43,31 @@ def test_torch_knn_equals_brute_force(rng):
     np.testing.assert_allclose(dist, ref_dist, rtol=1e-5)
 
 
+def test_torch_knn_grouped_selection_equals_brute_force(rng):
+    # 2,500-column reference blocks: wide enough for smallest_k's grouped path, with a ragged last group
+    # (ties are smallest_k's test below: with tied neighbours any of them is an exact answer)
+    x = rng.normal(size=(2500, 6)).astype(np.float32)
+    ref_idx, ref_dist = _brute_force(x, 10)
+    idx, dist = knn.knn_torch(x, 10, device="cpu", query_block=500)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width,k,group", [(5000, 7, 32), (4999, 18, 16), (300, 5, 32), (1000, 1, 8)])
+def test_smallest_k_is_topk(width, k, group):
+    import torch
+
+    gen = torch.Generator().manual_seed(width)
+    d = torch.randint(0, 50, (40, width), generator=gen).float()  # many ties
+    d[3] = torch.inf
+    d[3, :k] = 0.0
+    values, cols = knn.smallest_k(d, k, group=group)
+    expect = torch.topk(d, k, dim=1, largest=False).values
+    torch.testing.assert_close(values.sort(1).values, expect.sort(1).values)
+    torch.testing.assert_close(torch.gather(d, 1, cols), values)  # the columns hold those values
+    assert all(len(set(r.tolist())) == k for r in cols)
+
+
 def test_exact_knn_never_returns_self_with_duplicate_cells(rng):
     x = rng.normal(size=(50, 4)).astype(np.float32)
     x[10] = x[3]  # two identical cells: each is the other's nearest, at distance 0
