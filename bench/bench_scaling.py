@@ -1,8 +1,9 @@
 """End-to-end scaling: simulate N cells x G genes, run the whole method, per-stage seconds and peak RSS.
 
-    python bench/bench_scaling.py --cells 10000,100000 [--genes 2000] [--until impute] [--resume] [-- RUN OPTIONS]
+    python bench/bench_scaling.py --cells 10000,100000 [--genes 2000] [--until impute] [--resume] [--dir DIR]
+                                  [-- RUN OPTIONS]
 
-Each size runs from scratch (the run directory bench/out/run_NxG is deleted first, so the peak RSS
+Each size runs from scratch (the run directory DIR/run_NxG, default bench/out, is deleted first, so the peak RSS
 covers every stage; ``--resume`` continues it instead). Prints one JSON object per size (per-stage
 seconds from the run's manifest, peak RSS of the whole process tree, store size on disk per element)
 and the growth exponents of time between sizes.
@@ -28,14 +29,14 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def one_size(n: int, genes: int, until: str, extra: list[str], resume: bool = False) -> dict:
-    data = OUT / f"atlas_{n}x{genes}.zarr"
+def one_size(n: int, genes: int, until: str, extra: list[str], resume: bool = False, out: Path = OUT) -> dict:
+    data = out / f"atlas_{n}x{genes}.zarr"
     if not data.exists():
         sim = run_measured(["scgnn-scale", "simulate", str(data), "--cells", str(n), "--genes", str(genes),
                             "--types", "12"], stdout=subprocess.DEVNULL)
     else:
         sim = None
-    run_dir = OUT / f"run_{n}x{genes}"
+    run_dir = out / f"run_{n}x{genes}"
     if run_dir.exists() and not resume:  # a from-scratch run: its peak RSS covers every stage
         shutil.rmtree(run_dir)
     measured = run_measured(["scgnn-scale", "run", str(data), "--out", str(run_dir), "--until", until,
@@ -60,13 +61,15 @@ def main() -> None:
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--until", default="impute")
     ap.add_argument("--resume", action="store_true",
-                    help="continue the run in bench/out/run_NxG (default: delete it and start from scratch)")
+                    help="continue the run in DIR/run_NxG (default: delete it and start from scratch)")
+    ap.add_argument("--dir", type=Path, default=OUT,
+                    help="where the simulated atlases and run directories go (default: bench/out)")
     ap.add_argument("extra", nargs="*", help="more 'scgnn-scale run' options after --")
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.dir.mkdir(parents=True, exist_ok=True)
     results = []
     for n in [int(x) for x in args.cells.split(",")]:
-        results.append(one_size(n, args.genes, args.until, args.extra, args.resume))
+        results.append(one_size(n, args.genes, args.until, args.extra, args.resume, args.dir))
         print(json.dumps(results[-1]), flush=True)
     for a, b in zip(results, results[1:], strict=False):
         ratio = math.log(b["cells"] / a["cells"])

@@ -266,11 +266,21 @@ def _run(tmp_path, name, counts, config, holder):
     return store, info
 
 
-def test_stage_writes_states_like_the_dense_model(tmp_path, planted, client_holder):
+def test_row_parts_are_whole_chunks_covering_the_cells():
+    assert stage.row_parts(500, 128, 3) == [(0, 128), (128, 384), (384, 500)]
+    assert stage.row_parts(500, 128, 1) == [(0, 500)]
+    assert stage.row_parts(500, 128, 99) == [(0, 128), (128, 256), (256, 384), (384, 500)]
+    assert stage.row_parts(1, 128, 4) == [(0, 1)]
+
+
+def test_stage_writes_states_like_the_dense_model(tmp_path, planted, client_holder, monkeypatch):
     counts, _ = planted  # 300 cells x 200 genes: 2 x 2 row chunks x gene chunks per block, a sample of 300
     counts = np.concatenate([counts, counts[:200] * 3], axis=0)  # 500 cells: the sample is a true subset
     config = _config()
+    row_parts = stage.row_parts  # label tasks by block x 3 row ranges, whatever the worker count
+    monkeypatch.setattr(stage, "row_parts", lambda n, rows, parts: row_parts(n, rows, 3))
     store, info = _run(tmp_path, "run", counts, config, client_holder)
+    assert info["label_tasks"] == 3 * info["n_blocks"]
     n, g = counts.shape
     x = store.open_array("X")
     states = store.open_array("layers/ltmg")

@@ -117,7 +117,7 @@ def test_worker_killed_mid_stage(dask_cluster, counts, local_result, tmp_path):
         deadline = time.monotonic() + 40
         while runner.is_alive() and killed is None and time.monotonic() < deadline:
             for worker, keys in watcher.processing().items():
-                if worker in workers and any(str(k).startswith("_fit_label_block") for k in keys):
+                if worker in workers and any(str(k).startswith("_fit_block") for k in keys):
                     os.kill(workers[worker].pid, signal.SIGKILL)  # the worker dies holding a fit task
                     killed = worker
                     break

@@ -196,8 +196,9 @@ def run(ctx) -> dict:
             ctx.save_checkpoint({"done": t, "history": history, "stopped": stopped})
             _cleanup_iteration(ctx, t - 1)
             ctx.log.info("iterate: iteration %d: ARI to previous %.4f, graph change %.3g (threshold %.3g), "
-                         "%d clusters, %.1f s%s", t, ari, change, threshold, record["n_clusters"],
-                         record["seconds"], f"; stop ({stopped})" if stopped else "")
+                         "%d clusters, %.1f s (%s)%s", t, ari, change, threshold, record["n_clusters"],
+                         record["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in step["seconds"].items()),
+                         f"; stop ({stopped})" if stopped else "")
             bar.update(1)
             labels_prev, smoothed_prev = labels, smoothed
         final = t

@@ -7,15 +7,16 @@ Reads ``X`` (log1p values; LTMG models the values before the log, expm1(X)) and 
 - ``varm/ltmg_weights``, ``varm/ltmg_means``, ``varm/ltmg_sds``: G x k_max, sorted by mean, NaN where
   unused; genes without censored values hold the empty component (0, -inf, NaN) in column 0.
 
-The math and the state numbering are in :mod:`scgnn_scale.ltmg`. Work, in two distributed passes over gene
+The math and the state numbering are in :mod:`scgnn_scale.ltmg`. Work, in distributed passes over gene
 blocks (``block_genes`` rounded to whole ``X`` gene chunks, so that no two tasks write one chunk):
 
 1. scan: each task streams its gene block's row chunks and returns each gene's smallest positive value and
    number of zeros; it also keeps, on its worker, the block's values at a seeded sample of at most
    ``max_cells`` cells (the same cells for every gene). The driver fits ``Zcut_G`` to the minima.
-2. fit + label: each task takes its block's sample (moved between workers by Dask only if needed), fits
-   every gene, streams the block's row chunks again, writes their states into ``layers/ltmg`` and returns
-   the per-gene parameters (G_block x k_max floats).
+2. fit: each task takes its block's sample (moved between workers by Dask only if needed), fits every
+   gene and returns the per-gene parameters (G_block x k_max floats).
+3. label: each task takes one block's fit and a range of whole row chunks (blocks x ranges at least twice
+   the workers), streams those chunks again and writes their states into ``layers/ltmg``.
 
 Only per-gene numbers reach the driver; nothing N x G passes through the scheduler. A worker lost mid-stage
 costs only its tasks, which Dask reruns elsewhere (a rerun rewrites the same whole chunks).
@@ -93,29 +94,41 @@ def _scan_min(scan: dict) -> np.ndarray:
     return scan["min_pos"]
 
 
-def _fit_label_block(scan: dict, x_path: str, out_path: str, g0: int, g1: int, zcut_global: float,
-                     params: dict) -> dict:
-    """Fit the genes of [g0, g1) on their sample, then write the states of every cell into ``out_path``."""
-    import zarr
-
+def _fit_block(scan: dict, g0: int, zcut_global: float, params: dict) -> dict:
+    """Fit the genes of one block on their sample."""
     t0 = time.perf_counter()
     zcut, cut, censored = L.gene_cuts(scan["min_pos"], scan["n_zero"], zcut_global, log1p_input=True)
     fit = L.fit_genes(scan["sample"], zcut=zcut, cut=cut, censored=censored, log1p_input=True,
                       k_min=params["k_min"], k_max=params["k_max"], max_iter=params["max_iter"],
                       tol=params["tol"], min_sd=params["min_sd"], n_cells_total=params["n_cells"])
-    t_fit = time.perf_counter() - t0
+    return {"g0": g0, "fit": fit, "fit_seconds": time.perf_counter() - t0}
+
+
+def _label_rows(fitted: dict, x_path: str, out_path: str, g0: int, g1: int, r0: int, r1: int,
+                params: dict) -> dict:
+    """Write the states of cells [r0, r1) and genes [g0, g1) into ``out_path`` (whole chunks only)."""
+    import zarr
+
+    t0 = time.perf_counter()
     x = zarr.open_array(x_path, mode="r")
     out = zarr.open_array(out_path, mode="r+")
-    bp, table = L.state_table(fit, log1p_input=True, numbering=params["numbering"], dtype=np.float32)
+    bp, table = L.state_table(fitted["fit"], log1p_input=True, numbering=params["numbering"], dtype=np.float32)
     step = out.chunks[0]
     state_counts = np.zeros(256, np.int64)
-    for r0 in range(0, x.shape[0], step):
-        r1 = min(r0 + step, x.shape[0])
-        states = L.assign_states(np.asarray(x[r0:r1, g0:g1], dtype=np.float32), bp, table)
-        out[r0:r1, g0:g1] = states
+    for a in range(r0, r1, step):
+        b = min(a + step, r1)
+        states = L.assign_states(np.asarray(x[a:b, g0:g1], dtype=np.float32), bp, table)
+        out[a:b, g0:g1] = states
         state_counts += np.bincount(states.reshape(-1), minlength=256)
-    return {"g0": g0, "fit": fit, "state_counts": state_counts, "fit_seconds": t_fit,
-            "label_seconds": time.perf_counter() - t0 - t_fit}
+    return {"state_counts": state_counts, "label_seconds": time.perf_counter() - t0,
+            "genes": (g1 - g0) * (r1 - r0) / x.shape[0]}
+
+
+def row_parts(n_cells: int, chunk_rows: int, n_parts: int) -> list[tuple[int, int]]:
+    """[r0, r1) cell ranges of whole row chunks, ``n_parts`` at most (as even as the chunks allow)."""
+    n_chunks = max(1, math.ceil(n_cells / chunk_rows))
+    edges = np.linspace(0, n_chunks, min(max(1, n_parts), n_chunks) + 1).round().astype(int) * chunk_rows
+    return [(int(a), int(min(b, n_cells))) for a, b in zip(edges[:-1], edges[1:], strict=True) if a < b]
 
 
 # -- the stage ----------------------------------------------------------------------------------------
@@ -154,16 +167,23 @@ def run(ctx) -> dict:
         zcut_global = L.global_zcut(L.to_log(min_pos, log1p_input=True), min_sd=cfg.min_sd)
         ctx.log.info("ltmg: Zcut_G = %.4g (log scale) from %d genes' smallest positive values",
                      zcut_global, int(np.isfinite(min_pos).sum()))
-        fits = [client.submit(_fit_label_block, s, x_path, out_path, g0, g1, zcut_global, params, pure=False)
-                for s, (g0, g1) in zip(scans, blocks, strict=True)]
-        results = []
+        # fits by gene block; labels by gene block x row part, so that every worker has work while the
+        # gene blocks are fewer than the workers (8 blocks of 256 genes at 2,000 genes)
+        workers = max(1, sum(client.nthreads().values()))
+        parts = row_parts(n, x.chunks[0], math.ceil(2 * workers / len(blocks)))
+        fits = [client.submit(_fit_block, s, g0, zcut_global, params, pure=False)
+                for s, (g0, _) in zip(scans, blocks, strict=True)]
+        labels = [client.submit(_label_rows, f, x_path, out_path, g0, g1, r0, r1, params, pure=False)
+                  for f, (g0, g1) in zip(fits, blocks, strict=True) for r0, r1 in parts]
+        del scans, mins  # a block's sample is freed once its fit is done
+        label_results = []
         with ctx.progress(g, "fit + label", unit="genes") as bar:
-            for fut in as_completed(fits):
+            for fut in as_completed(labels):
                 res = fut.result()
-                results.append(res)
-                bar.update(int(res["fit"].k.size))
-        del scans, mins, fits
-        results.sort(key=lambda r: r["g0"])
+                label_results.append(res)
+                bar.update(res["genes"])
+        results = sorted(client.gather(fits), key=lambda r: r["g0"])
+        del fits, labels
         fit = L.LTMGFit.concat([r["fit"] for r in results])
         st.write_elem("var/ltmg_k", fit.k.astype(np.int64))
         st.write_elem("var/ltmg_zcut", fit.zcut.astype(np.float64))
@@ -175,12 +195,13 @@ def run(ctx) -> dict:
     ctx.log.info("ltmg: K per gene %s (genes with censored values: %d, without: %d, no fit: %d)",
                  ", ".join(f"K={k}: {c}" for k, c in k_counts.items()), int(fit.censored.sum()),
                  int((~fit.censored).sum()), int((fit.k == 0).sum()))
-    state_counts = sum(r["state_counts"] for r in results)
+    state_counts = sum(r["state_counts"] for r in label_results)
     total = max(int(state_counts.sum()), 1)
     fit_s = sum(r["fit_seconds"] for r in results)
-    label_s = sum(r["label_seconds"] for r in results)
+    label_s = sum(r["label_seconds"] for r in label_results)
     return {
         "n_cells": int(n), "n_genes": int(g), "sample_cells": int(rows.size), "n_blocks": len(blocks),
+        "label_tasks": len(blocks) * len(parts),
         "zcut_global": float(zcut_global) if np.isfinite(zcut_global) else None,
         "k_counts": {str(k): c for k, c in k_counts.items()},
         "genes_with_censoring": int(fit.censored.sum()), "genes_without_fit": int((fit.k == 0).sum()),
