@@ -6,10 +6,11 @@
 # The 1M run takes longer than one 10-minute call of the lent machine: start it in the background
 # and follow it over calls on the same warm machine (the next call within its 30 s of idle), each
 # call's WAIT leaving room for the steps before it (the GPU tests take about 80 s):
-#   STEPS="scaling_start gpu_tests scaling_wait" WAIT=420 bash bench/gpu_bench.sh 1000000 $OUT  # timeout_s 540
-#   STEPS="scaling_wait" WAIT=540 bash bench/gpu_bench.sh 1000000 $OUT                          # timeout_s 580
-# On 2026-11-26 (one H100) the first pass took 454 s after about 100 s of simulation; the 15 minutes
-# of device time ran out inside the iteration.
+#   STEPS="disk scaling_start gpu_tests scaling_wait" WAIT=470 bash bench/gpu_bench.sh 1000000 $OUT  # timeout_s 580
+#   STEPS="scaling_wait" WAIT=540 bash bench/gpu_bench.sh 1000000 $OUT                               # timeout_s 580
+# The atlas and the run directory go to /dev/shm when it has 48 GiB free (the machine's RAM holds the
+# run's files; BENCH_DIR overrides), else to bench/out. The run uses Dask worker processes (16 cores:
+# the LTMG fits hold the GIL in threads).
 #
 # Needs a CUDA build of torch and this package's dependencies. On a machine without package
 # registries, download the wheels beforehand into .whl/ (see bench/RESULTS.md, "GPU"); they are
@@ -20,6 +21,13 @@ cd "$(dirname "$0")/.."
 CELLS="${1:-100000}"
 RES="${2:-bench/out/gpu}"
 mkdir -p "$RES"
+if [[ -z "${BENCH_DIR:-}" ]]; then
+    shm_free=$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
+    if [[ "${shm_free:-0}" -ge 48 ]]; then BENCH_DIR=/dev/shm/scgnn_bench; else BENCH_DIR=bench/out; fi
+fi
+mkdir -p "$BENCH_DIR"
+RUN_DIR="$BENCH_DIR/run_${CELLS}x2000"
+echo "== bench dir: $BENCH_DIR"
 export PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba_cache
 if compgen -G ".whl/*.whl" >/dev/null; then
     # installed once per machine: a second call must not rewrite modules a background run still imports
@@ -42,15 +50,23 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'anndata', 
       'zarr', zarr.__version__, 'dask', dask.__version__)" || exit 1
 
 # STEPS: which steps to run (default all), e.g. STEPS="gpu_tests scaling"
-STEPS="${STEPS:-gpu_tests knn_1m loader scaling}"
+STEPS="${STEPS:-disk gpu_tests knn_1m loader scaling}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 BG=/tmp/gpu_scaling  # the background run's log and JSON: outlives this command while the machine stays warm
 # scaling_start: the whole method at CELLS in the background (setsid), so it can outlast one call's
 # 10 minutes; scaling_wait (this call or the next, on the same warm machine) follows it for WAIT seconds
+RUN_OPTS=(--device cuda --runtime-worker-processes true)
+# disk: write speed of the checkout's disk and of the bench directory (1 GiB each)
+if want disk; then
+    for d in bench/out "$BENCH_DIR"; do
+        mkdir -p "$d" && echo "== disk $d: $(dd if=/dev/zero of="$d/dd.tmp" bs=16M count=64 conv=fsync 2>&1 | tail -1)"
+        rm -f "$d/dd.tmp"
+    done
+fi
 if want scaling_start; then
     mkdir -p "$BG" && rm -f "$BG"/*
-    setsid nohup python3 bench/bench_scaling.py --cells "$CELLS" -- --device cuda >"$BG/scaling.jsonl" \
-        2>"$BG/scaling.log" </dev/null & echo $! >"$BG/pid"
+    setsid nohup python3 bench/bench_scaling.py --cells "$CELLS" --dir "$BENCH_DIR" -- "${RUN_OPTS[@]}" \
+        >"$BG/scaling.jsonl" 2>"$BG/scaling.log" </dev/null & echo $! >"$BG/pid"
     echo "== scaling_start: pid $(cat "$BG/pid")"
 fi
 want gpu_tests && step gpu_tests 120 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
@@ -58,10 +74,13 @@ want knn_1m && step knn_1m 90 python3 bench/bench_knn.py --n 1000000 --methods t
     --out "$RES/knn_1m.json"
 want loader && step loader 90 python3 bench/bench_loader.py --cells 200000 --genes 2000 --device cuda --steps 300
 # the whole method in the foreground, within one call (fits at 100k; at 1M use scaling_start/scaling_wait)
-want scaling && step scaling "${SCALING_LIMIT:-220}" python3 bench/bench_scaling.py --cells "$CELLS" -- --device cuda
+want scaling && step scaling "${SCALING_LIMIT:-220}" python3 bench/bench_scaling.py --cells "$CELLS" --dir "$BENCH_DIR" \
+    -- "${RUN_OPTS[@]}"
 if want scaling_wait; then
-    python3 bench/follow_run.py --pid "$(cat "$BG/pid")" --run "bench/out/run_${CELLS}x2000" --wait "${WAIT:-300}"
+    python3 bench/follow_run.py --pid "$(cat "$BG/pid")" --run "$RUN_DIR" --wait "${WAIT:-300}"
     cp "$BG"/scaling.* "$RES/" 2>/dev/null
+    sed -n '/iterate: started/,$p' "$RUN_DIR/run.log" 2>/dev/null | grep -v Warning | cut -c1-300
 fi
-cp "bench/out/run_${CELLS}x2000/manifest.json" "$RES/scaling_manifest.json" 2>/dev/null || true
+cp "$RUN_DIR/manifest.json" "$RES/scaling_manifest.json" 2>/dev/null || true
+cp "$RUN_DIR/run.log" "$RES/run.log" 2>/dev/null || true
 nvidia-smi --query-gpu=memory.used --format=csv,noheader

@@ -28,11 +28,22 @@ def test_torch_knn_on_cuda_matches_exact_cpu():
     x = (rng.normal(size=(6000, 32)) + rng.normal(scale=3, size=(20, 32))[rng.integers(0, 20, 6000)]).astype(
         np.float32)
     ref_idx, ref_dist = knn.knn_exact(x, 10)
-    # small blocks so the running top-k merges several reference blocks and the self-mask crosses blocks
-    idx, dist = knn.knn_torch(x, 10, device="cuda", query_block=1000, block_bytes=4 * 1000 * 1500)
-    assert (idx == ref_idx).mean() > 0.999  # ties in float32 distances may swap equal neighbours
-    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-4)
-    assert not (idx == np.arange(len(x))[:, None]).any()
+    # small blocks so the running top-k merges several reference blocks and the self-mask crosses blocks;
+    # then the whole reference in one block, wide enough for smallest_k's grouped selection
+    for block_bytes in (4 * 1000 * 1500, None):
+        idx, dist = knn.knn_torch(x, 10, device="cuda", query_block=1000, block_bytes=block_bytes)
+        assert (idx == ref_idx).mean() > 0.999  # ties in float32 distances may swap equal neighbours
+        np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-4)
+        assert not (idx == np.arange(len(x))[:, None]).any()
+
+
+def test_smallest_k_on_cuda_equals_topk():
+    import torch
+
+    d = torch.randint(0, 100, (500, 70001), device="cuda").float()  # wide rows, many ties, a ragged group
+    values, cols = knn.smallest_k(d, 18)
+    torch.testing.assert_close(values.sort(1).values, torch.topk(d, 18, dim=1, largest=False).values.sort(1).values)
+    torch.testing.assert_close(torch.gather(d, 1, cols), values)
 
 
 def _planted_h5ad(path, **planted):
