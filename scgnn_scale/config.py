@@ -221,7 +221,9 @@ class RuntimeConfig:
     scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
     worker_processes: bool = _f(False, "embedded LocalCluster workers as processes (True) or threads (False); "
-                                "processes need the calling script to have an `if __name__ == '__main__'` guard")
+                                "processes also take preprocess's passes and pay off on many cores (the LTMG "
+                                "fits and scipy hold the GIL); they need the calling script to have an "
+                                "`if __name__ == '__main__'` guard")
     memory_limit: str = _f("", "memory for the whole run, e.g. '4GiB': caps what the loaders hold instead of "
                             "streaming and the Dask workers' memory (empty: the configured budgets and Dask's default)")
     keep_work: bool = _f(False, "keep the cells x genes reconstructions (work/recon, work/recon_final) when the "

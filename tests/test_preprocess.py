@@ -113,14 +113,14 @@ def tie_cut(counts) -> int:
     return first + 2
 
 
-def _run_preprocess(tmp_path, counts, *, chunk_rows=32, block_rows=19, name="run", **options):
+def _run_preprocess(tmp_path, counts, *, chunk_rows=32, block_rows=19, name="run", processes=False, **options):
     adata = ad.AnnData(sp.csr_matrix(counts))
     adata.obs_names = [f"cell{i}" for i in range(counts.shape[0])]
     adata.var_names = [f"gene{j}" for j in range(counts.shape[1])]
     adata.obs["label"] = pd.Categorical(np.arange(counts.shape[0]) % 3)
     config = build_config({"preprocess": options, "store": {"chunk_rows": chunk_rows, "chunk_genes": 16},
                            "ingest": {"block_rows": block_rows, "label_key": "label"},
-                           "runtime": {"n_workers": 2}})
+                           "runtime": {"n_workers": 2, "worker_processes": processes}})
     store = run(adata, tmp_path / name, config=config, until="preprocess", quiet=True)
     return store
 
@@ -184,6 +184,13 @@ def test_same_result_whatever_the_block_layout(tmp_path, toy_counts):
     a = _run_preprocess(tmp_path, toy_counts, chunk_rows=7, block_rows=3, name="a", **opts)
     b = _run_preprocess(tmp_path, toy_counts, chunk_rows=1000, block_rows=1000, name="b", **opts)
     np.testing.assert_array_equal(zarr.open_array(a.path_of("X"))[:], zarr.open_array(b.path_of("X"))[:])
+
+
+def test_worker_processes_give_the_same_matrix(tmp_path, toy_counts):
+    """With runtime.worker_processes the passes run on the embedded cluster's worker processes."""
+    opts = {**FILTERS, "n_top_genes": tie_cut(toy_counts)}
+    ref = reference_dense(toy_counts, **opts)
+    _assert_matches(_run_preprocess(tmp_path, toy_counts, processes=True, **opts), ref, toy_counts)
 
 
 def test_rank_genes_by_variance_exact_and_float():

@@ -153,10 +153,12 @@ def _tree_sum(parts: list):
 
 
 def _compute(ctx, desc: str, *objs):
-    """Compute delayed objects: threads by default, the Dask cluster when ``--scheduler`` is given."""
+    """Compute delayed objects: threads by default, the Dask cluster when ``--scheduler`` is given or
+    the embedded cluster's workers are processes (``runtime.worker_processes``: on many cores the
+    scipy parts of these tasks hold the GIL)."""
     import dask
 
-    if ctx.config.runtime.scheduler:
+    if ctx.config.runtime.scheduler or ctx.config.runtime.worker_processes:
         return dask.compute(*objs, scheduler=ctx.client())
     from dask.callbacks import Callback
 
