@@ -79,6 +79,7 @@ want scaling && step scaling "${SCALING_LIMIT:-220}" python3 bench/bench_scaling
 if want scaling_wait; then
     python3 bench/follow_run.py --pid "$(cat "$BG/pid")" --run "$RUN_DIR" --wait "${WAIT:-300}"
     cp "$BG"/scaling.* "$RES/" 2>/dev/null
+    grep -h "^simulate:" "$BG/scaling.log"
     sed -n '/iterate: started/,$p' "$RUN_DIR/run.log" 2>/dev/null | grep -v Warning | cut -c1-300
 fi
 cp "$RUN_DIR/manifest.json" "$RES/scaling_manifest.json" 2>/dev/null || true
