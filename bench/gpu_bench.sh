@@ -55,7 +55,7 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 BG=/tmp/gpu_scaling  # the background run's log and JSON: outlives this command while the machine stays warm
 # scaling_start: the whole method at CELLS in the background (setsid), so it can outlast one call's
 # 10 minutes; scaling_wait (this call or the next, on the same warm machine) follows it for WAIT seconds
-RUN_OPTS=(--device cuda --runtime-worker-processes true)
+read -ra RUN_OPTS <<<"${RUN_OPTIONS:---device cuda --runtime-worker-processes true}"  # 'scgnn-scale run' options
 # disk: write speed of the checkout's disk and of the bench directory (1 GiB each)
 if want disk; then
     for d in bench/out "$BENCH_DIR"; do
