@@ -33,6 +33,11 @@ class StoreConfig:
                                 "chunk of a float reconstruction 4.3x faster than 3 (6.8 vs 29 ms) at the same size, X "
                                 "2.3x faster at +3% size (bench/bench_codec.py); a 1M x 2000 run writes several such "
                                 "arrays of 3,900 chunks")
+    work_codec: str = _f("lz4", "codec of the intermediate arrays under work/ (reconstructions, the clusters' "
+                         "layout; removed when the run ends): 'lz4' (Blosc lz4 level 5, byte shuffle: a float "
+                         "reconstruction's chunk encodes 2.7x and decodes 6x faster than zstd level 1, 1.3x "
+                         "larger; bench/bench_codec.py) or 'zstd' (compression_level, as the other arrays)",
+                         ("lz4", "zstd"))
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,15 @@ _DICT_GROUPS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
 warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
 
 
-def compressors(level: int):
-    """The store's codec: Blosc zstd with byte shuffle at ``level`` (bench/bench_codec.py chose level 1)."""
+def compressors(level: int, cname: str = "zstd"):
+    """The store's codec: Blosc zstd with byte shuffle at ``level`` (bench/bench_codec.py chose level 1);
+    ``cname='lz4'`` (level 5) for the intermediate arrays under ``work/`` (``store.work_codec``)."""
     from zarr.codecs import BloscCodec
 
-    return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
+    return [BloscCodec(cname=cname, clevel=5 if cname == "lz4" else level, shuffle="shuffle")]
+
+
+WORK_PREFIX = "work/"
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
@@ -107,7 +111,8 @@ class Staging:
                 chunks = (min(cfg.chunk_rows * 64, max(shape[0], 1)),) + tuple(shape[1:])
         arr = self.group.create_array(
             key, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
-            compressors=compressors(cfg.compression_level), overwrite=True,
+            compressors=compressors(cfg.compression_level,
+                                    cfg.work_codec if key.startswith(WORK_PREFIX) else "zstd"), overwrite=True,
         )
         arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         return arr
@@ -262,8 +267,8 @@ class RunStore:
         st.commit()
 
     def _base_for(self, key: str) -> tuple[Path, str]:
-        if key.startswith("work/"):
-            return self.work_path, key[len("work/"):]
+        if key.startswith(WORK_PREFIX):
+            return self.work_path, key[len(WORK_PREFIX):]
         return self.adata_path, key
 
     def _move_into_place(self, src: Path, key: str) -> None:

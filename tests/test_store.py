@@ -67,3 +67,17 @@ def test_refuses_foreign_directory(tmp_path):
     with pytest.raises(InputError, match="not a scgnn-scale run"):
         RunStore.create(tmp_path / "mine", identity={}, config=RunConfig(), overwrite=True)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("work_codec", ["lz4", "zstd"])
+def test_work_arrays_take_the_work_codec(tmp_path, planted, work_codec):
+    counts, _ = planted
+    config = build_config({"store": {"work_codec": work_codec}})
+    store = store_with_matrix(tmp_path / "run", counts, config=config)
+    with store.staging("feature") as st:
+        recon = st.create_matrix("work/recon", counts.shape, np.float32)
+        recon[:] = counts
+        emb = st.create_matrix("obsm/X_scgnn_feature", (counts.shape[0], 4), np.float32)
+    names = {key: str(arr.compressors[0].cname.value) for key, arr in (("work", recon), ("obsm", emb))}
+    assert names == {"work": work_codec, "obsm": "zstd"}
+    np.testing.assert_array_equal(store.open_array("work/recon")[:], counts.astype(np.float32))
