@@ -162,6 +162,19 @@ def knn_pynndescent(x: np.ndarray, k: int = 10, *, n_neighbors: int = 30, n_tree
     return _strip_self(ind, dist, k)
 
 
+def _refine_torch(xt, a: int, b: int, cand, k: int):
+    """:func:`_refine` on the tensor's device for query rows ``[a, b)``: exact float64 distances of the
+    candidates, ordered by distance then index (on the CPU this took 19 of the 38 s of a 1M-cell search)."""
+    import torch
+
+    diff = xt[cand].double() - xt[a:b, None, :].double()
+    dist = torch.sqrt((diff * diff).sum(-1))
+    by_index = torch.argsort(cand, dim=1, stable=True)
+    cand, dist = torch.gather(cand, 1, by_index), torch.gather(dist, 1, by_index)
+    by_distance = torch.argsort(dist, dim=1, stable=True)[:, :k]  # stable: ties stay in index order
+    return torch.gather(cand, 1, by_distance), torch.gather(dist, 1, by_distance).float()
+
+
 def smallest_k(d, k: int, group: int = 32):
     """The ``k`` smallest entries of each row of a 2-d torch tensor (values, column indices), exactly.
 
@@ -232,7 +245,8 @@ def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 409
                 sel = torch.topk(cat_d, extra, dim=1, largest=False).indices
                 best_d = torch.gather(cat_d, 1, sel)
                 best_i = torch.gather(cat_i, 1, sel)
-            out_idx[a:b], out_dist[a:b] = _refine(x, np.arange(a, b), best_i.cpu().numpy(), k)
+            idx_t, dist_t = _refine_torch(xt, a, b, best_i, k)
+            out_idx[a:b], out_dist[a:b] = idx_t.cpu().numpy(), dist_t.cpu().numpy()
             if progress is not None:
                 progress.update(b - a)
     return out_idx, out_dist
