@@ -45,6 +45,7 @@ with cugraph was available; the CPU path is the tested one**).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
@@ -55,6 +56,8 @@ import scipy.sparse as sp
 from ..config import ClusterConfig, GraphConfig
 from ..errors import InputError
 from .graph import knn_graph, read_input
+
+log = logging.getLogger("scgnn_scale")
 
 EMBEDDING_KEY = "obsm/X_scgnn"
 GRAPH_KEY = "obsp/scgnn_graph"
@@ -233,6 +236,7 @@ def communities_with_count(graph: sp.csr_matrix, method: str, n_clusters: int, *
     previous = None
     while steps < max(1, max_steps):
         steps += 1
+        t_step = time.perf_counter()
         membership, backend = communities(graph, method, resolution=resolution, n_iterations=cfg.n_iterations,
                                           seed=seed, use_gpu=use_gpu, initial_membership=previous,
                                           igraph_graph=ig)
@@ -240,6 +244,8 @@ def communities_with_count(graph: sp.csr_matrix, method: str, n_clusters: int, *
         labels = merge_small_clusters(membership, embedding, min_size=cfg.min_cluster_size,
                                       max_clusters=cfg.max_clusters)
         count = int(labels.max()) + 1
+        log.info("cluster: resolution %.4g gives %d clusters (target %d), %.1f s", resolution, count, target,
+                 time.perf_counter() - t_step)
         score = (abs(count - target), abs(np.log(resolution / start)))
         if best is None or score < best[0]:
             best = (score, labels, resolution, int(np.unique(membership).size), backend)

@@ -190,6 +190,8 @@ def run(ctx) -> dict:
             record.update({f"seconds_{k}": v for k, v in step["seconds"].items()})
             if "resolution" in step["cluster"]:
                 record["resolution"] = step["cluster"]["resolution"]
+            if "resolution_steps" in step["cluster"]:
+                record["resolution_steps"] = step["cluster"]["resolution_steps"]
             if truth is not None:
                 record.update(_label_scores(truth, labels))
             history.append(record)
