@@ -132,10 +132,9 @@ def run(ctx) -> dict:
         ``history`` (one dict per iteration: ``iteration``, ``ari_to_previous``, ``graph_change``,
         ``graph_threshold``, ``feature_loss``, ``feature_recon_mse``, ``cluster_ae_loss``,
         ``n_clusters``, ``seconds``, ``peak_rss_mb_after_<step>`` (the process's peak so far after the
-        cluster AEs, feature AE, graph, GAE and clustering), ``seconds_<step>`` (each step's time);
-        ``ari_to_label`` / ``nmi_to_label`` with a
-        label column),
-        ``model`` and ``metrics``.
+        cluster AEs, feature AE, graph, GAE and clustering), ``seconds_<step>`` (each step's time),
+        ``resolution`` and ``resolution_steps`` (Leiden/Louvain with a fixed count); ``ari_to_label`` /
+        ``nmi_to_label`` with a label column), ``model`` and ``metrics``.
     """
     cfg = ctx.config.iterate
     if cfg.max_iterations <= 0:
