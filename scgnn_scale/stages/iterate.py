@@ -233,6 +233,7 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
         nonlocal t_step
         peaks[name] = peak_rss_mb()
         seconds[name] = round(time.perf_counter() - t_step, 3)
+        ctx.log.info("iterate: iteration %d: %s done in %.1f s", t, name.replace("_", " "), seconds[name])
         t_step = time.perf_counter()
 
     # one commit per iteration: the steps read what the previous ones staged
