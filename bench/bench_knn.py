@@ -58,8 +58,8 @@ def exact_neighbours_of(x: np.ndarray, rows: np.ndarray, k: int, device: str) ->
             d2 = torch.addmm(sq[None, :], xt[r], xt.T, alpha=-2.0)
             d2 += sq[r, None]
             d2[torch.arange(r.numel(), device=dev), r] = float("inf")
-            cand = torch.topk(d2, extra, dim=1, largest=False).indices.cpu().numpy()
-            out[a:a + qb], _ = _refine(x, rows[a:a + qb], cand, k)
+            cand = torch.topk(d2, extra, dim=1, largest=False).indices
+            out[a:a + qb] = _refine(xt, r, cand, k)[0].cpu().numpy()
     return out
 
 

@@ -145,10 +145,10 @@ class _Writer:
             return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=h5_dtype,
                                         chunks=(min(_ARRAY_CHUNK, 1 << 16) if dtype is str else _ARRAY_CHUNK,),
                                         compression="gzip", compression_opts=1, shuffle=True)
-        from zarr.codecs import BloscCodec
+        from .store import compressors
 
-        # level 1 as the store (bench_codec.py): this process writes every block while the workers draw
-        codecs = None if dtype is str else [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]
+        # the store's codec at level 1 (bench_codec.py): this process writes every block while the workers draw
+        codecs = None if dtype is str else compressors(1)
         kwargs = {"compressors": codecs} if codecs else {}
         return group.create_array(name, shape=(0,), dtype=dtype, chunks=(_ARRAY_CHUNK,), **kwargs)
 
