@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from scgnn_scale.config import ClusterConfig, GraphConfig, build_config
@@ -115,6 +116,27 @@ def test_fixed_count_unreachable_returns_the_nearest():
     pred, info = cluster_stage.cluster_embedding(x, g, ClusterConfig(), seed=0, n_clusters=2)
     assert info["n_clusters"] == 4 and info["target_clusters"] == 2
     assert info["resolution_steps"] == 1  # already as few as the components allow: no search
+
+
+def test_fixed_count_search_stops_where_the_count_jumps_over_the_target(monkeypatch):
+    """A count no resolution gives (here 4: 3 below resolution 0.5, 5 from it on) ends the bisection once
+    the bracket is narrow instead of costing all COUNT_SEARCH_STEPS Leiden runs (3-4 min at 1M on a GPU host)."""
+    x, _ = blobs([40] * 5, sep=50.0)
+    g = sp.csr_matrix(np.ones((200, 200)) - np.eye(200))  # one component: the floor rule never stops it
+    resolutions = []
+
+    def planted(graph, method, *, resolution, **kwargs):
+        resolutions.append(resolution)
+        n_parts = 3 if resolution < 0.5 else 5
+        return np.arange(graph.shape[0]) * n_parts // graph.shape[0], "igraph"
+
+    monkeypatch.setattr(cluster_stage, "communities", planted)
+    labels, info = cluster_stage.communities_with_count(g, "leiden", 4, embedding=x, cfg=ClusterConfig(), seed=0)
+    assert int(labels.max()) + 1 in (3, 5) and info["target_clusters"] == 4
+    assert info["resolution_steps"] == len(resolutions) < cluster_stage.COUNT_SEARCH_STEPS
+    low = max(r for r in resolutions if r < 0.5)
+    high = min(r for r in resolutions if r >= 0.5)
+    assert high / low <= cluster_stage.COUNT_SEARCH_BRACKET  # it stopped only once the jump was bracketed tightly
 
 
 def test_louvaink_with_fixed_count_runs_kmeans_with_it():
