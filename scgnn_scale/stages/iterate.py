@@ -157,12 +157,10 @@ def run(ctx) -> dict:
     else:
         ctx.log.info("iterate: resuming after iteration %d", state["done"])
 
-    reference = cv.reference_graph(_read(ctx.store, f"{FIRST_PASS}/graph"), cfg.graph_reference)
-    threshold = cv.graph_threshold(reference, cfg.graph_tol)
+    threshold = cv.graph_threshold(_reference_graph(ctx), cfg.graph_tol)
     truth = _label_column(ctx)
     done, history, stopped = int(state["done"]), list(state["history"]), state.get("stopped")
     labels_prev = _read_labels(ctx, done) if done else _dense_labels(_read(ctx.store, f"{FIRST_PASS}/labels"))
-    smoothed_prev = reference if done == 0 else cv.smoothed_graph(_read_graph(ctx, done), reference, cfg.graph_lambda)
 
     bar = ctx.progress(cfg.max_iterations, "iterations", unit="it", initial=done)
     try:
@@ -172,8 +170,7 @@ def run(ctx) -> dict:
             t0 = time.perf_counter()
             step = _run_iteration(ctx, t, labels_prev)
             labels = step["labels"]
-            smoothed = cv.smoothed_graph(_read_graph(ctx, t), reference, cfg.graph_lambda)
-            change = cv.graph_change(smoothed, smoothed_prev)
+            change = _graph_change(ctx, t)
             ari = cv.clustering_ari(labels_prev, labels)
             stopped = cv.should_stop(ari=ari, change=change, threshold=threshold, ari_stop=cfg.ari_stop)
             if stopped is None and t >= cfg.max_iterations:
@@ -201,7 +198,7 @@ def run(ctx) -> dict:
                          record["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in step["seconds"].items()),
                          f"; stop ({stopped})" if stopped else "")
             bar.update(1)
-            labels_prev, smoothed_prev = labels, smoothed
+            labels_prev = labels
         final = t
     finally:
         bar.close()
@@ -210,6 +207,20 @@ def run(ctx) -> dict:
     ctx.save_checkpoint({"finished": True, "info": info})
     _cleanup_all(ctx, keep_model=final)
     return info
+
+
+def _reference_graph(ctx):
+    """``L0`` of the first pass's graph, read again whenever needed: held through an iteration it and
+    the previous smoothed graph took 180-480 MB at 1M cells, beside the GAE's peak."""
+    return cv.reference_graph(_read(ctx.store, f"{FIRST_PASS}/graph"), ctx.config.iterate.graph_reference)
+
+
+def _graph_change(ctx, t: int) -> float:
+    """The change of the smoothed graph from iteration ``t - 1`` (the first pass's: ``L0`` itself) to ``t``."""
+    lam = ctx.config.iterate.graph_lambda
+    reference = _reference_graph(ctx)
+    previous = reference if t == 1 else cv.smoothed_graph(_read_graph(ctx, t - 1), reference, lam)
+    return cv.graph_change(cv.smoothed_graph(_read_graph(ctx, t), reference, lam), previous)
 
 
 def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
