@@ -59,6 +59,24 @@ def test_sparse_gcn_forward_equals_dense_formula():
         np.testing.assert_allclose(z_pre, z_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_normalized_adjacency_with_weights_and_isolated_nodes_equals_dense():
+    rng = np.random.default_rng(3)
+    upper = np.triu(rng.random((50, 50)) < 0.1, k=1) * rng.uniform(0.5, 2.0, (50, 50))
+    upper[:, [7, 31]] = 0  # two isolated nodes: only their own loop
+    upper[[7, 31], :] = 0
+    g = sp.csr_matrix(upper + upper.T)
+    g.sort_indices()
+    a_sparse = normalized_adjacency(torch.from_numpy(g.indptr), torch.from_numpy(g.indices), 50,
+                                    values=torch.from_numpy(g.data))
+    np.testing.assert_allclose(a_sparse.to_dense().numpy(), dense_normalized(g.toarray()), rtol=1e-5, atol=1e-7)
+    crow = a_sparse.crow_indices().numpy()
+    cols = a_sparse.col_indices().numpy()
+    assert all(np.all(np.diff(cols[crow[i]:crow[i + 1]]) > 0) for i in range(50))  # sorted, one diagonal entry
+    looped = g + sp.identity(50, format="csr")
+    with pytest.raises(ValueError, match="self loops"):
+        normalized_adjacency(torch.from_numpy(looped.indptr), torch.from_numpy(looped.indices), 50)
+
+
 def dense_balanced_bce(z: np.ndarray, adj: np.ndarray) -> float:
     """The published weighted BCE (pos_weight, norm) without self pairs: 0.5 (mean over edges + over non-edges)."""
     s = z @ z.T

@@ -38,11 +38,14 @@ def normalized_adjacency(crow: torch.Tensor, col: torch.Tensor, n: int, values: 
                          dtype=torch.float32) -> torch.Tensor:
     """``D^-1/2 (A + I) D^-1/2`` as a sparse CSR tensor, from the CSR arrays of a symmetric ``A``.
 
+    The diagonal entry of each row is inserted at its sorted place (no COO sort: at 1M cells and
+    14M edges the coalesce of ``A + I`` held about 1.2 GB at once and took 3.4 s).
+
     Parameters
     ----------
     crow, col
-        CSR row pointer (length n + 1) and column indices of ``A`` (no self loops expected; a
-        present self loop is added to).
+        CSR row pointer (length n + 1) and column indices of ``A``: columns sorted within rows, no
+        self loops (:class:`~scgnn_scale.nn.sampling.CSRGraph` holds its graph so).
     n
         Number of nodes.
     values
@@ -50,27 +53,26 @@ def normalized_adjacency(crow: torch.Tensor, col: torch.Tensor, n: int, values: 
     """
     crow = crow.to(torch.int64)
     col = col.to(torch.int64)
+    device = col.device
     if values is None:
-        values = torch.ones(col.numel(), dtype=dtype, device=col.device)
+        values = torch.ones(col.numel(), dtype=dtype, device=device)
     values = values.to(dtype)
-    row = torch.repeat_interleave(torch.arange(n, device=col.device), crow[1:] - crow[:-1])
-    loops = torch.arange(n, device=col.device)
-    rows = torch.cat([row, loops])
-    cols = torch.cat([col, loops])
-    vals = torch.cat([values, torch.ones(n, dtype=dtype, device=col.device)])
-    degree = torch.zeros(n, dtype=dtype, device=col.device).index_add_(0, rows, vals)
-    dinv = degree.rsqrt()
-    vals = vals * dinv[rows] * dinv[cols]
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n), check_invariants=False).coalesce()
-    rows, cols = coo.indices()
-    return sparse_csr(_crow(rows, n), cols, coo.values(), (n, n))
-
-
-def _crow(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
-    """CSR row pointer of row indices sorted ascending (a coalesced COO tensor's first index row)."""
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=sorted_rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(sorted_rows, minlength=n), 0)
-    return crow
+    row = torch.repeat_interleave(torch.arange(n, device=device), crow[1:] - crow[:-1])
+    if bool((col == row).any()):
+        raise ValueError("normalized_adjacency: A has self loops; the identity is added here")
+    dinv = torch.ones(n, dtype=dtype, device=device).index_add_(0, row, values).rsqrt()
+    # row i's diagonal entry follows the row's columns below i
+    loop_at = crow[:-1] + torch.arange(n, device=device) + torch.bincount(row[col < row], minlength=n)
+    is_loop = torch.zeros(col.numel() + n, dtype=torch.bool, device=device)
+    is_loop[loop_at] = True
+    is_edge = ~is_loop
+    cols = torch.empty(col.numel() + n, dtype=torch.int64, device=device)
+    cols[loop_at] = torch.arange(n, device=device)
+    cols[is_edge] = col
+    vals = torch.empty(col.numel() + n, dtype=dtype, device=device)
+    vals[loop_at] = dinv * dinv
+    vals[is_edge] = values * dinv[row] * dinv[col]
+    return sparse_csr(crow + torch.arange(n + 1, device=device), cols, vals, (n, n))
 
 
 class GCNEncoder(nn.Module):
