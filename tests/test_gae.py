@@ -10,7 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from scgnn_scale.config import GAEConfig
 from scgnn_scale.errors import InputError
-from scgnn_scale.nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits
+from scgnn_scale.nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits, propagate
 from scgnn_scale.nn.sampling import CSRGraph, sample_blocks, sample_neighbors
 from scgnn_scale.stages import gae as gae_stage
 from scgnn_scale.testing import stage_context, store_with_matrix
@@ -57,6 +57,9 @@ def test_sparse_gcn_forward_equals_dense_formula():
             z_pre = enc(torch.sparse.mm(a_sparse, x), a_sparse, precomputed=True).double().numpy()
         np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(z_pre, z_ref, rtol=1e-4, atol=1e-5)
+    for block_rows in (7, 40, 64):  # blocks that do and do not divide the rows
+        np.testing.assert_allclose(propagate(a_sparse, x, block_rows=block_rows).double().numpy(),
+                                   a_dense @ x.double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_normalized_adjacency_with_weights_and_isolated_nodes_equals_dense():

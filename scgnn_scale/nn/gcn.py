@@ -75,6 +75,23 @@ def normalized_adjacency(crow: torch.Tensor, col: torch.Tensor, n: int, values: 
     return sparse_csr(crow + torch.arange(n + 1, device=device), cols, vals, (n, n))
 
 
+def propagate(adj: torch.Tensor, x: torch.Tensor, block_rows: int = 65536) -> torch.Tensor:
+    """``adj @ x`` for a sparse CSR ``adj``, row block by row block.
+
+    torch's CSR product holds a second buffer the size of its output (1M x 128: +1 GB at its peak
+    instead of the 512 MB result); per block that buffer is a block's size.
+    """
+    crow, col, values = adj.crow_indices(), adj.col_indices(), adj.values()
+    n = adj.shape[0]
+    out = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)
+    for a in range(0, n, block_rows):
+        b = min(n, a + block_rows)
+        lo, hi = int(crow[a]), int(crow[b])
+        block = sparse_csr(crow[a:b + 1] - lo, col[lo:hi], values[lo:hi], (b - a, adj.shape[1]))
+        out[a:b] = torch.sparse.mm(block, x)
+    return out
+
+
 class GCNEncoder(nn.Module):
     """Two graph-convolution layers ``in -> hidden -> latent``.
 

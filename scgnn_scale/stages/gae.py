@@ -46,7 +46,7 @@ import torch
 
 from ..config import GAEConfig
 from ..errors import InputError
-from ..nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits
+from ..nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits, propagate
 from ..nn.optim import adam
 from ..nn.sampling import CSRGraph, sample_blocks, sample_neighbors, sorted_unique
 from .graph import read_input
@@ -139,7 +139,7 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, seed: int = 0, de
         x = standardize_columns(x)
     features = torch.from_numpy(x).to(device)
     with torch.no_grad():
-        propagated = torch.sparse.mm(adj, features)  # A~ E, exact, once
+        propagated = propagate(adj, features)  # A~ E, exact, once
     raw = features if (mode == "minibatch" and cfg.sample_first_layer) else None
     del features, x  # only A~ E is needed from here (at 1M x 128 each copy is 512 MB)
 
