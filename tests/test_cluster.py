@@ -120,7 +120,7 @@ def test_fixed_count_unreachable_returns_the_nearest():
 
 def test_fixed_count_search_stops_where_the_count_jumps_over_the_target(monkeypatch):
     """A count no resolution gives (here 4: 3 below resolution 0.5, 5 from it on) ends the bisection once
-    the bracket is narrow instead of costing all COUNT_SEARCH_STEPS Leiden runs (3-4 min at 1M on a GPU host)."""
+    the bracket is narrow instead of costing all COUNT_SEARCH_STEPS Leiden runs (10-40 s each at 1M)."""
     x, _ = blobs([40] * 5, sep=50.0)
     g = sp.csr_matrix(np.ones((200, 200)) - np.eye(200))  # one component: the floor rule never stops it
     resolutions = []

@@ -63,9 +63,8 @@ def normalized_adjacency(crow: torch.Tensor, col: torch.Tensor, n: int, values: 
     dinv = torch.ones(n, dtype=dtype, device=device).index_add_(0, row, values).rsqrt()
     # row i's diagonal entry follows the row's columns below i
     loop_at = crow[:-1] + torch.arange(n, device=device) + torch.bincount(row[col < row], minlength=n)
-    is_loop = torch.zeros(col.numel() + n, dtype=torch.bool, device=device)
-    is_loop[loop_at] = True
-    is_edge = ~is_loop
+    is_edge = torch.ones(col.numel() + n, dtype=torch.bool, device=device)
+    is_edge[loop_at] = False
     cols = torch.empty(col.numel() + n, dtype=torch.int64, device=device)
     cols[loop_at] = torch.arange(n, device=device)
     cols[is_edge] = col

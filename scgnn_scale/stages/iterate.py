@@ -210,8 +210,8 @@ def run(ctx) -> dict:
 
 
 def _reference_graph(ctx):
-    """``L0`` of the first pass's graph, read again whenever needed: held through an iteration it and
-    the previous smoothed graph took 180-480 MB at 1M cells, beside the GAE's peak."""
+    """``L0`` of the first pass's graph, read again whenever needed: held through an iteration it took
+    about 175 MB at 1M cells (and the previous smoothed graph, from iteration 2 on, 175-350 MB more)."""
     return cv.reference_graph(_read(ctx.store, f"{FIRST_PASS}/graph"), ctx.config.iterate.graph_reference)
 
 
