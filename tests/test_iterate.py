@@ -161,9 +161,32 @@ def test_iterate_writes_history_and_final_outputs(tmp_path, monkeypatch):
     first_graph = store.read_elem("obsp/scgnn_graph")
     first_recon = store.open_array("work/recon")[:]
     recons = _record_feature_reconstructions(monkeypatch)
+    graphs = {}  # each iteration's graph, dense, before the next iteration removes it
+    run_iteration = iterate._run_iteration
+
+    def keep_graph(ctx, t, labels_prev):
+        out = run_iteration(ctx, t, labels_prev)
+        graphs[t] = iterate._read_graph(ctx, t).toarray().astype(np.float64)
+        return out
+
+    monkeypatch.setattr(iterate, "_run_iteration", keep_graph)
     info = iterate.run(stage_context(store, "iterate", config))
     assert info["iterations"] == 2 and info["stopped"] == "max_iterations"
     history = info["history"]
+    # graph change against the dense formula: L0 the first graph's normalised Laplacian,
+    # A'_t = lam L0 + (1 - lam) A_t / rowsum(A_t), change_t = mean |A'_t - A'_(t-1)| with A'_0 = L0
+    lam, a0 = config.iterate.graph_lambda, first_graph.toarray().astype(np.float64)
+    deg = a0.sum(1)
+    inv = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1e-300)), 0.0)
+    l0 = inv[:, None] * (np.diag(deg) - a0) * inv[None, :]
+
+    def smoothed(a):
+        rowsum = a.sum(1, keepdims=True)
+        return lam * l0 + (1 - lam) * np.divide(a, rowsum, out=np.zeros_like(a), where=rowsum > 0)
+
+    assert history[0]["graph_change"] == pytest.approx(np.abs(smoothed(graphs[1]) - l0).mean(), rel=1e-9)
+    assert history[1]["graph_change"] == pytest.approx(
+        np.abs(smoothed(graphs[2]) - smoothed(graphs[1])).mean(), rel=1e-9)
     assert [h["iteration"] for h in history] == [1, 2]
     for h in history:
         assert -1 <= h["ari_to_previous"] <= 1 and h["graph_change"] > 0 and h["n_clusters"] >= 2
