@@ -64,9 +64,6 @@ GRAPH_KEY = "obsp/scgnn_graph"
 OUT_KEY = "obs/scgnn_cluster"
 #: partitions tried at most when searching the resolution that gives a fixed number of clusters
 COUNT_SEARCH_STEPS = 16
-#: the search stops once the resolutions giving too few and too many clusters are this close (ratio):
-#: the count jumps over the target there, and bisecting further costs a Leiden run a step (10-40 s at 1M)
-COUNT_SEARCH_BRACKET = 1.05
 
 
 def louvaink_count(k_louvain: int, n_cells: int, cfg: ClusterConfig) -> int:
@@ -213,11 +210,9 @@ def communities_with_count(graph: sp.csr_matrix, method: str, n_clusters: int, *
     is bracketed, then bisected on the log scale), at most ``max_steps`` partitions, each Leiden run
     starting from the previous one's partition;
     the count is not strictly monotone in the resolution, so the partition whose count is nearest
-    the target (ties: the resolution nearest ``cfg.resolution``) is returned when none hits it, and
-    the bisection stops once the bracket is narrower than ``COUNT_SEARCH_BRACKET`` (a count the
-    resolution jumps over would otherwise cost all ``max_steps`` runs). The search stops early when
-    the count is down to the number of connected components of at least ``cfg.min_cluster_size``
-    cells (no resolution gives fewer).
+    the target (ties: the resolution nearest ``cfg.resolution``) is returned when none hits it. The
+    search stops early when the count is down to the number of connected components of at least
+    ``cfg.min_cluster_size`` cells (no resolution gives fewer).
 
     Returns
     -------
@@ -260,8 +255,8 @@ def communities_with_count(graph: sp.csr_matrix, method: str, n_clusters: int, *
             high = resolution if high is None else min(high, resolution)
         else:
             low = resolution if low is None else max(low, resolution)
-        if high is not None and low is not None and high / low <= COUNT_SEARCH_BRACKET:
-            break  # the count jumps over the target here (or is not monotone): keep the nearest
+        if high is not None and low is not None and high <= low:
+            break  # the count is not monotone here: keep the nearest
         if high is None:
             resolution = resolution * 2.0
         elif low is None:
