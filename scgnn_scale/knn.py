@@ -57,6 +57,7 @@ def _refine(x, rows, cand, k: int):
 
 
 def _refine_numpy(x: np.ndarray, rows: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_refine` for numpy arrays (CPU tensors share their memory)."""
     import torch
 
     idx, dist = _refine(torch.from_numpy(x), torch.from_numpy(rows), torch.from_numpy(cand), k)
