@@ -1,6 +1,6 @@
 """Clustering quality on the gold-labelled data sets of ../shared/data, scgnn-scale vs the scanpy default.
 
-    python bench/bench_quality.py [--sets klein_subset,goolam] [--seeds 3] [--full [--full-louvaink]]
+    python bench/bench_quality.py [--sets klein_subset,goolam] [--seeds 3] [--full [--full-seeds 1] [--full-louvaink]]
 
 For each set, in the same run: the scanpy default pipeline (normalize_total, log1p, 2000 HVG, PCA 50,
 kNN 15, Leiden 1.0; mean over seeds) and scgnn-scale one pass (``--until cluster``) with the default
@@ -8,7 +8,12 @@ cluster rule and with the paper's LouvainK; with ``--full`` also the whole metho
 iterations, then the imputation autoencoder) with the default rule, and with ``--full-louvaink`` with
 LouvainK too. The iterative rows score the final clusters; their seconds are the stages through
 ``iterate``, with ``impute_seconds`` and ``imputed`` (``layers/imputed`` written) beside them.
-Prints JSON lines and a markdown table; writes bench/out/quality.json.
+Every invocation works in a new directory, bench/out/quality_runs/<UTC time>_<commit>: a run directory
+reuses each finished stage whose config matches, and the code version is not part of that match, so
+runs left by older code would give older results. Within one invocation the variants of a set and seed
+share one run directory (LouvainK reuses the Leiden run's stages up to the GAE).
+Prints JSON lines (ARI/NMI means, their SD over seeds and each seed's ARI) and a markdown table;
+writes bench/out/quality.json.
 Needs the bench extra: pip install -e ".[bench]".
 """
 
@@ -18,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +91,8 @@ def main() -> None:
     ap.add_argument("--sets", default="", help="comma-separated set names (default: every set in ../shared/data)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--full", action="store_true", help="also the whole method (--until impute)")
+    ap.add_argument("--full-seeds", type=int, default=0,
+                    help="with --full, run the whole method on the first N seeds only (default: all --seeds)")
     ap.add_argument("--full-louvaink", action="store_true",
                     help="with --full, also iterate with the paper's LouvainK (the slowest row)")
     ap.add_argument("--_scanpy", nargs=2, help=argparse.SUPPRESS)
@@ -94,7 +102,10 @@ def main() -> None:
         return
     names = args.sets.split(",") if args.sets else sorted(p.name for p in DATA.iterdir() if (p / "counts.h5ad").exists())
     OUT.mkdir(parents=True, exist_ok=True)
-    work = OUT / "quality_runs"
+    commit = _commit()
+    work = OUT / "quality_runs" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}_{commit}"
+    work.mkdir(parents=True)  # new: never a run directory of older code
+    print(f"run directories: {work}", file=sys.stderr, flush=True)
     rows = []
     variants = [("cluster", "leiden"), ("impute", "leiden"), ("cluster", "louvaink"), ("impute", "louvaink")]
     if not args.full:
@@ -109,27 +120,38 @@ def main() -> None:
             per.append(json.loads(out.stdout.strip().splitlines()[-1]))
         m = run_measured([sys.executable, __file__, "--_scanpy", name, "0"], stdout=subprocess.DEVNULL)
         rows.append({"set": name, "method": "scanpy default (Leiden 1.0)", "gold": name not in NOT_GOLD,
-                     **_mean(per), **m})
+                     **_mean(per), **m, "commit": commit})
         print(json.dumps(rows[-1]), flush=True)
         for until, method in variants:
-            per = [scgnn_row(name, until, method, seed, work) for seed in range(args.seeds)]
+            seeds = args.full_seeds if until == "impute" and args.full_seeds else args.seeds
+            per = [scgnn_row(name, until, method, seed, work) for seed in range(seeds)]
             label = f"scgnn-scale {'one pass' if until == 'cluster' else 'iterative'} ({method})"
-            rows.append({"set": name, "method": label, "gold": name not in NOT_GOLD, **_mean(per)})
+            rows.append({"set": name, "method": label, "gold": name not in NOT_GOLD, **_mean(per),
+                         "commit": commit})
             print(json.dumps(rows[-1]), flush=True)
     (OUT / "quality.json").write_text(json.dumps(rows, indent=1))
     print(_markdown(rows))
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def _mean(per: list[dict]) -> dict:
     keys = per[0].keys()
-    return {k: round(float(np.mean([p[k] for p in per])), 3) for k in keys if k != "returncode"}
+    mean = {k: round(float(np.mean([p[k] for p in per])), 3) for k in keys if k != "returncode"}
+    spread = {f"{k}_sd": round(float(np.std([p[k] for p in per])), 3) for k in ("ari", "nmi")}
+    return {**mean, **spread, "seeds": len(per), "ari_per_seed": [round(float(p["ari"]), 3) for p in per]}
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| set | method | ARI | NMI | clusters | seconds | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| set | method | seeds | ARI (SD) | NMI | clusters | seconds | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['set']}{'' if r['gold'] else ' (labels not gold)'} | {r['method']} | {r['ari']:.3f} | "
-                     f"{r['nmi']:.3f} | {r['clusters']:.1f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['set']}{'' if r['gold'] else ' (labels not gold)'} | {r['method']} | {r['seeds']} | "
+                     f"{r['ari']:.3f} ({r['ari_sd']:.3f}) | {r['nmi']:.3f} | {r['clusters']:.1f} | "
+                     f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     methods = sorted({r["method"] for r in rows})
     lines.append("")
     lines.append("| method | mean ARI over gold sets | mean NMI |")
