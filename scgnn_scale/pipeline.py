@@ -130,11 +130,7 @@ def run(
                 log.info("%s: already done, skipped", stage)
                 continue
             store.forget_stages(order[i:])  # everything after a redone stage is stale
-            if stage in ("graph", "gae", "cluster"):
-                # iterate replaced the first pass's embedding/graph/clusters: redo from the first pass's
-                from .stages.iterate import restore_first_pass
-
-                restore_first_pass(store)
+            _prepare_first_pass(store, stage)
             ctx = StageContext(store=store, config=config, stage=stage, chain_hash=hashes[stage],
                                input=source, quiet=quiet, _client_holder=holder)
             module = importlib.import_module(f".stages.{stage}", __package__)
@@ -157,6 +153,23 @@ def run(
         log.removeHandler(handler)
         handler.close()
     return store
+
+
+def _prepare_first_pass(store: RunStore, stage: str) -> None:
+    """Before ``stage`` is redone: put back or drop the first pass that iterate kept.
+
+    Iterate replaces the first pass's embedding, graph and clusters under their usual keys and keeps
+    them in a snapshot. A redo of graph, gae or cluster must read the first pass's versions again. A
+    redo of the feature stage or an earlier one makes the snapshot stale: restoring it later would
+    put the old feature embedding over the new one, so it is removed (before the stage runs, so a
+    killed run cannot resume with it).
+    """
+    from .stages import iterate
+
+    if STAGE_NAMES.index(stage) <= STAGE_NAMES.index("feature"):
+        iterate.forget_first_pass(store)
+    elif stage in ("graph", "gae", "cluster"):
+        iterate.restore_first_pass(store)
 
 
 def _redo_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict) -> None:

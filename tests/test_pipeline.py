@@ -145,6 +145,30 @@ def test_finished_run_removes_its_reconstructions_and_redoes_them_when_needed(fu
     assert not RunStore.open(out).has("work/recon")
 
 
+def test_redone_feature_stage_is_not_replaced_by_the_first_pass_kept_by_iterate(full_run, tiny_input, tmp_path):
+    """A finished run keeps the first pass (iterate's snapshot); a rerun with another feature config must
+    build the graph on the new embedding, not on the snapshot's (which came from the old feature AE)."""
+    import torch
+
+    from scgnn_scale.stages.feature import load_model
+
+    inp, cfg = tiny_input
+    out = tmp_path / "refeature"
+    shutil.copytree(full_run, out)
+    store = RunStore.open(out)
+    old = store.open_array("work/first_pass/X_scgnn_feature")[:]
+    assert main(_run_args(inp, cfg, out, "--overwrite", "--feature-min-steps", "120", "--until", "graph")) == 0
+    store = RunStore.open(out)
+    model, _ = load_model(out / "models" / "feature_ae.pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.asarray(store.open_array("X")[:], dtype=np.float32)))[1].numpy()
+    embedding = store.open_array("obsm/X_scgnn_feature")[:]
+    assert not np.allclose(embedding, old, atol=1e-3)  # the new feature AE's, not the kept first pass's
+    np.testing.assert_allclose(embedding, expected, rtol=1e-4, atol=1e-4)
+    assert not store.has("work/first_pass/labels")  # the stale snapshot is gone
+
+
 def test_keep_work_keeps_the_reconstructions_for_a_later_impute(tiny_input, tmp_path):
     inp, cfg = tiny_input
     out = tmp_path / "kept"

@@ -593,6 +593,11 @@ def _snapshot_source(store) -> str:
         return ""
 
 
+def forget_first_pass(store) -> None:
+    """Remove the first pass's snapshot (the stages it came from are being redone)."""
+    store.delete(FIRST_PASS)
+
+
 def restore_first_pass(store) -> bool:
     """Put the first pass's results (kept by iterate) back under their usual keys.
 
