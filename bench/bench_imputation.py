@@ -43,10 +43,12 @@ def count_sets() -> list[str]:
     return names
 
 
-def evaluate(name: str, rate: float, repeats: int, seed: int, config: str | None, fresh: bool) -> dict:
+def evaluate(name: str, rate: float, repeats: int, seed: int, config: str | None, reuse: bool) -> dict:
     tag = f"_{Path(config).stem}" if config else ""
     out = OUT / "imputation_runs" / f"{name}_rate{rate:g}_seed{seed}{tag}"
-    if fresh and out.exists():
+    # a run directory reuses each finished stage whose config matches, whatever code computed it:
+    # from scratch unless asked, so the table is this code's
+    if not reuse and out.exists():
         shutil.rmtree(out)
     cmd = ["scgnn-scale", "evaluate-imputation", str(DATA / name / "counts.h5ad"), "--out", str(out),
            "--rate", str(rate), "--repeats", str(repeats), "--seed", str(seed), "--quiet"]
@@ -87,13 +89,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="maskings per set (default 3, as the paper)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the maskings")
     ap.add_argument("--config", default=None, help="TOML config of the runs (e.g. fewer steps for a quick look)")
-    ap.add_argument("--fresh", action="store_true", help="redo runs already in bench/out/imputation_runs")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the runs already in bench/out/imputation_runs (by default they are redone: "
+                         "they may come from older code)")
     args = ap.parse_args()
     names = args.sets.split(",") if args.sets else count_sets()
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        row = evaluate(name, args.rate, args.repeats, args.seed, args.config, args.fresh)
+        row = evaluate(name, args.rate, args.repeats, args.seed, args.config, args.reuse)
         print(json.dumps(row), flush=True)
         rows.append(row)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
