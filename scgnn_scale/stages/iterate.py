@@ -74,7 +74,8 @@ published ``reconOri``, see :mod:`scgnn_scale.stages.impute`), which the feature
 iterate only reads. A run with no iteration (``max_iterations = 0``) or a rerun from scratch
 removes a ``work/recon_final`` left by an earlier config. ``work/iterate`` is removed when the
 stage ends. The last feature model stays in ``models/`` (its path is in the info dict), and so
-does ``work/first_pass`` (O(N (k + d)), see :func:`restore_first_pass`).
+does ``work/first_pass`` (O(N (k + d)), see :func:`restore_first_pass`) until a rerun redoes the
+feature stage or an earlier one, which removes it (:func:`forget_first_pass`).
 """
 
 from __future__ import annotations
