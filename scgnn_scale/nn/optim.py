@@ -9,11 +9,12 @@ def adam(parameters, lr: float) -> torch.optim.Optimizer:
     """Adam over ``parameters`` with learning rate ``lr``, for-each implementation.
 
     The for-each step takes the same values, bit for bit, as torch's default per-tensor Adam on the
-    CPU, and is faster (about 200 against 260 ms per step of the feature autoencoder at 1024 cells on
-    the 2-core VM). The fused kernel is faster still (about 60 ms) and agrees with them to one unit in
-    the last place per update, but the clusters it led to were worse: on the eight gold data sets with
-    three seeds each, the one-pass mean ARI fell from 0.612 to 0.543 (bench/RESULTS.md, "Quality from
-    scratch with three seeds (session 8)"). Training diverges from such differences within about
+    CPU (5.1 against 5.5 ms per step of the feature autoencoder on the idle 2-core VM, next to 80-90
+    ms for its forward and backward pass at 1,024 cells). The fused kernel is faster still (1.7 ms)
+    and agrees with them to rounding per update, but the clusters it led to were worse: on the eight
+    gold data sets with three seeds each, the one-pass mean ARI fell from 0.612 to 0.543
+    (bench/RESULTS.md, "Quality from scratch with three seeds, and the optimiser (session 8)").
+    Training diverges from such differences within about
     fifty steps, and where the two runs' ARI differed by more than 0.04 on a gold set the for-each one
     was the better one in 13 of 13 pairs (on 10x_pbmc4k, whose labels are not gold, one pair went the
     other way). Why is not understood; the fused kernel stays out until it is.
