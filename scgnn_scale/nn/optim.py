@@ -14,9 +14,9 @@ def adam(parameters, lr: float) -> torch.optim.Optimizer:
     and agrees with them to rounding per update, but the clusters it led to were worse: on the eight
     gold data sets with three seeds each, the one-pass mean ARI fell from 0.612 to 0.543
     (bench/RESULTS.md, "Quality from scratch with three seeds, and the optimiser (session 8)").
-    Training diverges from such differences within about
-    fifty steps, and where the two runs' ARI differed by more than 0.04 on a gold set the for-each one
-    was the better one in 13 of 13 pairs (on 10x_pbmc4k, whose labels are not gold, one pair went the
-    other way). Why is not understood; the fused kernel stays out until it is.
+    Training diverges from such differences within about fifty steps, and where the two runs' ARI
+    differed by more than 0.04 on a gold set the for-each one was the better one in 13 of 13 pairs
+    (on 10x_pbmc4k, whose labels are not gold, one pair went the other way). Why is not understood;
+    the fused kernel stays out until it is.
     """
     return torch.optim.Adam(list(parameters), lr=lr, foreach=True)
