@@ -295,6 +295,23 @@ class RunStore:
         if path.exists():
             shutil.rmtree(path)
 
+    def move(self, src_key: str, dst_key: str) -> bool:
+        """Rename a working element to another key (replacing it): no copy, as both lie in one store.
+
+        Safe to repeat after a kill: the source goes only with the rename, so a second call finishes
+        the move and a call after a finished move does nothing. Returns whether anything moved.
+        """
+        src_base, src_rel = self._base_for(src_key)
+        dst_base, dst_rel = self._base_for(dst_key)
+        src, dst = src_base / src_rel, dst_base / dst_rel
+        if not src.exists():
+            return False
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        return True
+
     # -- reading ---------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
         base, rel = self._base_for(key)

@@ -277,6 +277,27 @@ def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path, mon
         assert h_res["graph_change"] == pytest.approx(h_full["graph_change"])
 
 
+def test_iterate_killed_before_keeping_its_last_reconstruction_keeps_it_on_resume(tmp_path, monkeypatch):
+    """R_T is renamed to work/recon_final after the finished checkpoint; a kill in between loses nothing."""
+    config = tiny_config(max_iterations=1)
+    store, _ = _first_pass(tmp_path, config)
+    recons = _record_feature_reconstructions(monkeypatch)
+    original = iterate._keep_final_recon
+
+    def killed(ctx, t):
+        raise KeyboardInterrupt("killed after the checkpoint")
+
+    monkeypatch.setattr(iterate, "_keep_final_recon", killed)
+    with pytest.raises(KeyboardInterrupt):
+        iterate.run(stage_context(store, "iterate", config))
+    assert not store.has(iterate.FINAL_RECON) and store.has("work/iterate/1/recon")
+    monkeypatch.setattr(iterate, "_keep_final_recon", original)
+    info = iterate.run(stage_context(store, "iterate", config))  # finds the finished checkpoint
+    assert info["iterations"] == 1
+    np.testing.assert_array_equal(store.open_array(iterate.FINAL_RECON)[:], recons["work/iterate/1/recon"])
+    assert not (store.work_path / "iterate").exists()
+
+
 def test_iterations_keep_the_planted_cluster_count(tmp_path):
     """Issue 5: iterations must not over-split planted types.
 

@@ -40,6 +40,18 @@ def test_failed_stage_leaves_store_unchanged(tmp_path, planted):
     assert store.read_elem("obsm/X_scgnn").sum() == counts.shape[0] * 16
 
 
+def test_move_replaces_the_target_and_can_be_repeated(tmp_path):
+    store = RunStore.create(tmp_path / "run", identity={"a": 1}, config=RunConfig())
+    with store.staging("t") as st:
+        st.create_matrix("work/a", (4, 3), np.float32)[:] = 1.0
+        st.create_matrix("work/b", (2, 2), np.float32)[:] = 2.0
+    assert store.move("work/a", "work/b")
+    np.testing.assert_array_equal(store.open_array("work/b")[:], np.ones((4, 3), np.float32))
+    assert not store.has("work/a")
+    assert not store.move("work/a", "work/b")  # already moved: nothing to do, the target stays
+    np.testing.assert_array_equal(store.open_array("work/b")[:], np.ones((4, 3), np.float32))
+
+
 def test_manifest_records_and_checkpoints(tmp_path):
     cfg = RunConfig()
     store = RunStore.create(tmp_path / "run", identity={"a": 1}, config=cfg)
