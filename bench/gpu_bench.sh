@@ -6,8 +6,10 @@
 # The 1M run takes longer than one 10-minute call of the lent machine: start it in the background
 # and follow it over calls on the same warm machine (the next call within its 30 s of idle), each
 # call's WAIT leaving room for the steps before it (the GPU tests take about 80 s):
-#   STEPS="disk scaling_start gpu_tests scaling_wait" WAIT=470 bash bench/gpu_bench.sh 1000000 $OUT  # timeout_s 580
-#   STEPS="scaling_wait" WAIT=540 bash bench/gpu_bench.sh 1000000 $OUT                               # timeout_s 580
+#   STEPS="scaling_start gpu_tests scaling_wait" WAIT=450 bash bench/gpu_bench.sh 1000000 $OUT  # timeout_s 590
+#   STEPS="scaling_wait" WAIT=<device time left - 20> bash bench/gpu_bench.sh 1000000 $OUT     # timeout_s WAIT+20
+# (on an H200 the whole 1M run took about 13 minutes of command time; a 15-minute lease leaves about 13.5
+# after the machine's start, so the second call must follow the first at once)
 # The atlas and the run directory go to /dev/shm when it has 48 GiB free (the machine's RAM holds the
 # run's files; BENCH_DIR overrides), else to bench/out. The run uses Dask worker processes (16 cores:
 # the LTMG fits hold the GIL in threads).
