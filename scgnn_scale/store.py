@@ -301,6 +301,8 @@ class RunStore:
         Safe to repeat after a kill: the source goes only with the rename, so a second call finishes
         the move and a call after a finished move does nothing. Returns whether anything moved.
         """
+        if not (src_key.startswith(WORK_PREFIX) and dst_key.startswith(WORK_PREFIX)):
+            raise ValueError(f"move is for working elements (work/...): {src_key!r} -> {dst_key!r}")
         src_base, src_rel = self._base_for(src_key)
         dst_base, dst_rel = self._base_for(dst_key)
         src, dst = src_base / src_rel, dst_base / dst_rel

@@ -50,6 +50,8 @@ def test_move_replaces_the_target_and_can_be_repeated(tmp_path):
     assert not store.has("work/a")
     assert not store.move("work/a", "work/b")  # already moved: nothing to do, the target stays
     np.testing.assert_array_equal(store.open_array("work/b")[:], np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="working elements"):
+        store.move("work/b", "obsm/X_moved")  # AnnData elements are written through a stage's commit
 
 
 def test_manifest_records_and_checkpoints(tmp_path):
