@@ -73,6 +73,7 @@ import numpy as np
 from scipy.special import log_ndtr
 
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
+_LOG_ZERO_WEIGHT = -1e30  # log of a zero mixture weight in the batched densities (see _sufficient_stats)
 NUMBERINGS = ("published", "one-based")
 # EM removes a component whose weight falls below max(MIN_WEIGHT, 1 / number of cells)
 MIN_WEIGHT = 1e-4
@@ -264,7 +265,12 @@ def _sufficient_stats(feats, weight, w, mu, sd, *, loglik_only: bool = False):
     """
     inv_var = 1.0 / (sd * sd)
     with np.errstate(divide="ignore"):
-        c = np.log(w) - np.log(sd) - _LOG_SQRT_2PI - 0.5 * mu * mu * inv_var
+        log_w = np.log(w)
+    # a padded component (weight 0) gets a finite floor instead of -inf: OpenBLAS's AVX-512 kernels
+    # multiply padding lanes by the coefficients and raise 'invalid' on -inf * 0; after the -80 clip
+    # below, both give the same density
+    np.maximum(log_w, _LOG_ZERO_WEIGHT, out=log_w)
+    c = log_w - np.log(sd) - _LOG_SQRT_2PI - 0.5 * mu * mu * inv_var
     coef = np.stack([-0.5 * inv_var, mu * inv_var, c], axis=2)  # (B, K, 3)
     lp = np.matmul(coef, feats)  # (B, K, m)
     top = lp.max(axis=1, keepdims=True)

@@ -294,7 +294,9 @@ def test_stage_writes_states_like_the_dense_model(tmp_path, planted, client_hold
     for name in ("weights", "means", "sds"):
         arr = store.read_elem(f"varm/ltmg_{name}")
         assert arr.shape == (g, config.ltmg.k_max)
-        np.testing.assert_array_equal(arr, getattr(fit, name))
+        # genes fitted in blocks here, all at once there: BLAS may round the batched products of the two
+        # shapes differently (seen on an AVX-512 VM, 1e-16), so the EM's parameters agree to rounding
+        np.testing.assert_allclose(arr, getattr(fit, name), rtol=1e-9, atol=1e-12)
     assert info["zcut_global"] == zg
     adata = anndata.read_zarr(store.adata_path)
     assert adata.layers["ltmg"].dtype == np.uint8

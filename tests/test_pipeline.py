@@ -1,6 +1,6 @@
 """End to end through the CLI on a tiny planted atlas: outputs, skip, resume after SIGKILL, refusals."""
 
-import json
+import logging
 import os
 import shutil
 import signal
@@ -126,21 +126,26 @@ def test_sigkill_then_resume_gives_the_same_result(full_run, tiny_input, tmp_pat
     assert not (out / "staging").exists() or not any((out / "staging").iterdir())
 
 
-def _stage_seconds(run_dir):
-    return {s: e["seconds"] for s, e in json.loads((run_dir / "manifest.json").read_text())["stages"].items()}
+def _stages_run(caplog, args) -> set[str]:
+    """Run the CLI and return the stages it ran (the pipeline logs 'STAGE: started'), not those it skipped.
+
+    (Comparing the manifest's seconds before and after failed once: a redone tiny stage took 1.016 s again.)
+    """
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scgnn_scale"):
+        assert main(args) == 0
+    return {m.split(":")[0] for m in (r.getMessage() for r in caplog.records) if m.endswith(": started")}
 
 
-def test_finished_run_removes_its_reconstructions_and_redoes_them_when_needed(full_run, tiny_input, tmp_path):
+def test_finished_run_removes_its_reconstructions_and_redoes_them_when_needed(full_run, tiny_input, tmp_path,
+                                                                              caplog):
     inp, cfg = tiny_input
     assert not any(RunStore.open(full_run).has(key) for key in INTERMEDIATE_RECONS)
     # other impute options on the finished run: work/recon is gone, so the feature stage is redone
     out = tmp_path / "rerun"
     shutil.copytree(full_run, out)
-    before = _stage_seconds(out)
-    assert main(_run_args(inp, cfg, out, "--overwrite", "--impute-l1", "0.5")) == 0
-    after = _stage_seconds(out)
-    assert after["preprocess"] == before["preprocess"] and after["ltmg"] == before["ltmg"]
-    assert after["feature"] != before["feature"] and after["impute"] != before["impute"]
+    ran = _stages_run(caplog, _run_args(inp, cfg, out, "--overwrite", "--impute-l1", "0.5"))
+    assert ran == {"feature", "graph", "gae", "cluster", "iterate", "impute"}
     assert np.isfinite(read_run(out).layers["imputed"][:20].compute()).all()
     assert not RunStore.open(out).has("work/recon")
 
@@ -169,16 +174,13 @@ def test_redone_feature_stage_is_not_replaced_by_the_first_pass_kept_by_iterate(
     assert not store.has("work/first_pass/labels")  # the stale snapshot is gone
 
 
-def test_keep_work_keeps_the_reconstructions_for_a_later_impute(tiny_input, tmp_path):
+def test_keep_work_keeps_the_reconstructions_for_a_later_impute(tiny_input, tmp_path, caplog):
     inp, cfg = tiny_input
     out = tmp_path / "kept"
     assert main(_run_args(inp, cfg, out, "--keep-work")) == 0
     assert RunStore.open(out).has("work/recon")
-    before = _stage_seconds(out)
-    assert main(_run_args(inp, cfg, out, "--keep-work", "--overwrite", "--impute-l1", "0.5")) == 0
-    after = _stage_seconds(out)
-    assert after["feature"] == before["feature"] and after["iterate"] == before["iterate"]
-    assert after["impute"] != before["impute"]
+    assert _stages_run(caplog, _run_args(inp, cfg, out, "--keep-work", "--overwrite", "--impute-l1", "0.5")) == {
+        "impute"}
 
 
 def test_until_stops_after_the_stage(tiny_input, tmp_path):
