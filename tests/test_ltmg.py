@@ -179,6 +179,18 @@ def test_state_table_matches_dense_argmax(rng):
     assert fit.k[-1] >= 2
 
 
+def test_zero_weight_floor_gives_the_fit_of_minus_infinity(rng, monkeypatch):
+    """The finite log-weight floor of padded components (kept out of BLAS as -inf) changes no fit."""
+    values = np.exp(rng.normal(1.0, 0.8, (1000, 60))) * (rng.random((1000, 60)) > 0.5)
+    states, fit, _ = L.ltmg(values)
+    monkeypatch.setattr(L, "_LOG_ZERO_WEIGHT", -np.inf)
+    with np.errstate(invalid="ignore"):
+        states_inf, fit_inf, _ = L.ltmg(values)
+    np.testing.assert_array_equal(states, states_inf)
+    for name in ("k", "weights", "means", "sds"):
+        np.testing.assert_array_equal(getattr(fit, name), getattr(fit_inf, name))
+
+
 # -- edge genes ---------------------------------------------------------------------------------------
 
 def test_edge_genes_have_documented_states(rng):
