@@ -303,15 +303,10 @@ class RunStore:
         """
         if not (src_key.startswith(WORK_PREFIX) and dst_key.startswith(WORK_PREFIX)):
             raise ValueError(f"move is for working elements (work/...): {src_key!r} -> {dst_key!r}")
-        src_base, src_rel = self._base_for(src_key)
-        dst_base, dst_rel = self._base_for(dst_key)
-        src, dst = src_base / src_rel, dst_base / dst_rel
+        src = Path(self.path_of(src_key))
         if not src.exists():
             return False
-        if dst.exists():
-            shutil.rmtree(dst)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        self._move_into_place(src, dst_key)
         return True
 
     # -- reading ---------------------------------------------------------------------------------
