@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from scgnn_scale.cli import main
 from scgnn_scale.errors import InputError
+from scgnn_scale import simulate
 from scgnn_scale.simulate import simulate_atlas
 
 
@@ -68,6 +69,25 @@ def test_deterministic_and_independent_of_block_rows(tmp_path):
     assert (a.X != c.X).nnz > 0
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5ad"])
+def test_chunk_size_does_not_change_the_atlas(tmp_path, monkeypatch, suffix):
+    """The writer queues entries until a whole chunk: blocks of 300 cells across chunks of 1,000
+    entries (most writes carry a remainder over) give the atlas written as one chunk per array."""
+    one_chunk = _read(simulate_atlas(tmp_path / f"a{suffix}", n_cells=2000, n_genes=40, n_types=3, seed=6,
+                                     block_rows=300))
+    monkeypatch.setattr(simulate, "_ARRAY_CHUNK", 1000)
+    path = simulate_atlas(tmp_path / f"b{suffix}", n_cells=2000, n_genes=40, n_types=3, seed=6, block_rows=300)
+    small = _read(path)
+    assert small.X.nnz > 10 * 1000  # many chunks
+    assert (one_chunk.X != small.X).nnz == 0
+    assert list(one_chunk.obs_names) == list(small.obs_names) == [f"cell{i}" for i in range(2000)]
+    assert list(one_chunk.obs["label"]) == list(small.obs["label"])
+    if suffix == ".zarr":
+        import zarr
+
+        assert zarr.open_array(path / "X" / "data", mode="r").chunks == (1000,)
+
+
 def test_parallel_workers_write_the_same_atlas(tmp_path):
     serial = _read(simulate_atlas(tmp_path / "a.zarr", n_cells=5000, n_genes=40, n_types=3, seed=4,
                                   block_rows=300, workers=1))
@@ -98,8 +118,12 @@ def test_bad_arguments(tmp_path):
         simulate_atlas(tmp_path / "a.h5ad", n_cells=10, n_genes=5, n_types=2, dropout=1.0)
 
 
-def test_memory_is_bounded_by_the_block(tmp_path):
-    """Peak Python-heap memory does not grow with the number of cells (numpy reports to tracemalloc)."""
+def test_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
+    """Peak Python-heap memory does not grow with the number of cells (numpy reports to tracemalloc).
+
+    The writer holds at most one block and one chunk of each array; chunks are made small here so
+    both sizes stay below the atlases'."""
+    monkeypatch.setattr(simulate, "_ARRAY_CHUNK", 1 << 12)
 
     def peak(n_cells, name):
         tracemalloc.start()
