@@ -196,6 +196,8 @@ def test_iterate_writes_history_and_final_outputs(tmp_path, monkeypatch):
         assert peaks == sorted(peaks) and peaks[0] > 0  # the process's peak so far: never falls
         steps = [h[f"seconds_{k}"] for k in ("cluster_autoencoders", "feature", "graph", "gae", "cluster")]
         assert all(v > 0 for v in steps) and sum(steps) <= h["seconds"]
+        phases = [h[f"seconds_cluster_ae_{k}"] for k in ("layout", "train_and_write", "gather")]
+        assert all(v > 0 for v in phases) and sum(phases) <= h["seconds_cluster_autoencoders"]
     # the first comparison is against L0 itself (published code), larger than later graph changes
     assert history[0]["graph_change"] > history[1]["graph_change"]
     n = len(labels)

@@ -134,6 +134,7 @@ def run(ctx) -> dict:
         ``graph_threshold``, ``feature_loss``, ``feature_recon_mse``, ``cluster_ae_loss``,
         ``n_clusters``, ``seconds``, ``peak_rss_mb_after_<step>`` (the process's peak so far after the
         cluster AEs, feature AE, graph, GAE and clustering), ``seconds_<step>`` (each step's time),
+        ``seconds_cluster_ae_<phase>`` (the cluster AEs' layout, train_and_write and gather),
         ``resolution`` and ``resolution_steps`` (Leiden/Louvain with a fixed count); ``ari_to_label`` /
         ``nmi_to_label`` with a label column), ``model`` and ``metrics``.
     """
@@ -186,6 +187,7 @@ def run(ctx) -> dict:
             }
             record.update({f"peak_rss_mb_after_{k}": v for k, v in step["peak_rss_mb_after"].items()})
             record.update({f"seconds_{k}": v for k, v in step["seconds"].items()})
+            record.update({f"seconds_cluster_ae_{k}": v for k, v in step["cluster_ae_seconds"].items()})
             if "resolution" in step["cluster"]:
                 record["resolution"] = step["cluster"]["resolution"]
             if "resolution_steps" in step["cluster"]:
@@ -273,7 +275,7 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
         st.write_elem(_key(t, "labels"), labels)
     ctx.store.delete(_key(t, "x"))  # only this iteration's feature AE reads it
     return {"labels": labels, "feature": feature_info, "cluster_ae_loss": cluster_info["loss_mean"],
-            "cluster": cinfo, "peak_rss_mb_after": peaks, "seconds": seconds}
+            "cluster_ae_seconds": cluster_info["seconds"], "cluster": cinfo, "peak_rss_mb_after": peaks, "seconds": seconds}
 
 
 def _first_pass_count(ctx) -> int:
@@ -390,7 +392,8 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
     Returns
     -------
     dict
-        Per-cluster results (cells, steps, losses, seconds), ``loss_mean``, ``executor``.
+        Per-cluster results (cells, steps, losses, seconds), ``loss_mean``, ``executor``, ``seconds``
+        (of the layout by cluster, the training and writing, and the gather back to cell order).
     """
     cfg, fcfg = ctx.config.iterate, ctx.config.feature
     source = ctx.store.open_array(source_key)
@@ -412,6 +415,7 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
     from ..store import Staging
 
     scratch = Staging(ctx.store, _SCRATCH)  # never committed: removed once the outputs are back in cell order
+    phases, t0 = {}, time.perf_counter()
     try:
         inputs, outputs = [], []
         for c in range(n_clusters):
@@ -419,6 +423,7 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
             inputs.append(scratch.create_matrix(f"{WORK}/clusters/{c}/input", shape, np.float32, chunks=chunks))
             outputs.append(scratch.create_matrix(f"{WORK}/clusters/{c}/output", shape, np.float32, chunks=chunks))
         scatter_rows(source, labels, inputs, block_rows=block_rows)
+        phases["layout"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
 
         jobs = []
         for c in range(n_clusters):
@@ -432,6 +437,7 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
                 "memory_budget_mb": loader_mb,
             })
         results = _run_jobs(ctx, jobs, executor)
+        phases["train_and_write"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
         release_freed_memory()  # the cluster AEs' buffers, before the feature AE allocates its own
         for c in range(n_clusters):  # inputs are no longer needed: free the disk before the gather
             shutil.rmtree(scratch.path_of(f"{WORK}/clusters/{c}/input"), ignore_errors=True)
@@ -440,9 +446,13 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
         gather_rows(outputs, labels, out, block_rows=block_rows)
     finally:
         shutil.rmtree(scratch.root, ignore_errors=True)
+    phases["gather"] = round(time.perf_counter() - t0, 3)
+    ctx.log.info("iterate: %d cluster autoencoders: cells laid out by cluster in %.1f s, trained and written "
+                 "in %.1f s (%s), put back in cell order in %.1f s", n_clusters, phases["layout"],
+                 phases["train_and_write"], executor, phases["gather"])
     losses = [r["loss_last"] for r in results if r.get("loss_last") is not None]
     weights = [r["n_cells"] for r in results if r.get("loss_last") is not None]
-    return {"clusters": results, "executor": executor,
+    return {"clusters": results, "executor": executor, "seconds": phases,
             "loss_mean": float(np.average(losses, weights=weights)) if losses else float("nan")}
 
 
