@@ -37,7 +37,7 @@ class _Failure:
         self.exc = exc
 
 
-def _in_background(produce: Callable[[Callable[[], bool]], Iterator], depth: int) -> Iterator:
+def in_background(produce: Callable[[Callable[[], bool]], Iterator], depth: int) -> Iterator:
     """Run the generator ``produce(stopped)`` on a thread, ``depth`` items ahead, and yield its items.
 
     Closing the consumer (``break`` in a for loop) stops the producer at its next item.
@@ -130,7 +130,40 @@ def iter_row_blocks(array, block_rows: int | None = None, *, start: int = 0, sto
             yield a, b, np.asarray(array[a:b])
             a = b
 
-    yield from _in_background(produce, prefetch)
+    yield from in_background(produce, prefetch)
+
+
+class BackgroundWriter:
+    """Runs writes on one background thread, at most ``depth`` waiting, so compression overlaps reading.
+
+    Use as a context manager; ``submit(fn, *args)`` blocks while ``depth`` writes are pending and
+    re-raises a failed write's error; leaving the block waits for every write (and raises the first
+    error). Writes run in submission order.
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = max(1, int(depth))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scgnn-write")
+        self._pending: collections.deque = collections.deque()
+
+    def submit(self, fn: Callable, *args) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_read_threads() -> int:
@@ -323,7 +356,7 @@ class MinibatchLoader:
                     for future in pending:
                         future.cancel()
 
-        yield from _in_background(produce, self.prefetch)
+        yield from in_background(produce, self.prefetch)
 
     def epoch(self, epoch: int) -> Iterator[Minibatch]:
         """The batches of epoch ``epoch`` (deterministic for the seed).
@@ -332,7 +365,7 @@ class MinibatchLoader:
         the blocks read on another), so the consumer only receives finished batches.
         """
         depth = max(2, self.prefetch * self.block_rows // self.batch_size) if self.prefetch else 0
-        return _in_background(lambda stopped: self._batches(int(epoch), stopped), depth)
+        return in_background(lambda stopped: self._batches(int(epoch), stopped), depth)
 
     def _batches(self, epoch: int, stopped: Callable[[], bool]) -> Iterator[Minibatch]:
         rng = np.random.default_rng([self.seed, epoch])

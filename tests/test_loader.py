@@ -1,12 +1,13 @@
 """The streamed minibatch loader: coverage, alignment, determinism, memory vs streamed, bounded reads."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import zarr
 
-from scgnn_scale.loader import MinibatchLoader, iter_row_blocks
+from scgnn_scale.loader import BackgroundWriter, MinibatchLoader, iter_row_blocks
 
 N, CHUNK = 203, 16
 
@@ -194,3 +195,28 @@ def test_parallel_reads_stop_on_break_and_pass_errors_on(arrays):
 
     with pytest.raises(OSError, match="disk gone"):
         list(MinibatchLoader([BrokenFrom(x, 5 * CHUNK)], 8, seed=0, shuffle=False, memory_budget_mb=0, read_threads=3).epoch(0))
+
+
+def test_background_writer_writes_in_order_and_bounds_the_pending():
+    out = []
+
+    def slow_write(i):
+        time.sleep(0.01)
+        out.append(i)
+
+    with BackgroundWriter(depth=2) as writer:
+        for i in range(20):
+            writer.submit(slow_write, i)
+            assert i + 1 - len(out) <= 2  # submitted but not yet written: at most depth
+    assert out == list(range(20))
+
+
+def test_background_writer_raises_a_failed_write():
+    def write(i):
+        if i == 3:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with BackgroundWriter(depth=1) as writer:
+            for i in range(10):
+                writer.submit(write, i)

@@ -25,14 +25,13 @@ import contextlib
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from ..loader import MinibatchLoader, iter_row_blocks
+from ..loader import BackgroundWriter, MinibatchLoader, iter_row_blocks
 from ..memory import MemoryPlan
 
 MODEL_NAME = "feature_ae"
@@ -245,10 +244,9 @@ def write_outputs(ctx, model, x, *, embedding=None, recon=None, desc: str = "wri
     out = recon if recon is not None else embedding
     block_rows = int(out.chunks[0]) if out is not None else int(x.chunks[0])
     sq_sum = 0.0
-    pending: list[Future] = []
     t0 = time.perf_counter()
     bar = ctx.progress(n, desc, unit="cells")
-    with ThreadPoolExecutor(max_workers=1) as writer, torch.inference_mode():
+    with BackgroundWriter(depth=2) as writer, torch.inference_mode():
         try:
             for a, b, block in iter_row_blocks(x, block_rows, prefetch=2):
                 xb = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device)
@@ -256,12 +254,8 @@ def write_outputs(ctx, model, x, *, embedding=None, recon=None, desc: str = "wri
                 sq_sum += float(((rb - xb) ** 2).sum(dtype=torch.float64))
                 z_np = zb.float().cpu().numpy() if embedding is not None else None
                 r_np = rb.float().cpu().numpy() if recon is not None else None
-                while len(pending) >= 2:  # bound the blocks waiting to be written
-                    pending.pop(0).result()
-                pending.append(writer.submit(_write_block, embedding, recon, a, b, z_np, r_np))
+                writer.submit(_write_block, embedding, recon, a, b, z_np, r_np)
                 bar.update(b - a)
-            for f in pending:
-                f.result()
         finally:
             bar.close()
     model.train()

@@ -92,7 +92,7 @@ import zarr
 
 from .. import convergence as cv
 from ..errors import InputError
-from ..loader import iter_row_blocks
+from ..loader import BackgroundWriter, in_background, iter_row_blocks
 from ..memory import MemoryPlan, peak_rss_mb, release_freed_memory
 
 WORK = "work/iterate"
@@ -298,7 +298,7 @@ def scatter_rows(source, labels: np.ndarray, targets: list, *, block_rows: int) 
     """Copy the rows of ``source`` of cluster ``c`` into ``targets[c]``, in cell order, streamed.
 
     Rows are buffered per cluster and written in whole chunks of the target, so every chunk is
-    written once.
+    written once; reads run ahead on one thread and writes behind on another.
     """
     n_clusters = len(targets)
     buffers: list[list[np.ndarray]] = [[] for _ in range(n_clusters)]
@@ -310,21 +310,23 @@ def scatter_rows(source, labels: np.ndarray, targets: list, *, block_rows: int) 
         chunk = int(targets[c].chunks[0])
         take = len(rows) if final else len(rows) // chunk * chunk
         if take:
-            targets[c][written[c]:written[c] + take] = rows[:take]
+            writer.submit(targets[c].__setitem__, slice(int(written[c]), int(written[c] + take)), rows[:take])
             written[c] += take
         buffers[c] = [rows[take:]]
         buffered[c] = len(rows) - take
 
-    for a, b, block in iter_row_blocks(source, block_rows):
-        block_labels = labels[a:b]
-        for c in np.unique(block_labels):
-            buffers[c].append(block[block_labels == c])
-            buffered[c] += int(np.count_nonzero(block_labels == c))
-            if buffered[c] >= targets[c].chunks[0]:
-                flush(int(c), final=False)
+    with BackgroundWriter(depth=2) as writer:
+        for a, b, block in iter_row_blocks(source, block_rows):
+            block_labels = labels[a:b]
+            for c in np.unique(block_labels):
+                buffers[c].append(block[block_labels == c])
+                buffered[c] += int(np.count_nonzero(block_labels == c))
+                if buffered[c] >= targets[c].chunks[0]:
+                    flush(int(c), final=False)
+        for c in range(n_clusters):
+            if buffered[c]:
+                flush(c, final=True)
     for c in range(n_clusters):
-        if buffered[c]:
-            flush(c, final=True)
         if written[c] != targets[c].shape[0]:
             raise AssertionError(f"cluster {c}: {written[c]} rows laid out, expected {targets[c].shape[0]}")
 
@@ -353,14 +355,23 @@ def gather_rows(sources: list, labels: np.ndarray, target, *, block_rows: int) -
     """Inverse of :func:`scatter_rows`: put the clusters' rows back in cell order into ``target``."""
     readers = [_SequentialReader(s) for s in sources]
     n = target.shape[0]
-    for a in range(0, n, block_rows):
-        b = min(n, a + block_rows)
-        block_labels = labels[a:b]
-        block = np.empty((b - a,) + tuple(target.shape[1:]), dtype=target.dtype)
-        for c in np.unique(block_labels):
-            mask = block_labels == c
-            block[mask] = readers[c].take(int(np.count_nonzero(mask)))
-        target[a:b] = block
+
+    def assemble(stopped):
+        for a in range(0, n, block_rows):
+            if stopped():
+                return
+            b = min(n, a + block_rows)
+            block_labels = labels[a:b]
+            block = np.empty((b - a,) + tuple(target.shape[1:]), dtype=target.dtype)
+            for c in np.unique(block_labels):
+                mask = block_labels == c
+                block[mask] = readers[c].take(int(np.count_nonzero(mask)))
+            yield a, b, block
+
+    # reading and assembling run one block ahead on one thread, compressing one behind on another
+    with BackgroundWriter(depth=2) as writer:
+        for a, b, block in in_background(assemble, 1):
+            writer.submit(target.__setitem__, slice(a, b), block)
 
 
 def cluster_seed(seed: int, iteration: int, cluster: int) -> int:
