@@ -10,9 +10,9 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 
+from scgnn_scale import simulate
 from scgnn_scale.cli import main
 from scgnn_scale.errors import InputError
-from scgnn_scale import simulate
 from scgnn_scale.simulate import simulate_atlas
 
 

@@ -275,7 +275,8 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
         st.write_elem(_key(t, "labels"), labels)
     ctx.store.delete(_key(t, "x"))  # only this iteration's feature AE reads it
     return {"labels": labels, "feature": feature_info, "cluster_ae_loss": cluster_info["loss_mean"],
-            "cluster_ae_seconds": cluster_info["seconds"], "cluster": cinfo, "peak_rss_mb_after": peaks, "seconds": seconds}
+            "cluster_ae_seconds": cluster_info["seconds"], "cluster": cinfo, "peak_rss_mb_after": peaks,
+            "seconds": seconds}
 
 
 def _first_pass_count(ctx) -> int:
