@@ -33,7 +33,7 @@ def one_size(n: int, genes: int, until: str, extra: list[str], resume: bool = Fa
     data = out / f"atlas_{n}x{genes}.zarr"
     if not data.exists():
         sim = run_measured(["scgnn-scale", "simulate", str(data), "--cells", str(n), "--genes", str(genes),
-                            "--types", "12"], stdout=subprocess.DEVNULL)
+                            "--types", "12", "--quiet"], stdout=subprocess.DEVNULL)
         print(f"simulate: {n} cells in {sim['seconds']:.1f} s, peak RSS {sim['peak_rss_mb']:.0f} MB", file=sys.stderr,
               flush=True)
     else:

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes drawing blocks in parallel (default: one per CPU core from 64 tiles of about 2M "
                         "values on, i.e. 65,536 cells at 2,000 genes, else 1); the atlas does not depend on it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
 
@@ -148,7 +149,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         path = simulate_atlas(args.out, n_cells=args.cells, n_genes=args.genes, n_types=args.types,
                               dropout=args.dropout, seed=args.seed, block_rows=args.block_rows,
-                              overwrite=args.overwrite, workers=args.workers)
+                              overwrite=args.overwrite, workers=args.workers, progress=not args.quiet)
         print(f"wrote {path}")
         return 0
     if args.command == "evaluate":

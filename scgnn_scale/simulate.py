@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from .errors import InputError
 
@@ -214,7 +216,7 @@ class _Writer:
 
 def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int = 2000, n_types: int = 6,
                    dropout: float = 0.3, seed: int = 0, block_rows: int = 16384, overwrite: bool = False,
-                   workers: int | None = None) -> Path:
+                   workers: int | None = None, progress: bool = False) -> Path:
     """Write a synthetic atlas with planted cell types (model in the module docstring).
 
     Parameters
@@ -234,6 +236,8 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     workers
         Processes drawing blocks (None: one per CPU core for atlases of 64 tiles and more, else 1).
         Memory grows with it: one block per worker is in flight.
+    progress
+        Show a progress bar (cells written, rate, ETA) on standard error.
 
     Returns
     -------
@@ -267,6 +271,13 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     n_tiles = -(-n_cells // tile)
     if workers is None:
         workers = (os.cpu_count() or 1) if n_tiles >= _PARALLEL_FROM_TILES else 1
+    bar = tqdm(total=n_cells, desc="simulate", unit="cells", unit_scale=True, disable=not progress,
+               dynamic_ncols=True, leave=False, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def write(drawn: Future) -> None:
+        writer.append(*drawn.result())
+        bar.update(writer.n_rows - bar.n)
+
     try:
         with _tile_executor(workers) as pool:
             blocks = [range(first, min(first + tiles_per_block, n_tiles))
@@ -277,15 +288,17 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
             for block in blocks:
                 pending.append(pool.submit(_simulate_block, prog, seed, block, n_cells, tile, dropout))
                 if len(pending) >= ahead:
-                    writer.append(*pending.pop(0).result())
+                    write(pending.pop(0))
             for future in pending:
-                writer.append(*future.result())
+                write(future)
         writer.finish(pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(n_genes)])))
     except BaseException:
         if writer.is_h5:
             writer.root.close()
         _remove(tmp)
         raise
+    finally:
+        bar.close()
     _remove(out)
     os.replace(tmp, out)
     return out

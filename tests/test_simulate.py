@@ -139,6 +139,15 @@ def test_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
     assert large < dense_large / 4
 
 
+def test_cli_simulate_shows_progress_unless_quiet(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "a.h5ad"), "--cells", "300", "--genes", "50", "--types", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "simulate" in err and "cells" in err
+    assert main(["simulate", str(tmp_path / "b.h5ad"), "--cells", "300", "--genes", "50", "--types", "2",
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_simulate_then_run(tmp_path, capsys):
     out = tmp_path / "example.h5ad"
     assert main(["simulate", str(out), "--cells", "400", "--genes", "150", "--types", "3"]) == 0
