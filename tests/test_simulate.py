@@ -121,8 +121,8 @@ def test_bad_arguments(tmp_path):
 def test_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
     """Peak Python-heap memory does not grow with the number of cells (numpy reports to tracemalloc).
 
-    The writer holds at most one block and one chunk of each array; chunks are made small here so
-    both sizes stay below the atlases'."""
+    The writer holds at most one block and one chunk of each array; chunks are made small here, so
+    that one chunk is far smaller than the atlases compared."""
     monkeypatch.setattr(simulate, "_ARRAY_CHUNK", 1 << 12)
 
     def peak(n_cells, name):
