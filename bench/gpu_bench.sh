@@ -8,10 +8,9 @@
 # call's WAIT leaving room for the steps before it (the GPU tests take about 80 s):
 #   STEPS="scaling_start gpu_tests scaling_wait" WAIT=450 bash bench/gpu_bench.sh 1000000 $OUT  # timeout_s 590
 #   STEPS="scaling_wait" WAIT=<device time left - 20> bash bench/gpu_bench.sh 1000000 $OUT     # timeout_s WAIT+20
-# (on an H200 the 1M run through the iteration took 71 + 276 + 364 s at commit 07eb725, impute not yet
-# measured; since then the simulation's serial writing fell from 47 to 14 s and the iteration no longer
-# copies its last reconstruction (~40 s): about 12 minutes expected against the 13.5 a 15-minute lease
-# leaves after the machine's start, so the second call must follow the first at once)
+# (on an H200 at commit e666c54: simulation 34 s, then the whole method 612 s; the two calls took 558 +
+# 116 s of command time, 712 s of device time with the machine's start, in a 15-minute lease: the
+# second call must follow the first at once)
 # The atlas and the run directory go to /dev/shm when it has 48 GiB free (the machine's RAM holds the
 # run's files; BENCH_DIR overrides), else to bench/out. The run uses Dask worker processes (16 cores:
 # the LTMG fits hold the GIL in threads).
