@@ -679,8 +679,8 @@ def _commit_final(ctx, t: int, history: list[dict], stopped: str, truth) -> dict
 def _keep_final_recon(ctx, t: int) -> None:
     """Keep the last iteration's reconstruction ``R_T`` as :data:`FINAL_RECON` (for impute.input "final").
 
-    A rename once the stage's checkpoint says finished: the copy it replaces was most of the 52-57 s
-    between the end of a 1M-cell iteration and the end of the stage (2-core VM, H200). Before the
+    A rename once the stage's checkpoint says finished: with the copy it replaces, the stage took 57 s
+    after a 1M-cell iteration's stopping decision on an H200; with the rename 20 s. Before the
     checkpoint, a resumed run must still find it under ``work/iterate/<t>/recon`` for
     :func:`_commit_final`.
     """
