@@ -65,6 +65,8 @@ class PreprocessConfig:
     variance_on: str = _f("raw", "rank genes by the variance of 'raw' values (published code) or 'log' values",
                           ("raw", "log"))
     normalize_total: float = _f(0.0, "library-size normalise each cell to this total before log (0: off, the paper's default)")
+    keep_counts: bool = _f(True, "keep the counts of every input gene for the kept cells as the AnnData's .raw "
+                           "(sparse, for differential expression after the run); off saves their disk")
 
 
 @dataclass(frozen=True)
