@@ -1,10 +1,23 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 # pynndescent/numba compile on first use: keep the cache between test runs and CI steps
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".numba_cache"))
+
+
+#: the real data sets of the project (../shared/data beside the repository): present in CI, absent for users
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """``../shared/data/<name>/counts.h5ad``, or skip the calling test (with the reason) when it is absent."""
+    path = SHARED_DATA / name / "counts.h5ad"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the real data sets lie in ../shared/data beside the repository)")
+    return path
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Streamed preprocessing against dense references of the published formulas (DESIGN.md step 1)."""
 
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -8,14 +7,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
+from conftest import shared_dataset
 
 from scgnn_scale import run
 from scgnn_scale.config import build_config
 from scgnn_scale.errors import InputError
 from scgnn_scale.stages.preprocess import rank_genes_by_variance
-
-WORM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "worm_neuron" / "counts.h5ad"
-
 
 # ---- references ---------------------------------------------------------------------------------------
 
@@ -223,7 +220,7 @@ def test_bad_options(tmp_path, toy_counts):
 
 def test_worm_neuron_matches_reference(tmp_path):
     """``run('../shared/data/worm_neuron/counts.h5ad', out, until='preprocess')`` equals the reference."""
-    assert WORM.is_file(), f"{WORM} is missing (../shared/data next to the repository)"
+    WORM = shared_dataset("worm_neuron")
     config = build_config({"store": {"chunk_rows": 1024}, "ingest": {"label_key": "label"},
                            "runtime": {"n_workers": 2}})
     store = run(str(WORM), tmp_path / "worm", config=config, until="preprocess", quiet=True)
