@@ -18,8 +18,11 @@ def _allow_arrow_strings() -> None:
 
 _allow_arrow_strings()
 
+from . import tl  # noqa: E402
 from .config import RunConfig, load_config  # noqa: E402
 from .errors import InputError  # noqa: E402
+from .logs import set_verbosity  # noqa: E402
 from .pipeline import STAGE_NAMES, read_run, run  # noqa: E402
 
-__all__ = ["RunConfig", "load_config", "InputError", "STAGE_NAMES", "read_run", "run", "__version__"]
+__all__ = ["RunConfig", "load_config", "InputError", "STAGE_NAMES", "read_run", "run", "set_verbosity", "tl",
+           "__version__"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import textwrap
 from typing import Any
@@ -46,6 +45,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _add_verbosity_flags(p: argparse.ArgumentParser, suppress: bool = True) -> None:
+    """``--log-level`` and ``-v``, accepted before or after the command."""
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=default,
+                   help="messages printed on stderr (default: info); RUN_DIR/run.log always gets info and above")
+    p.add_argument("-v", "--verbose", action="store_const", const="debug", dest="log_level", default=default,
+                   help="print debug messages too (same as --log-level debug)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import STAGE_NAMES
 
@@ -62,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
               scgnn-scale export demo_run --format csv --to demo_csv
             Run 'scgnn-scale COMMAND --help' for the options of each command."""),
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"scgnn-scale {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    _add_verbosity_flags(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the scGNN pipeline on an input into a run directory",
@@ -83,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "iterate or impute options redoes the feature autoencoder)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
+    _add_verbosity_flags(p)
     _add_config_flags(p)
 
     p = sub.add_parser("simulate", help="write a synthetic atlas with planted cell types (the built-in example)",
@@ -102,12 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
+    _add_verbosity_flags(p)
 
-    p = sub.add_parser("evaluate", help="ARI, NMI and silhouette of a run's clusters against a label column")
+    p = sub.add_parser("evaluate", help="ARI, NMI and silhouette of a run's clusters against reference labels",
+                       description="Score a run's clusters against reference labels: an obs column of the run "
+                                   "(--label-key) or a CSV/TSV file of cell names and labels (--labels), which is "
+                                   "then kept as an obs column of the run. Writes RUN_DIR/metrics.json.")
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--label-key", default="label", help="obs column with the reference labels (default: label)")
+    p.add_argument("--label-key", default="label",
+                   help="obs column with the reference labels; with --labels, the file's column to use and the "
+                        "name it gets in obs (default: label; a file without that column gives its second column)")
+    p.add_argument("--labels", metavar="FILE",
+                   help="CSV/TSV file: first column cell names (as in the run's obs_names), then the labels")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
+    _add_verbosity_flags(p)
 
     p = sub.add_parser("evaluate-imputation",
                        help="the paper's dropout protocol: zero a fraction of non-zeros, impute, score them")
@@ -120,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
+    _add_verbosity_flags(p)
 
     p = sub.add_parser("export", help="export a run as h5ad or as the published scGNN's CSV files")
     p.add_argument("run_dir", help="run directory")
@@ -128,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
+    _add_verbosity_flags(p)
     return parser
 
 
@@ -140,10 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.keep_work:
             overrides.setdefault("runtime", {})["keep_work"] = True
         config = load_config(args.config, overrides)
-        store = run(args.input, args.out, config=config, until=args.until, overwrite=args.overwrite,
-                    quiet=args.quiet)
-        print(f"done: {store.root} (open with scgnn_scale.read_run('{store.root}'))")
-        return 0
+        run(args.input, args.out, config=config, until=args.until, overwrite=args.overwrite, quiet=args.quiet)
+        return 0  # the run logs its summary
     if args.command == "simulate":
         from .simulate import simulate_atlas
 
@@ -155,7 +177,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from .evaluate import evaluate_run
 
-        metrics = evaluate_run(args.run_dir, label_key=args.label_key)
+        metrics = evaluate_run(args.run_dir, label_key=args.label_key, labels_file=args.labels)
         for k, v in metrics.items():
             print(f"{k}\t{v}")
         return 0
@@ -184,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("scgnn_scale").setLevel(logging.INFO)
+    from .logs import set_verbosity
+
+    set_verbosity(getattr(args, "log_level", None) or "info")
     try:
         return _dispatch(args)
     except InputError as exc:

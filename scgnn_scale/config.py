@@ -18,8 +18,10 @@ from typing import Any
 from .errors import InputError
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    meta = {"help": help}
+def _f(default: Any, help: str, choices: tuple | None = None, *, result: bool = True) -> Any:
+    """An option with its ``--help`` text; ``result=False`` marks metadata that changes no stage's output
+    (a label column, a temporary directory): left out of the hashes that decide which stages to redo."""
+    meta = {"help": help, "result": result}
     if choices:
         meta["choices"] = choices
     return field(default=default, metadata=meta)
@@ -51,10 +53,13 @@ class IngestConfig:
         "h5ad/10x/zarr are always cells x genes",
         ("auto", "genes-x-cells", "cells-x-genes"),
     )
-    label_key: str = _f("", "obs column of the input carried into the run as a label (e.g. 'label'); never required")
+    label_key: str = _f("", "obs column of the input with reference labels (e.g. 'label'): carried into the run "
+                        "and scored against the clusters (ARI/NMI); never required, and adding it redoes no stage",
+                        result=False)
     block_rows: int = _f(8192, "cells read from the input per block")
     tmp_dir: str = _f("", "directory for the temporary files of inputs that are re-sorted by cell while read "
-                      "(CSV/TSV, 10x mtx, CSC h5ad; 12 bytes per non-zero); empty: the system temp directory")
+                      "(CSV/TSV, 10x mtx, CSC h5ad; 12 bytes per non-zero); empty: the system temp directory",
+                      result=False)
 
 
 @dataclass(frozen=True)
@@ -271,9 +276,27 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
-        """A short hash of the named sections, for the manifest."""
-        payload = json.dumps({n: dataclasses.asdict(getattr(self, n)) for n in names}, sort_keys=True)
+        """A short hash of the options of the named sections that shape results (metadata left out)."""
+        payload = json.dumps({n: result_options(getattr(self, n)) for n in names}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def result_options(section) -> dict[str, Any]:
+    """The options of one config section that change what a stage computes (``result=True``)."""
+    return {f.name: getattr(section, f.name) for f in fields(section) if f.metadata.get("result", True)}
+
+
+def changed_options(old: dict[str, dict[str, Any]], new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(section.option, old value, new value)`` for each option that differs from a stored config."""
+    out = []
+    for section, values in new.to_dict().items():
+        before = old.get(section, {})
+        for name, value in values.items():
+            if name in before and before[name] != value:
+                out.append((f"{section}.{name}", before[name], value))
+            elif name not in before:
+                out.append((f"{section}.{name}", None, value))
+    return out
 
 
 def _coerce(section: str, name: str, value: Any, kind: type) -> Any:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .config import RunConfig
+from .progress import progress_bar
 from .store import RunStore
 
 
@@ -24,11 +22,9 @@ class StageContext:
     quiet: bool = False
     _client_holder: Any = None  # distributed.ClientHolder shared by all stages of one invocation
 
-    def progress(self, total: int | None, desc: str, unit: str = "cells", **kw) -> tqdm:
-        """A progress bar with rate and ETA (silent with --quiet)."""
-        kw.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
-        return tqdm(total=total, desc=f"{self.stage}: {desc}", unit=unit, unit_scale=True,
-                    disable=self.quiet, dynamic_ncols=True, leave=False, **kw)
+    def progress(self, total: int | None, desc: str, unit: str = "cells", **kw):
+        """A progress bar with rate and ETA on a terminal or notebook, a log line a minute elsewhere."""
+        return progress_bar(total, f"{self.stage}: {desc}", unit, quiet=self.quiet, **kw)
 
     def client(self):
         """The Dask client of this invocation (embedded LocalCluster or --scheduler), started lazily."""

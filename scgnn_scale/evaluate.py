@@ -84,10 +84,12 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_run(run_dir, label_key: str = "label", *, seed: int = 0) -> dict:
+def evaluate_run(run_dir, label_key: str = "label", *, labels_file=None, seed: int = 0) -> dict:
     """Score a run's clusters against ``obs[label_key]``; write ``RUN_DIR/metrics.json``; return the metrics.
 
     The silhouette is computed in the run's graph embedding ``obsm/X_scgnn`` (when present).
+    ``labels_file``: a CSV/TSV of cell names and labels (see :func:`scgnn_scale.labels.read_label_file`),
+    matched to the run's cells by name and written into the run's obs as ``label_key`` first.
 
     Raises
     ------
@@ -103,12 +105,18 @@ def evaluate_run(run_dir, label_key: str = "label", *, seed: int = 0) -> dict:
     if "scgnn_cluster" not in obs.columns:
         raise InputError(f"{run_dir}: the run has no clusters yet (obs/scgnn_cluster); run it through the "
                          "'cluster' stage first")
+    if labels_file is not None:
+        from .labels import align_labels, attach_labels, read_label_file
+
+        labels = read_label_file(labels_file, label_key)
+        attach_labels(store, align_labels(labels, obs.index, str(labels_file)), label_key)
+        obs = store.read_elem("obs")
     if label_key not in obs.columns:
         others = [c for c in obs.columns if c != "scgnn_cluster"]
         raise InputError(f"{run_dir}: obs has no column '{label_key}' to compare with (columns: "
                          f"{', '.join(others) if others else 'none'}); name another one with "
-                         "--label-key, or rerun 'scgnn-scale run' with --label-key <column> so the input's labels "
-                         "are carried into the run")
+                         "--label-key, give a file of labels with --labels FILE, or rerun 'scgnn-scale run' with "
+                         "--label-key <column> (no stage is redone) so the input's labels are carried into the run")
     embedding = store.read_elem("obsm/X_scgnn") if store.has("obsm/X_scgnn") else None
     metrics = clustering_metrics(obs[label_key].to_numpy(), obs["scgnn_cluster"].to_numpy(), embedding=embedding,
                                  seed=seed)

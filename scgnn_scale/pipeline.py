@@ -87,12 +87,52 @@ def chain_hashes(config: RunConfig, identity: dict) -> dict[str, str]:
     return hashes
 
 
-def _setup_logging(store: RunStore, quiet: bool) -> logging.Handler:
+def _setup_logging(store: RunStore) -> logging.Handler:
     handler = logging.FileHandler(store.log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)  # the run log keeps every stage's record whatever the console shows
     return handler
+
+
+def _run_identity(identity: dict, config: RunConfig) -> dict:
+    """What a run directory is for: the input, the options that shape results, and the seed."""
+    return {"input": identity, "config": config.section_hash(*[s for s in config.to_dict() if s != "runtime"]),
+            "seed": config.runtime.seed}
+
+
+def _refuse_other_run(out: Path, identity: dict, config: RunConfig, hashes: dict[str, str]) -> None:
+    """Refuse ``out`` when it holds a run of another input or other options, naming what differs and
+    which stages ``--overwrite`` would redo."""
+    from .config import changed_options, result_options
+
+    manifest_path = Path(out) / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # RunStore.create names the corrupt manifest
+    if old.get("identity") == _run_identity(identity, config):
+        return
+    differences = []
+    if old.get("identity", {}).get("input") != identity:
+        differences.append("another input, or the input's content changed")
+    for option, before, after in changed_options(old.get("config", {}), config):
+        section, name = option.split(".")
+        if section != "runtime" and name in result_options(getattr(config, section)):
+            differences.append(f"{option} {before!r} -> {after!r}")
+    if old.get("identity", {}).get("seed") != config.runtime.seed:
+        differences.append(f"runtime.seed {old.get('identity', {}).get('seed')!r} -> {config.runtime.seed!r}")
+    done = old.get("stages", {})
+    kept = [s for s in STAGE_NAMES if done.get(s, {}).get("hash") == hashes[s]]
+    redo = [s for s in STAGE_NAMES if s in done and s not in kept]
+    plan = (f"--overwrite keeps {', '.join(kept) or 'no stage'} and redoes {', '.join(redo) or 'nothing done so far'}"
+            if done else "--overwrite starts it afresh")
+    raise InputError(f"{out}: holds a run of other options ({'; '.join(differences) or 'an older configuration'}); "
+                     f"{plan}; or choose another --out")
 
 
 def run(
@@ -103,28 +143,33 @@ def run(
     until: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    open_hint: str | None = None,
 ) -> RunStore:
     """Run scGNN on ``source`` (a path to h5ad / 10x / CSV / zarr, or an AnnData) into the run directory ``out``.
 
-    Finished stages with the same config are skipped; a killed run resumes. Returns the run store;
-    :func:`scgnn_scale.read_run` opens its results as an AnnData.
+    Finished stages with the same config are skipped; a killed run resumes. Logs a summary of the
+    results at the end (clusters, scores against ``ingest.label_key``, times) and returns the run
+    store; :func:`scgnn_scale.read_run` opens its results as an AnnData, :func:`scgnn_scale.tl.scgnn`
+    runs on an AnnData and writes the results into it. ``open_hint`` replaces the summary's last line
+    (how to open the results).
     """
     config = config or RunConfig()
     if until is not None and until not in STAGES:
         raise InputError(f"--until {until}: not a stage; stages are {', '.join(STAGE_NAMES)}")
     MemoryPlan.from_config(config.runtime)  # a bad --memory-limit fails before any work
     identity = input_identity(source)
-    run_identity = {"input": identity, "config": config.section_hash(*[s for s in config.to_dict() if s != "runtime"]),
-                    "seed": config.runtime.seed}
-    store = RunStore.create(out, identity=run_identity, config=config, overwrite=overwrite)
-    handler = _setup_logging(store, quiet)
     hashes = chain_hashes(config, identity)
+    if not overwrite:
+        _refuse_other_run(Path(out), identity, config, hashes)
+    store = RunStore.create(out, identity=_run_identity(identity, config), config=config, overwrite=overwrite)
+    handler = _setup_logging(store)
     holder = None
+    t_start = time.perf_counter()
     try:
-        log.info("run %s -> %s", identity, out)
+        log.info("run %s -> %s", identity, store.root)
         order = list(STAGES)
         last = order.index(until) if until else len(order) - 1
-        _redo_removed_reconstructions(store, config, order[: last + 1], hashes)
+        _restore_removed_reconstructions(store, config, order[: last + 1], hashes, source, quiet)
         for i, stage in enumerate(order[: last + 1]):
             if store.stage_done(stage, hashes[stage]):
                 log.info("%s: already done, skipped", stage)
@@ -142,11 +187,17 @@ def run(
             info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
             release_freed_memory()
             store.record_stage(stage, hashes[stage], seconds, info)
-            log.info("%s: done in %.1f s %s", stage, seconds, _short(info))
-            if store.has("X"):
-                store.write_uns_summary(_uns_summary(store))
+            log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
         if order[last] == order[-1] and not config.runtime.keep_work:
             _remove_intermediates(store)
+        if store.has("X"):
+            from .summary import final_metrics, format_summary, run_summary, uns_summary
+
+            metrics = final_metrics(store, source, config)
+            store.write_uns_summary(uns_summary(store, metrics))
+            summary = run_summary(store, metrics, wall_seconds=time.perf_counter() - t_start)
+            log.info("%s", format_summary(summary, open_hint=open_hint))
+        store.remove_empty_staging()
     finally:
         if holder is not None:
             holder.close()
@@ -172,14 +223,35 @@ def _prepare_first_pass(store: RunStore, stage: str) -> None:
         iterate.restore_first_pass(store)
 
 
-def _redo_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict) -> None:
-    """Redo from ``feature`` when a stage to be (re)done needs ``work/recon`` and a finished run removed it."""
+def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict,
+                                     source: Any, quiet: bool) -> None:
+    """Bring back what a stage to be (re)done needs from the reconstructions a finished run removed.
+
+    ``work/recon`` is the saved feature autoencoder applied to X: one inference pass writes it again
+    (no retraining), so changing a clustering or imputation option costs no feature stage. Only
+    without the saved model is the feature stage redone. ``work/recon_final`` (impute.input 'final')
+    comes from the iteration, which is then redone.
+    """
     todo = [s for s in stages if not store.stage_done(s, hashes[s])]
-    needs_recon = "iterate" in todo or ("impute" in todo and config.impute.input != "X")
-    if needs_recon and store.stage_done("feature", hashes["feature"]) and not store.has(INTERMEDIATE_RECONS[0]):
-        log.info("%s was removed when the run ended (runtime.keep_work keeps it): redoing from the feature "
-                 "stage", INTERMEDIATE_RECONS[0])
-        store.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index("feature"):]))
+    if ("impute" in todo and config.impute.input == "final" and "iterate" not in todo
+            and not store.has(FINAL_RECON)):
+        log.info("%s was removed when the run ended (runtime.keep_work keeps it): redoing the iteration", FINAL_RECON)
+        store.forget_stages(["iterate", "impute"])
+        todo = [s for s in stages if not store.stage_done(s, hashes[s])]
+    needs_recon = "iterate" in todo or ("impute" in todo and config.impute.input == "recon")
+    if not needs_recon or not store.stage_done("feature", hashes["feature"]) or store.has(INTERMEDIATE_RECONS[0]):
+        return
+    from .stages import feature
+
+    ctx = StageContext(store=store, config=config, stage="feature", chain_hash=hashes["feature"], input=source,
+                       quiet=quiet)
+    if feature.rewrite_reconstruction(ctx):
+        log.info("%s was removed when the run ended: written again from the saved feature autoencoder",
+                 INTERMEDIATE_RECONS[0])
+        return
+    log.info("%s was removed when the run ended and the feature autoencoder's model is missing: redoing from "
+             "the feature stage", INTERMEDIATE_RECONS[0])
+    store.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index("feature"):]))
 
 
 def _remove_intermediates(store: RunStore) -> None:
@@ -195,41 +267,12 @@ def _remove_intermediates(store: RunStore) -> None:
         log.info("removed %s (%.2f GB on disk); runtime.keep_work keeps them", ", ".join(removed), size / 1e9)
 
 
-def _short(info: dict) -> str:
-    items = {k: v for k, v in info.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
-    return json.dumps(items)[:300] if items else ""
-
-
-def _uns_summary(store: RunStore) -> dict:
-    """``uns/scgnn``: config, per-stage results and timings, iteration history, versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("scgnn-scale", "torch", "zarr", "anndata", "dask", "pynndescent", "scikit-learn", "igraph"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    stages = store.manifest["stages"]
-    # nested dicts as JSON strings: one small write each instead of one zarr array per leaf;
-    # json.loads(adata.uns["scgnn"]["config"]) gives them back
-    summary = {
-        "config": json.dumps(store.manifest["config"]),
-        "versions": json.dumps(versions),
-        "timings": {s: e["seconds"] for s, e in stages.items()},
-        "stages": json.dumps({s: e.get("info", {}) for s, e in stages.items()}, default=str),
-    }
-    history = stages.get("iterate", {}).get("info", {}).get("history")
-    if history:
-        import pandas as pd
-
-        summary["history"] = pd.DataFrame(history)
-    metrics = {}
-    for entry in stages.values():
-        metrics.update(entry.get("info", {}).get("metrics", {}))
-    if metrics:
-        summary["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
-    return summary
+def _short(info: dict, max_items: int = 12) -> str:
+    """A stage's scalar results as ``; name value`` pairs for its log line (the rest is in manifest.json)."""
+    items = [(k, v) for k, v in info.items() if isinstance(v, int | float | str) and not isinstance(v, bool)]
+    text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items[:max_items])
+    more = f", ... ({len(items) - max_items} more in manifest.json)" if len(items) > max_items else ""
+    return f": {text}{more}" if text else ""
 
 
 def read_run(run_dir: str | Path, *, lazy: bool = True):

@@ -33,6 +33,7 @@ from .errors import InputError
 
 FORMAT_VERSION = 1
 _DICT_GROUPS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
+_TOP_KEYS = ("X", "obs", "var", "raw", "work", *_DICT_GROUPS)
 
 warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
 
@@ -88,9 +89,10 @@ class Staging:
         self.root.mkdir(parents=True)
         self.group = zarr.open_group(self.root, mode="w", zarr_format=3)
         self.created: list[str] = []
+        self.dropped: list[str] = []
 
     def _register(self, key: str) -> None:
-        if key.split("/")[0] not in ("X", "obs", "var", "work", *_DICT_GROUPS):
+        if key.split("/")[0] not in _TOP_KEYS:
             raise ValueError(f"store key {key!r} is outside the run layout")
         if key not in self.created:
             self.created.append(key)
@@ -130,9 +132,17 @@ class Staging:
         group = self.group.require_group(parent) if parent else self.group
         write_elem(group, name, value)
 
+    def drop(self, key: str) -> None:
+        """Remove ``key`` from the store on commit: an output this run of the stage does not make."""
+        if key.split("/")[0] not in _TOP_KEYS:
+            raise ValueError(f"store key {key!r} is outside the run layout")
+        self.dropped.append(key)
+
     def commit(self) -> None:
         for key in self.created:
             self.store._move_into_place(self.root / key, key)
+        for key in self.dropped:
+            self.store.delete(key)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -140,7 +150,7 @@ class RunStore:
     """One run directory. Open with :meth:`open` (existing) or :meth:`create` (new or resumed)."""
 
     def __init__(self, root: str | Path, store_config=None):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # Dask workers get paths from it, and their working directory differs
         self.adata_path = self.root / "adata.zarr"
         self.work_path = self.root / "work.zarr"
         self.manifest_path = self.root / "manifest.json"
@@ -309,6 +319,12 @@ class RunStore:
         self._move_into_place(src, dst_key)
         return True
 
+    def remove_empty_staging(self) -> None:
+        """Remove ``staging/`` when no stage left anything there (a killed stage's leftovers stay until redone)."""
+        staging = self.root / "staging"
+        with contextlib.suppress(OSError):
+            staging.rmdir()
+
     # -- reading ---------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
         base, rel = self._base_for(key)
@@ -337,6 +353,27 @@ class RunStore:
         if name not in group:
             raise InputError(f"{self.root}: the run has no '{key}' yet (run the stage that makes it first)")
         return read_elem(group[name])
+
+    def read_raw(self, *, lazy: bool = True) -> dict | None:
+        """The run's ``raw`` (input counts of every input gene for the run's cells) as the pieces
+        ``anndata.AnnData(raw=...)`` takes: ``{"X": ..., "var": DataFrame, "varm": {}}``; None when the
+        run has none (``preprocess.keep_counts`` off).
+
+        ``X`` is a Dask array of scipy CSR blocks of ``store.chunk_rows`` cells when ``lazy``, else a
+        scipy CSR matrix (read whole).
+        """
+        if not (self.adata_path / "raw" / "X" / "zarr.json").is_file():
+            return None
+        read_elem, _ = _anndata_io()
+        raw = zarr.open_group(self.adata_path / "raw", mode="r", zarr_format=3)
+        if lazy:
+            from anndata.experimental import read_elem_lazy
+
+            X = read_elem_lazy(raw["X"], chunks=(self.store_config.chunk_rows, -1))
+        else:
+            X = read_elem(raw["X"])
+        varm = {k: read_elem(raw["varm"][k]) for k in raw["varm"].keys()} if "varm" in raw else {}
+        return {"X": X, "var": read_elem(raw["var"]), "varm": varm}
 
     def write_uns_summary(self, summary: dict) -> None:
         """Rewrite ``uns/scgnn`` (config, stage results, timings, versions): derived, so written in place."""

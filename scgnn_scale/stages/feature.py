@@ -429,6 +429,26 @@ def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int |
         desc="feature autoencoder")
 
 
+def rewrite_reconstruction(ctx) -> bool:
+    """Write ``work/recon`` again from the saved feature autoencoder: one inference pass over X, no training.
+
+    The run removes the reconstruction when it ends (disk); a later change of the iteration or
+    imputation options needs it back. Returns False when the model is not saved (or does not fit X).
+    """
+    path = ctx.store.root / "models" / f"{MODEL_NAME}.pt"
+    if not path.is_file() or not ctx.store.has("X"):
+        return False
+    device = ctx.torch_device()
+    model, _ = load_model(path, device)
+    x = ctx.store.open_array("X")
+    if model.n_genes != int(x.shape[1]):
+        return False
+    with ctx.store.staging("feature-recon") as st, cpu_threads(device, ctx.config.feature.torch_threads):
+        recon = st.create_matrix("work/recon", tuple(x.shape), np.float32)
+        write_outputs(ctx, model, x, recon=recon, desc="reconstruction from the saved model")
+    return True
+
+
 def ltmg_key(ctx) -> str | None:
     """``layers/ltmg`` when LTMG is enabled and computed, else None."""
     return "layers/ltmg" if ctx.config.ltmg.enabled and ctx.store.has("layers/ltmg") else None
