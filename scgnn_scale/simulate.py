@@ -257,8 +257,10 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
         raise InputError(f"simulate --dropout {dropout}: must be in [0, 1)")
     if out.exists() and not overwrite:
         raise InputError(f"{out}: already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise InputError(f"{out}: the directory {out.parent} does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as `run` makes its --out
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create the directory {out.parent}: {exc.strerror or exc}") from exc
 
     prog = _Programme(n_genes, n_types, seed)
     tile = _tile_rows(n_genes)
