@@ -89,8 +89,10 @@ def _check_target_file(to: Path, overwrite: bool) -> None:
         raise InputError(f"{to}: is a directory; --to must name an .h5ad file")
     if to.exists() and not overwrite:
         raise InputError(f"{to}: already exists; pass --overwrite to replace it")
-    if not to.parent.is_dir():
-        raise InputError(f"{to.parent}: directory does not exist")
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)  # as `run` makes its --out
+    except OSError as exc:
+        raise InputError(f"{to}: cannot create the directory {to.parent}: {exc.strerror or exc}") from exc
 
 
 def _export_h5ad(store: RunStore, to: Path, *, overwrite: bool, block_rows: int, compression) -> Path:
@@ -152,7 +154,10 @@ def _prepare_dir(to: Path, overwrite: bool) -> None:
         raise InputError(f"{to}: exists and is not a directory; --to must name a directory for CSV")
     if to.is_dir() and any(to.iterdir()) and not overwrite:
         raise InputError(f"{to}: already exists and is not empty; pass --overwrite to replace its files")
-    to.mkdir(parents=True, exist_ok=True)
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{to}: cannot create the directory: {exc.strerror or exc}") from exc
 
 
 class _AtomicText:
