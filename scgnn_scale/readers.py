@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError
+from .errors import InputError, MissingDependencyError
 
 log = logging.getLogger("scgnn_scale")
 
@@ -129,7 +129,8 @@ def open_input(source: Any, *, orientation: str = "auto", label_key: str = "", b
     loc = _Location(str(source))
     name = loc.text
     if not loc.exists():
-        raise InputError(f"{name}: input file not found")
+        where = " (no file at that URL, or its server cannot be reached)" if loc.is_url else ""
+        raise InputError(f"{name}: input file not found{where}")
     kind = _detect_format(loc)
     with _read_errors(name, "cannot read the input"):
         if kind == "mtx":
@@ -153,12 +154,24 @@ def resolve_orientation(option: str, header: list[str], row_names: list[str], na
     - Evidence for cells x genes: the header looks like genes or the first column looks like cells;
       evidence for genes x cells: the header looks like cells or the first column looks like genes.
       Evidence for both (or neither) is no evidence.
-    - 'auto' follows the evidence and falls back to genes x cells (the published scGNN's CSV layout).
+    - 'auto' follows the evidence and falls back to genes x cells (the published scGNN's CSV layout); the
+      reader then logs a warning with the resulting cell and gene counts.
       An explicit option that the evidence contradicts is an :class:`InputError`.
 
     The shape alone is never evidence: a million cells x 2000 genes and 20,000 genes x 3000 cells are
     both common. ``row_names`` is a sample (the first 1000 rows).
     """
+    evidence, reasons = _orientation_evidence(header, row_names)
+    if option == "auto":
+        return evidence or "genes-x-cells"
+    if evidence is not None and evidence != option:
+        raise InputError(f"{name}: --orientation {option} contradicts the file: {' and '.join(reasons)}; "
+                         f"pass --orientation {evidence} (or auto)")
+    return option
+
+
+def _orientation_evidence(header: list[str], row_names: list[str]) -> tuple[str | None, list[str]]:
+    """The orientation the names show (None: no evidence) and the reasons, as :func:`resolve_orientation`."""
     cells_x_genes, genes_x_cells = [], []
     if _looks_like_genes(header) and not _looks_like_cells(header):
         cells_x_genes.append(f"its header holds gene names (e.g. {header[0]!r})")
@@ -173,13 +186,7 @@ def resolve_orientation(option: str, header: list[str], row_names: list[str], na
         evidence = "cells-x-genes"
     elif genes_x_cells and not cells_x_genes:
         evidence = "genes-x-cells"
-    if option == "auto":
-        return evidence or "genes-x-cells"
-    if evidence is not None and evidence != option:
-        reasons = " and ".join(cells_x_genes or genes_x_cells)
-        raise InputError(f"{name}: --orientation {option} contradicts the file: {reasons}; "
-                         f"pass --orientation {evidence} (or auto)")
-    return option
+    return evidence, (cells_x_genes if evidence == "cells-x-genes" else genes_x_cells if evidence else [])
 
 
 _BARCODE = re.compile(r"[ACGTN]{10,}")
@@ -208,6 +215,11 @@ def _looks_like_genes(names: list[str]) -> bool:
 # locations (local paths and fsspec URLs)
 
 
+#: what fsspec's backend for a URL scheme needs (all in the 'remote' extra)
+_REMOTE_PACKAGES = {"http": "aiohttp and requests", "https": "aiohttp and requests", "s3": "s3fs", "s3a": "s3fs",
+                    "gs": "gcsfs", "gcs": "gcsfs"}
+
+
 class _Location:
     """A local path or an fsspec URL, with the few operations the readers need."""
 
@@ -217,7 +229,20 @@ class _Location:
         if self.is_url:
             import fsspec
 
-            self.fs, self.fspath = fsspec.core.url_to_fs(self.text)
+            scheme = self.text.split("://", 1)[0].rsplit("::", 1)[-1].lower()
+            try:
+                self.fs, self.fspath = fsspec.core.url_to_fs(self.text)
+            except ImportError as exc:  # fsspec's backend for the scheme lacks its packages
+                needs = _REMOTE_PACKAGES.get(scheme)
+                if needs:
+                    raise MissingDependencyError(f"{self.text}: reading {scheme}:// inputs needs {needs}; install "
+                                                 "them with pip install 'scgnn-scale[remote]'") from None
+                raise MissingDependencyError(f"{self.text}: reading {scheme}:// inputs needs a package that is "
+                                             f"not installed ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                                             ) from None
+            except ValueError as exc:  # 'Protocol not known: ...'
+                raise InputError(f"{self.text}: unknown URL scheme {scheme}:// (not a path, nor a URL that fsspec "
+                                 "can read: file, http(s), s3, gs, ...)") from exc
         else:
             self.fs, self.fspath = None, self.text
 
@@ -834,9 +859,11 @@ class DelimitedReader(InputReader):
         if not columns:
             raise InputError(f"{self.name}: empty matrix (no data columns)")
         self.columns = [c.strip() for c in columns]
-        self.orientation = resolve_orientation(orientation, self.columns, [r[0].strip() for r in sample],
-                                               self.name)
+        row_names = [r[0].strip() for r in sample]
+        self.orientation = resolve_orientation(orientation, self.columns, row_names, self.name)
         self.rows_are_cells = self.orientation == "cells-x-genes"
+        # 'auto' without evidence: the default is a guess, said once the cell and gene counts are known
+        self.orientation_assumed = orientation == "auto" and _orientation_evidence(self.columns, row_names)[0] is None
         self._row_names: list[np.ndarray] = []
         self._spool: _Spool | None = None
 
@@ -897,6 +924,11 @@ class DelimitedReader(InputReader):
         rows_what, cols_what = ("obs", "var") if self.rows_are_cells else ("var", "obs")
         rows = pd.DataFrame(index=_unique_names(row_names, rows_what, self.name))
         cols = pd.DataFrame(index=_unique_names(self.columns, cols_what, self.name))
+        if self.orientation_assumed:
+            log.warning("%s: its row and column names do not show which are cells and which are genes; read as "
+                        "genes x cells (rows = genes, the original scGNN's CSV layout): %d cells x %d genes. "
+                        "If its rows are cells, pass --orientation cells-x-genes (--orientation genes-x-cells "
+                        "confirms this reading and silences this warning)", self.name, len(cols), len(rows))
         return (rows, cols) if self.rows_are_cells else (cols, rows)
 
     def _blocks(self):
