@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import textwrap
 from typing import Any
@@ -32,8 +33,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if (section, f.name) in aliased:
             flags.insert(0, aliased[(section, f.name)])
         help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(choices) + "}" if choices else type(f.default).__name__.upper()
         groups[section].add_argument(*flags, dest=f"cfg__{section}__{f.name}", default=None,
-                                     metavar=type(f.default).__name__.upper(), help=help_text)
+                                     metavar=metavar, help=help_text)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -52,6 +55,11 @@ def _add_verbosity_flags(p: argparse.ArgumentParser, suppress: bool = True) -> N
                    help="messages printed on stderr (default: info); RUN_DIR/run.log always gets info and above")
     p.add_argument("-v", "--verbose", action="store_const", const="debug", dest="log_level", default=default,
                    help="print debug messages too (same as --log-level debug)")
+
+
+def _wide_help(prog: str) -> argparse.HelpFormatter:
+    """Up to 120 columns: the run command explains about a hundred options."""
+    return argparse.HelpFormatter(prog, max_help_position=36, width=min(shutil.get_terminal_size((120, 24)).columns, 120))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the scGNN pipeline on an input into a run directory",
+                       usage="%(prog)s INPUT --out RUN_DIR [--label-key COLUMN] [--config TOML] [options]",
+                       formatter_class=_wide_help,
                        description="Run scGNN: ingest, preprocess, LTMG, feature AE, cell graph, graph AE, "
                                    "clusters, iterations with cluster AEs, imputation. Finished stages are "
                                    "skipped, so rerunning the same command resumes a killed run.")
@@ -91,8 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the cells x genes intermediate reconstructions when the run ends (same as "
-                        "--runtime-keep-work true; without it they are removed, and a later change of "
-                        "iterate or impute options redoes the feature autoencoder)")
+                        "--runtime-keep-work true)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
     _add_verbosity_flags(p)

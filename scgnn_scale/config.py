@@ -18,10 +18,12 @@ from typing import Any
 from .errors import InputError
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, *, result: bool = True) -> Any:
-    """An option with its ``--help`` text; ``result=False`` marks metadata that changes no stage's output
-    (a label column, a temporary directory): left out of the hashes that decide which stages to redo."""
-    meta = {"help": help, "result": result}
+def _f(default: Any, help: str, choices: tuple | None = None, *, result: bool = True, why: str = "") -> Any:
+    """An option with its ``--help`` text and, in ``why``, the measurement behind its default (kept here
+    for the next engineer, not printed by --help). ``result=False`` marks metadata that changes no
+    stage's output (a label column, a temporary directory): left out of the hashes that decide which
+    stages to redo."""
+    meta = {"help": help, "result": result, "why": why}
     if choices:
         meta["choices"] = choices
     return field(default=default, metadata=meta)
@@ -31,26 +33,22 @@ def _f(default: Any, help: str, choices: tuple | None = None, *, result: bool = 
 class StoreConfig:
     chunk_rows: int = _f(2048, "rows (cells) per chunk of every cells x genes array in the store")
     chunk_genes: int = _f(256, "genes per chunk of every cells x genes array (gene blocks for LTMG)")
-    compression_level: int = _f(1, "zstd level (Blosc, byte shuffle) of the store's arrays: 1 encodes a 2048 x 256 "
-                                "chunk of a float reconstruction 4.3x faster than 3 (6.8 vs 29 ms) at the same size, X "
-                                "2.3x faster at +3% size (bench/bench_codec.py); a 1M x 2000 run writes several such "
-                                "arrays of 3,900 chunks")
-    work_codec: str = _f("lz4", "codec of the intermediate arrays under work/ (reconstructions, the clusters' "
-                         "layout; removed when the run ends): 'lz4' (Blosc lz4 level 5, byte shuffle: a float "
-                         "reconstruction's chunk encodes 2.7x and decodes 6x faster than zstd level 1, 1.3x "
-                         "larger; bench/bench_codec.py) or 'zstd' (compression_level, as the other arrays)",
-                         ("lz4", "zstd"))
+    compression_level: int = _f(1, "zstd level (Blosc, byte shuffle) of the store's arrays",
+                                why="1 encodes a 2048 x 256 chunk of a float reconstruction 4.3x faster than 3 (6.8 "
+                                "vs 29 ms) at the same size, X 2.3x faster at +3% size (bench/bench_codec.py)")
+    work_codec: str = _f("lz4", "codec of the intermediate arrays under work/ (removed when the run ends): 'lz4' "
+                         "(faster, 1.3x larger) or 'zstd' (compression_level, as the other arrays)", ("lz4", "zstd"),
+                         why="a float reconstruction's chunk encodes 2.7x and decodes 6x faster with lz4 level 5 "
+                         "than zstd level 1, 1.3x larger (bench/bench_codec.py)")
 
 
 @dataclass(frozen=True)
 class IngestConfig:
     orientation: str = _f(
         "auto",
-        "CSV/TSV orientation: 'genes-x-cells' (the original scGNN's CSV), 'cells-x-genes', or 'auto' "
-        "(genes x cells unless the names say otherwise: an axis whose names are mostly cell barcodes "
-        "(10+ ACGTN letters) or 'cell<n>' holds cells; one mostly Ensembl ids or 'gene<n>', or with any "
-        "MT-/mt- gene, holds genes). An explicit value that the names contradict is an error. "
-        "h5ad/10x/zarr are always cells x genes",
+        "CSV/TSV layout: 'genes-x-cells' (the original scGNN's CSV), 'cells-x-genes', or 'auto' (decided "
+        "from the row and column names: barcodes or cell<n> are cells, Ensembl ids, gene<n> or MT- genes "
+        "are genes; genes x cells, with a warning, when they tell nothing). h5ad/10x/zarr are cells x genes",
         ("auto", "genes-x-cells", "cells-x-genes"),
     )
     label_key: str = _f("", "obs column of the input with reference labels (e.g. 'label'): carried into the run "
@@ -77,14 +75,15 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class LTMGConfig:
     enabled: bool = _f(True, "compute LTMG states (off: the feature AE uses plain MSE, alpha term dropped)")
-    max_cells: int = _f(20000, "fit each gene on a random sample of at most this many cells; every cell is labelled "
-                        "(at 100k simulated cells, samples of 10k/20k/50k gave the states of the all-cell fit on "
-                        "99.36/99.43/99.34% of entries: bench/bench_ltmg.py --sweep)")
+    max_cells: int = _f(20000, "fit each gene on a random sample of at most this many cells; every cell is labelled",
+                        why="at 100k simulated cells, samples of 10k/20k/50k gave the states of the all-cell fit on "
+                        "99.36/99.43/99.34% of entries (bench/bench_ltmg.py --sweep)")
     block_genes: int = _f(256, "genes per Dask task (rounded up to whole gene chunks of X)")
     k_min: int = _f(2, "smallest number of mixture components tried")
     k_max: int = _f(5, "largest number of mixture components tried")
-    max_iter: int = _f(500, "EM iterations per K at most (the published code stops at 100; on counts EM often "
-                       "needs 100-400 to converge, and sample and full fits agree better once converged)")
+    max_iter: int = _f(500, "EM iterations per K at most (the published code: 100)",
+                       why="on counts EM often needs 100-400 iterations to converge, and sample and full fits agree "
+                       "better once converged")
     tol: float = _f(1e-5, "EM stops when the mean log-likelihood changes less than this")
     min_sd: float = _f(1e-4, "floor of every component's sd on the log scale (the published code jitters "
                        "log values by N(0, 1e-4) instead)")
@@ -106,10 +105,10 @@ class FeatureConfig:
     min_steps: int = _f(500, "optimiser steps at least (the original: 500 full-batch epochs = 500 steps)")
     max_epochs: int = _f(10, "passes over the data when that takes more than min_steps: the schedule is "
                          "max(min_steps, min(max_epochs x batches per epoch, max_steps)) optimiser steps")
-    max_steps: int = _f(2000, "cap on the epoch rule's steps (0: none): from about 205k cells on (at batch 1,024) the "
-                        "schedule stops growing with N, 2,000 steps = 2M cells seen (1M cells: 2 passes, not 10); "
-                        "what decides how far Adam gets is the number of steps, and a larger atlas of the same "
-                        "cell types is not a harder problem")
+    max_steps: int = _f(2000, "cap on the epoch rule's steps (0: none); reached from about 205k cells on",
+                        why="2,000 steps = 2M cells seen (1M cells: 2 passes, not 10); what decides how far Adam "
+                        "gets is the number of steps, and a larger atlas of the same cell types is not a harder "
+                        "problem")
     iter_steps: int = _f(200, "optimiser steps of the continued feature AE in each later iteration")
     memory_budget_mb: int = _f(512, "X (and its LTMG states) is served from memory when it fits this budget (about "
                                "50k cells at 2,000 genes), streamed from the store otherwise")
@@ -150,25 +149,26 @@ class GAEConfig:
     full_graph_max_nodes: int = _f(50000, "train on the full graph (no sampling) up to this many cells")
     mode: str = _f("auto", "'auto' (full graph up to full_graph_max_nodes, else minibatch), 'full' or 'minibatch'",
                    ("auto", "full", "minibatch"))
-    final_relu: bool = _f(False, "ReLU on the graph embedding (the paper's formula); off (default): linear "
-                          "output as the published code's GCNModelAE (LouvainK mean ARI over 5 gold-set runs "
-                          "0.43 linear vs 0.40 ReLU; Leiden on its KNN graph 0.52 vs 0.41)")
-    standardize: bool = _f(True, "z-score each input feature (column of the 128-d embedding) before the GCN; raw "
-                           "AE embeddings reach scales of 10-100 that kill the first ReLU (the published code "
-                           "fed a 0/1 binarised embedding)")
+    final_relu: bool = _f(False, "ReLU on the graph embedding (the paper's formula); off: linear output, as the "
+                          "published code's GCNModelAE",
+                          why="LouvainK mean ARI over 5 gold-set runs 0.43 linear vs 0.40 ReLU; Leiden on its KNN "
+                          "graph 0.52 vs 0.41")
+    standardize: bool = _f(True, "z-score each column of the 128-d embedding before the GCN",
+                           why="raw AE embeddings reach scales of 10-100 that kill the first ReLU (the published "
+                           "code fed a 0/1 binarised embedding)")
     epoch_cells: int = _f(16384, "minibatch mode: target cells per epoch (min with N), so the work of 'epochs' "
-                          "is bounded at any N (200 epochs x 16384 / batch 4096 = 800 steps, 3.3M targets)")
+                          "is bounded at any N")
     sample_first_layer: bool = _f(False, "minibatch mode: also sample the first layer's neighbours (classic "
-                                  "2-hop sampling); off: A~E is computed once over the whole graph (exact, it "
-                                  "does not depend on the weights) and only hop 1 is sampled")
+                                  "2-hop sampling); off: the first layer's aggregation is exact, computed once")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     method: str = _f("leiden", "'louvaink' (paper: Louvain count x factor, KMeans on the embedding), "
                      "'leiden' or 'louvain' directly on the graph", ("louvaink", "leiden", "louvain"))
-    resolution: float = _f(0.3, "resolution of Leiden/Louvain (on the pruned graph, mean ARI over 7 gold sets "
-                           "with PCA-50 input: 0.585/0.611/0.556/0.471 at 0.2/0.3/0.5/1.0)")
+    resolution: float = _f(0.3, "resolution of Leiden/Louvain (higher: more clusters)",
+                           why="on the pruned graph, mean ARI over 7 gold sets with PCA-50 input: "
+                           "0.585/0.611/0.556/0.471 at 0.2/0.3/0.5/1.0")
     small_factor: float = _f(0.8, "LouvainK: factor below 2000 cells")
     large_factor: float = _f(0.5, "LouvainK: factor from 2000 cells on")
     max_clusters: int = _f(30, "at most this many clusters")
@@ -204,10 +204,11 @@ class IterateConfig:
     scatter_buffer_mb: int = _f(256, "memory for the rows buffered while laying clusters out and putting them back")
     feature_ltmg: bool = _f(True, "keep the LTMG term in the continued feature AE (the published code drops it "
                             "in iterations unless --EMreguTag)")
-    cluster_count: str = _f("first", "number of clusters in the iterations: 'first' (the first pass's count, kept: "
-                            "Leiden/Louvain at the resolution that gives it, LouvainK's KMeans with it) or 'free' "
-                            "(the cluster rule decides again each iteration, as the published code; over-splits "
-                            "as iterations shrink within-cluster variation)", ("first", "free"))
+    cluster_count: str = _f("first", "number of clusters in the iterations: 'first' (the first pass's count is "
+                            "kept) or 'free' (the rule decides again each iteration, as the published code)",
+                            ("first", "free"),
+                            why="freely the count grows as iterations shrink within-cluster variation "
+                            "(README, 'Number of clusters in the iterations')")
 
 
 @dataclass(frozen=True)
@@ -220,10 +221,11 @@ class ImputeConfig:
                          "network size, batch size, learning rate and loader are the feature autoencoder's")
     max_steps: int = _f(2000, "cap on the epoch rule's steps (as feature.max_steps; 0: none)")
     use_ltmg: bool = _f(True, "add the LTMG-weighted error (alpha term of the feature AE) when layers/ltmg exists")
-    input: str = _f("recon", "what the imputation AE reconstructs (input and target): 'recon' (work/recon, the "
-                    "feature AE's first reconstruction: the published code's reconOri), 'final' (work/recon_final, "
-                    "the last iteration's feature-AE reconstruction) or 'X' (the preprocessed matrix, which holds "
-                    "the dropout zeros: the AE learns them back)", ("recon", "final", "X"))
+    input: str = _f("recon", "what the imputation AE reconstructs: 'recon' (the feature AE's first "
+                    "reconstruction, the published code's reconOri), 'final' (the last iteration's) or 'X' (the "
+                    "preprocessed matrix with its dropout zeros)", ("recon", "final", "X"),
+                    why="trained on X the AE learns the dropout zeros back and loses to kNN smoothing on every "
+                    "count set (bench/RESULTS.md)")
 
 
 @dataclass(frozen=True)
@@ -232,15 +234,14 @@ class RuntimeConfig:
     device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
-    worker_processes: bool = _f(False, "embedded LocalCluster workers as processes (True) or threads (False); "
-                                "processes also take preprocess's passes and pay off on many cores (the LTMG "
-                                "fits and scipy hold the GIL); they need the calling script to have an "
+    worker_processes: bool = _f(False, "embedded Dask workers as processes (pay off on many cores: the LTMG fits "
+                                "hold the GIL) instead of threads; a calling script needs an "
                                 "`if __name__ == '__main__'` guard")
     memory_limit: str = _f("", "memory for the whole run, e.g. '4GiB': caps what the loaders hold instead of "
                             "streaming and the Dask workers' memory (empty: the configured budgets and Dask's default)")
-    keep_work: bool = _f(False, "keep the cells x genes reconstructions (work/recon, work/recon_final) when the "
-                         "run ends: a later change of iterate or impute options then starts from them instead of "
-                         "redoing the feature autoencoder (they take 2 x 4 bytes per cell and gene on disk)")
+    keep_work: bool = _f(False, "keep the cells x genes reconstructions (work/recon, work/recon_final; 2 x 4 bytes "
+                         "per cell and gene on disk) when the run ends; without them a later change of cluster, "
+                         "iterate or impute options first writes work/recon again from the saved feature model")
 
 
 SECTIONS: dict[str, type] = {

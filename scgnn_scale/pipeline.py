@@ -117,22 +117,23 @@ def _refuse_other_run(out: Path, identity: dict, config: RunConfig, hashes: dict
         return  # RunStore.create names the corrupt manifest
     if old.get("identity") == _run_identity(identity, config):
         return
+    other_input = old.get("identity", {}).get("input") != identity
     differences = []
-    if old.get("identity", {}).get("input") != identity:
-        differences.append("another input, or the input's content changed")
     for option, before, after in changed_options(old.get("config", {}), config):
         section, name = option.split(".")
         if section != "runtime" and name in result_options(getattr(config, section)):
             differences.append(f"{option} {before!r} -> {after!r}")
     if old.get("identity", {}).get("seed") != config.runtime.seed:
         differences.append(f"runtime.seed {old.get('identity', {}).get('seed')!r} -> {config.runtime.seed!r}")
+    what = "another input (or the input's content changed)" if other_input else "other options"
+    if differences:
+        what += f" ({'; '.join(differences)})" if not other_input else f" and other options ({'; '.join(differences)})"
     done = old.get("stages", {})
     kept = [s for s in STAGE_NAMES if done.get(s, {}).get("hash") == hashes[s]]
     redo = [s for s in STAGE_NAMES if s in done and s not in kept]
     plan = (f"--overwrite keeps {', '.join(kept) or 'no stage'} and redoes {', '.join(redo) or 'nothing done so far'}"
             if done else "--overwrite starts it afresh")
-    raise InputError(f"{out}: holds a run of other options ({'; '.join(differences) or 'an older configuration'}); "
-                     f"{plan}; or choose another --out")
+    raise InputError(f"{out}: holds a run of {what}; {plan}; or choose another --out")
 
 
 def run(
