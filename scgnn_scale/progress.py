@@ -12,6 +12,7 @@ import sys
 import time
 
 LOG_INTERVAL_S = 60.0
+CLOSE_LINE_AFTER_S = 5.0
 
 
 def interactive() -> bool:
@@ -36,6 +37,7 @@ class LogProgress:
         self._start = self._last = time.monotonic()
         self._start_n = initial
         self._postfix = ""
+        self._closed = False
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -57,7 +59,11 @@ class LogProgress:
         pass
 
     def close(self) -> None:
-        pass
+        """A last line for work that took a while, so a log shows how long each part took."""
+        now = time.monotonic()
+        if not self._closed and self.interval != float("inf") and now - self._start >= CLOSE_LINE_AFTER_S:
+            self.log.info("%s (done in %.1f s)", self._line(now), now - self._start)
+        self._closed = True
 
     def __enter__(self):
         return self

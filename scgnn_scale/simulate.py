@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from .errors import InputError
+from .progress import progress_bar
 
 _TILE_VALUES = 1 << 21
 _ARRAY_CHUNK = 1 << 20  # entries per chunk of the 1-d arrays written
@@ -273,8 +272,7 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     n_tiles = -(-n_cells // tile)
     if workers is None:
         workers = (os.cpu_count() or 1) if n_tiles >= _PARALLEL_FROM_TILES else 1
-    bar = tqdm(total=n_cells, desc="simulate", unit="cells", unit_scale=True, disable=not progress,
-               dynamic_ncols=True, leave=False, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = progress_bar(n_cells, "simulate", "cells", quiet=not progress)
 
     def write(drawn: Future) -> None:
         writer.append(*drawn.result())

@@ -212,7 +212,10 @@ def test_progress_outside_a_terminal_is_plain_log_lines(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="scgnn_scale"):
         bar.set_postfix(loss="1.5")
         bar.update(4)
+        bar._start -= 10  # as if it had run for 10 s: closing logs how long it took
+        bar.close()
     assert "feature: training: 4/10 steps (40%)" in caplog.text and "loss 1.5" in caplog.text
+    assert "(done in 10." in caplog.text
 
 
 def test_relative_out_is_resolved(tmp_path, monkeypatch):

@@ -139,7 +139,8 @@ def test_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
     assert large < dense_large / 4
 
 
-def test_cli_simulate_shows_progress_unless_quiet(tmp_path, capsys):
+def test_cli_simulate_shows_progress_unless_quiet(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scgnn_scale.progress.interactive", lambda: True)  # as on a terminal
     assert main(["simulate", str(tmp_path / "a.h5ad"), "--cells", "300", "--genes", "50", "--types", "2"]) == 0
     err = capsys.readouterr().err
     assert "simulate" in err and "cells" in err
