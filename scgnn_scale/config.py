@@ -1,6 +1,6 @@
 """One typed run configuration: a frozen dataclass per stage, all in :class:`RunConfig`.
 
-Defaults are the paper's (DESIGN.md section 1). The CLI and a TOML file only fill this in
+Defaults are the paper's (docs/METHOD.md). The CLI and a TOML file only fill this in
 (:func:`load_config`); the resolved config is written into the run store (``uns/scgnn/config``).
 Every field carries a ``help`` text that ``scgnn-scale run --help`` prints.
 """

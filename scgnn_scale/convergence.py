@@ -1,4 +1,4 @@
-"""Stopping rules of the scGNN iteration (DESIGN.md step 8), on sparse matrices.
+"""Stopping rules of the scGNN iteration (docs/METHOD.md step 8), on sparse matrices.
 
 Graph criterion. With ``A_t`` the pruned cell graph of iteration ``t`` and ``L0`` the reference
 built from the first graph ``A_0``::

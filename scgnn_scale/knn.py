@@ -1,4 +1,4 @@
-"""k-nearest-neighbour search and edge pruning for the cell graph (DESIGN.md step 4).
+"""k-nearest-neighbour search and edge pruning for the cell graph (docs/METHOD.md step 4).
 
 Three search backends, all returning ``(indices, distances)`` of shape ``(N, k)`` (int64, float32),
 each row sorted by increasing Euclidean distance and never containing the row's own cell:

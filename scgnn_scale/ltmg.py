@@ -1,6 +1,6 @@
 """Left-truncated mixture Gaussian (LTMG) regulatory states: the math, vectorised over blocks of genes.
 
-The model (Wan et al. 2019; scGNN, Wang et al. 2021, Methods; DESIGN.md step 2). For each gene, on the
+The model (Wan et al. 2019; scGNN, Wang et al. 2021, Methods; docs/METHOD.md step 2). For each gene, on the
 positive expression values x (not log-transformed) with y = log(x):
 
 1. A global cut ``Zcut_G``: fit a two-component Gaussian mixture to every gene's log(min positive value)

@@ -1,6 +1,6 @@
 """Graph autoencoder in pure torch: two GCN layers, inner-product decoder, negative-sampled BCE.
 
-The encoder is DESIGN.md step 5: ``Z = act(A~ ReLU(A~ E W1) W2)`` with
+The encoder is docs/METHOD.md step 5: ``Z = act(A~ ReLU(A~ E W1) W2)`` with
 ``A~ = D^-1/2 (A + I) D^-1/2`` and ``D = rowsum(A + I)``; ``act`` is the identity (the published
 code's ``GCNModelAE``, the default: it clustered better on the gold sets) or ReLU (the paper's formula). Layers have no bias and
 Glorot-uniform weights, as scGNN's ``GraphConvolution``. Message passing is a torch sparse

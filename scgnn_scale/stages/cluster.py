@@ -1,4 +1,4 @@
-"""Stage ``cluster``: cell clusters from the graph and the GAE embedding (DESIGN.md step 6).
+"""Stage ``cluster``: cell clusters from the graph and the GAE embedding (docs/METHOD.md step 6).
 
 Methods (``cluster.method``):
 

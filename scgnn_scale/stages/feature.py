@@ -1,6 +1,6 @@
 """Stage ``feature``: the LTMG-regularised feature autoencoder, trained on minibatches streamed from the store.
 
-DESIGN.md step 3. Writes ``obsm/X_scgnn_feature`` (N x 128), ``work/recon`` (N x G) and
+docs/METHOD.md step 3. Writes ``obsm/X_scgnn_feature`` (N x 128), ``work/recon`` (N x G) and
 ``models/feature_ae.pt``.
 
 Loss (see :mod:`scgnn_scale.nn.losses`): ``gamma * SE + alpha * TRS o SE`` summed per cell,

@@ -1,4 +1,4 @@
-"""Stage ``gae``: the graph autoencoder's 16-d cell embedding (DESIGN.md step 5).
+"""Stage ``gae``: the graph autoencoder's 16-d cell embedding (docs/METHOD.md step 5).
 
 Input: the 128-d embedding ``obsm/X_scgnn_feature`` (node features E) and the cell graph
 ``obsp/scgnn_graph``. Output: ``obsm/X_scgnn`` (float32 N x 16), ``Z = act(A~ ReLU(A~ E W1) W2)``.

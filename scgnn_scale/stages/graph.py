@@ -1,4 +1,4 @@
-"""Stage ``graph``: the pruned, symmetric k-nearest-neighbour cell graph (DESIGN.md step 4).
+"""Stage ``graph``: the pruned, symmetric k-nearest-neighbour cell graph (docs/METHOD.md step 4).
 
 Reads the N x 128 embedding ``obsm/X_scgnn_feature`` (O(N d) floats, loaded whole), finds each
 cell's k nearest neighbours (Euclidean, self excluded) with the backend of ``graph.method``,

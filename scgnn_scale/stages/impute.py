@@ -1,6 +1,6 @@
 """Stage ``impute``: the imputation autoencoder, regularised by the final cell graph and clusters.
 
-DESIGN.md step 9, as the published scGNN runs it (``scGNN.py``, "Starts Imputation"): after the
+docs/METHOD.md step 9, as the published scGNN runs it (``scGNN.py``, "Starts Imputation"): after the
 iterations, the autoencoder is reset to its state before any training (``ptfileStart``: the
 feature autoencoder's initial weights and a fresh Adam) and trained ``EM_epochs`` (200) epochs on
 ``reconOri``, the feature autoencoder's reconstruction stored right after its first training
@@ -11,7 +11,7 @@ regularisers; its output is the imputed matrix. Here:
   stage's reconstruction of ``X``, i.e. ``reconOri``; ``final`` is the last iteration's
   feature-AE reconstruction, which iterate keeps at
   :data:`scgnn_scale.stages.iterate.FINAL_RECON` (the first pass's when iterate ran no iteration);
-  ``X`` is the preprocessed matrix itself (DESIGN.md's wording, "on the original X").
+  ``X`` is the preprocessed matrix itself (the paper's wording, "on the original X").
 * **network** the feature autoencoder's shape, seeded with ``runtime.seed`` as the feature AE
   is: the same initial weights as the published reset; fresh optimiser.
 * **steps** ``impute.steps`` (200) at least, ``max_epochs`` passes once that is more, at most

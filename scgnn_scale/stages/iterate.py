@@ -1,4 +1,4 @@
-"""Stage ``iterate``: cluster autoencoders and the scGNN iteration to convergence (DESIGN.md steps 7-8).
+"""Stage ``iterate``: cluster autoencoders and the scGNN iteration to convergence (docs/METHOD.md steps 7-8).
 
 Iteration ``t = 1, 2, ...`` starts from the previous feature-autoencoder reconstruction ``R_(t-1)``
 (the feature stage's ``work/recon`` for t = 1) and the previous clusters ``c_(t-1)`` (the cluster
