@@ -1,5 +1,5 @@
 """Every bad input a user can cause, through the CLI: exit code 2, one line naming the file, no traceback,
-the input untouched and nothing committed to the run directory (DESIGN.md section 5, issue 2)."""
+the input untouched and nothing committed to the run directory (README, "Errors")."""
 
 import gzip
 import hashlib

@@ -1,4 +1,4 @@
-"""Streamed preprocessing against dense references of the published formulas (DESIGN.md step 1)."""
+"""Streamed preprocessing against dense references of the published formulas (docs/METHOD.md step 1)."""
 
 
 import anndata as ad
