@@ -1,8 +1,9 @@
 """Export a finished run: one ``.h5ad`` file, or the CSV files the published scGNN writes.
 
 ``export_run(run_dir, to, fmt="h5ad")`` writes every element of the run's ``adata.zarr`` (X, layers,
-obs, var, obsm, obsp, varm, uns) into an h5ad that ``anndata.read_h5ad`` opens. Cells x genes arrays
-are copied in row blocks through h5py, never held whole.
+obs, var, obsm, obsp, varm, uns, raw) into an h5ad that ``anndata.read_h5ad`` opens. Cells x genes
+arrays are copied in row blocks through h5py, the sparse ``raw`` counts chunk by chunk of their CSR
+arrays, never held whole.
 
 ``fmt="csv"`` writes into the directory ``to`` the four files of the published tool
 (``scGNN.py``, end of the run), with ``<name>`` the run directory's name unless given:
@@ -123,6 +124,8 @@ def _export_h5ad(store: RunStore, to: Path, *, overwrite: bool, block_rows: int,
                         write_elem(out, key, store.read_elem(f"{group_name}/{key}"))
             uns = store.read_elem("uns") if "uns" in root else {}
             write_elem(f, "uns", uns)
+            if "raw" in root:
+                _copy_raw(root["raw"], f, compression)
         os.replace(tmp, to)
     finally:
         if tmp.exists():
@@ -146,6 +149,32 @@ def _copy_dense(src: zarr.Array, group, key: str, block_rows: int, compression) 
         dset[a:b] = block
     dset.attrs["encoding-type"] = "array"
     dset.attrs["encoding-version"] = "0.2.0"
+
+
+def _copy_raw(src: zarr.Group, f, compression) -> None:
+    """Copy ``raw`` (sparse counts of every input gene) into the h5ad, its CSR arrays chunk by chunk."""
+    from anndata.io import read_elem, write_elem
+
+    out = f.create_group("raw")
+    out.attrs["encoding-type"] = "raw"
+    out.attrs["encoding-version"] = "0.1.0"
+    x = out.create_group("X")
+    for name in ("encoding-type", "encoding-version", "shape"):
+        x.attrs[name] = src["X"].attrs[name]
+    for name in ("data", "indices", "indptr"):
+        _copy_1d(src["X"][name], x, name, compression)
+    write_elem(out, "var", read_elem(src["var"]))
+    write_elem(out, "varm", read_elem(src["varm"]) if "varm" in src else {})
+
+
+def _copy_1d(src: zarr.Array, group, key: str, compression) -> None:
+    """Copy a 1-D zarr array into an h5py dataset one zarr chunk at a time."""
+    n = src.shape[0]
+    step = int(src.chunks[0])
+    dset = group.create_dataset(key, shape=(n,), dtype=src.dtype, chunks=(min(n, step),) if n else None,
+                                compression=compression if n else None)
+    for a in range(0, n, step):
+        dset[a:a + step] = src[a:a + step]
 
 
 # -- csv -----------------------------------------------------------------------------------------

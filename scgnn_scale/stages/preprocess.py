@@ -1,4 +1,4 @@
-"""Stage ``preprocess``: DESIGN.md step 1, streamed over row blocks of ``work/input``.
+"""Stage ``preprocess``: docs/METHOD.md step 1, streamed over row blocks of ``work/input``.
 
 The published scGNN's preprocessing, formula by formula:
 
@@ -24,7 +24,12 @@ plus O(n_cells + n_genes) vectors):
 - A: per-gene non-zero counts (tree-summed);
 - B: per block, the cell filter, library sizes and per-gene sum, sum of squares and non-zero count over
   the kept cells (cell decisions only need the gene mask of A, so B and the statistics share one pass);
-- C: ``X``, one task per row chunk of the output, each writing whole ``(chunk_rows, chunk_genes)`` chunks.
+- C: ``X``, one task per row chunk of the output, each writing whole ``(chunk_rows, chunk_genes)`` chunks;
+  with ``keep_counts``, in the same graph, ``raw``: one task per chunk of its CSR ``data``/``indices``
+  (the output ``indptr`` is known from the input's, so each task copies its own entry range and no two
+  tasks write into one chunk). Its cost is a decompression and recompression of the kept entries: on a
+  simulated 100k x 2000 atlas (53M non-zeros, every cell kept, 2 cores) the stage took 14.3-15.4 s
+  instead of 11.6-12.1 s, and ``raw`` 91 MB on disk.
 
 Scheduler choice: the threaded scheduler (``dask.delayed`` graphs run with ``scheduler="threads"``),
 because the tasks spend their time in zarr/blosc decompression and numpy, which release the GIL, and
@@ -34,7 +39,10 @@ tasks take store paths, not arrays, so workers that see the run directory read i
 
 Writes ``X``, ``obs`` (kept cells with the carried columns), ``var`` (kept genes; ``variance`` and
 ``mean`` of the ranked values and ``n_cells_nonzero``, all over the kept cells), ``work/preprocess/cells``
-and ``work/preprocess/genes`` (int64 indices into the input).
+and ``work/preprocess/genes`` (int64 indices into the input), and with ``keep_counts`` (default) ``raw``:
+the input counts of every input gene for the kept cells, a CSR group ``raw/X`` (float32 data, int32
+indices, int64 indptr) with ``raw/var`` (the input's genes) and an empty ``raw/varm``, so that
+``anndata.read_zarr`` gives ``.raw`` back; without it an earlier ``raw`` is removed on commit.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..readers import source_name
+from ..store import compressors as store_compressors
+from .ingest import CSR_CHUNK
 
 # input rows read at once by an X-writing task (bounds memory when kept cells are sparse in the input)
 _SUB_ROWS = 8192
@@ -106,12 +116,9 @@ def _scale(library: np.ndarray, target: float) -> np.ndarray:
     return out
 
 
-def _write_chunk(input_path: str, x_path: str, out_start: int, rows: np.ndarray, col_map: np.ndarray,
-                 n_out_genes: int, scale: np.ndarray | None) -> int:
-    """Rows ``rows`` of the input (sorted) -> ``X[out_start:out_start + len(rows)]``, whole chunks."""
-    import zarr
-
-    out = np.zeros((len(rows), n_out_genes), dtype=np.float32)
+def _iter_selected(input_path: str, rows: np.ndarray):
+    """Yield ``(i, j, counts, indices, data)``: the entries of input rows ``rows[i:j]`` in row order and
+    their per-row counts, reading at most ``_SUB_ROWS`` input rows at once (``rows`` sorted)."""
     i = 0
     while i < len(rows):
         j = int(np.searchsorted(rows, rows[i] + _SUB_ROWS, side="left"))
@@ -121,17 +128,88 @@ def _write_chunk(input_path: str, x_path: str, out_start: int, rows: np.ndarray,
         counts = indptr[local + 1] - indptr[local]
         # positions of the selected rows' entries, in row order
         take = np.repeat(indptr[local] - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+        yield i, j, counts, indices[take], data[take]
+        i = j
+
+
+def _write_chunk(input_path: str, x_path: str, out_start: int, rows: np.ndarray, col_map: np.ndarray,
+                 n_out_genes: int, scale: np.ndarray | None) -> int:
+    """Rows ``rows`` of the input (sorted) -> ``X[out_start:out_start + len(rows)]``, whole chunks."""
+    import zarr
+
+    out = np.zeros((len(rows), n_out_genes), dtype=np.float32)
+    for i, j, counts, indices, data in _iter_selected(input_path, rows):
         out_row = np.repeat(np.arange(i, j), counts)
-        cols = col_map[indices[take]]
+        cols = col_map[indices]
         keep = cols >= 0
-        values = data[take][keep].astype(np.float64)
+        values = data[keep].astype(np.float64)
         out_row, cols = out_row[keep], cols[keep]
         if scale is not None:
             values = values * scale[out_row]
         out[out_row, cols] = np.log1p(values)
-        i = j
     zarr.open_array(x_path, mode="r+")[out_start:out_start + len(rows)] = out
     return len(rows)
+
+
+def _write_raw_entries(input_path: str, raw_x_path: str, lo: int, hi: int, rows: np.ndarray, offset: int) -> int:
+    """Entries ``lo:hi`` of the raw CSR's ``data`` and ``indices``, copied from input rows ``rows``
+    (sorted), whose entries start at position ``offset`` of the raw CSR.
+
+    ``lo`` is a chunk boundary and ``hi`` one or the end, so no two tasks write into one chunk.
+    """
+    import zarr
+
+    parts = [(indices, data) for _, _, _, indices, data in _iter_selected(input_path, rows)]
+    indices = np.concatenate([p[0] for p in parts])[lo - offset:hi - offset]
+    data = np.concatenate([p[1] for p in parts])[lo - offset:hi - offset]
+    zarr.open_array(f"{raw_x_path}/indices", mode="r+")[lo:hi] = indices
+    zarr.open_array(f"{raw_x_path}/data", mode="r+")[lo:hi] = data
+    return hi - lo
+
+
+def _raw_indptr(input_path: str, cells: np.ndarray) -> np.ndarray:
+    """The raw CSR's ``indptr``: the kept cells' entry counts in the input, cumulated (O(n_cells))."""
+    import zarr
+
+    counts = np.diff(np.asarray(zarr.open_array(f"{input_path}/indptr", mode="r")[:], dtype=np.int64))
+    return np.concatenate([[0], np.cumsum(counts[cells])]).astype(np.int64)
+
+
+def _create_raw(st, indptr: np.ndarray, input_var, compression_level: int) -> str:
+    """Stage ``raw`` in AnnData's layout (X a CSR group, the input's var, empty varm), with ``X/indptr``
+    written and ``X/data``, ``X/indices`` allocated; returns the path of ``raw/X`` for the copy tasks."""
+    from anndata.io import write_elem
+
+    compressors = store_compressors(compression_level)
+    nnz = int(indptr[-1])
+    raw = st.create_group("raw")
+    raw.attrs.update({"encoding-type": "raw", "encoding-version": "0.1.0"})
+    x = raw.create_group("X")
+    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                    "shape": [len(indptr) - 1, len(input_var)]})
+    for name, dtype, size in (("data", np.float32, nnz), ("indices", np.int32, nnz),
+                              ("indptr", np.int64, len(indptr))):
+        x.create_array(name, shape=(size,), dtype=dtype, chunks=(CSR_CHUNK,), compressors=compressors,
+                       fill_value=0)
+    x["indptr"][:] = indptr
+    write_elem(raw, "var", input_var)
+    write_elem(raw, "varm", {})
+    return st.path_of("raw/X")
+
+
+def _raw_tasks(input_path: str, raw_x_path: str, cells: np.ndarray, indptr: np.ndarray) -> list:
+    """Delayed copies of the kept cells' input entries into ``raw/X``, one per chunk of its arrays."""
+    import dask
+
+    nnz = int(indptr[-1])
+    tasks = []
+    for lo in range(0, nnz, CSR_CHUNK):
+        hi = min(lo + CSR_CHUNK, nnz)
+        first = int(np.searchsorted(indptr, lo, side="right")) - 1  # the kept cell holding entry lo
+        stop = int(np.searchsorted(indptr, hi, side="left"))  # past the kept cell holding entry hi - 1
+        tasks.append(dask.delayed(_write_raw_entries)(input_path, raw_x_path, lo, hi, cells[first:stop],
+                                                      int(indptr[first])))
+    return tasks
 
 
 def _sum_parts(*parts):
@@ -272,11 +350,13 @@ def run(ctx) -> dict:
     genes = expressed[top]
     n_out = len(genes)
 
-    # pass C: X, one task per output row chunk
+    # pass C: X, one task per output row chunk (and raw, one task per chunk of its entries)
     col_map = np.full(n_genes, -1, dtype=np.int64)
     col_map[genes] = np.arange(n_out)
     col_map_d = dask.delayed(col_map)
     scale = _scale(library[cells], cfg.normalize_total) if cfg.normalize_total else None
+    input_var = ctx.store.read_elem("work/input/var")
+    raw_nnz = None
     with ctx.store.staging(ctx.stage) as st:
         X = st.create_matrix("X", (m, n_out), np.float32)
         x_path = st.path_of("X")
@@ -284,10 +364,18 @@ def run(ctx) -> dict:
         tasks = [dask.delayed(_write_chunk)(input_path, x_path, a, cells[a:a + step], col_map_d, n_out,
                                             None if scale is None else scale[a:a + step])
                  for a in range(0, m, step)]
-        _compute(ctx, "writing X", tasks)
+        if cfg.keep_counts:
+            # the raw copy shares pass C's graph, so its reads run beside the X tasks
+            raw_indptr = _raw_indptr(input_path, cells)
+            raw_nnz = int(raw_indptr[-1])
+            raw_x_path = _create_raw(st, raw_indptr, input_var, ctx.config.store.compression_level)
+            tasks += _raw_tasks(input_path, raw_x_path, cells, raw_indptr)
+        else:
+            st.drop("raw")  # a raw left by an earlier run with keep_counts would no longer match
+        _compute(ctx, "writing X" + (" and raw counts" if cfg.keep_counts else ""), tasks)
 
         obs = ctx.store.read_elem("work/input/obs").iloc[cells]
-        var = ctx.store.read_elem("work/input/var").iloc[genes].copy()
+        var = input_var.iloc[genes].copy()
         var["variance"] = variance[top]
         var["mean"] = sums[top] / m
         var["n_cells_nonzero"] = nonzero[top]
@@ -300,4 +388,4 @@ def run(ctx) -> dict:
                  len(expressed), n_genes)
     return {"n_cells_input": n_cells, "n_genes_input": n_genes, "n_genes_expressed": int(len(expressed)),
             "n_cells": int(m), "n_genes": int(n_out), "variance_on": cfg.variance_on,
-            "normalize_total": cfg.normalize_total}
+            "normalize_total": cfg.normalize_total, "raw_nnz": raw_nnz}
