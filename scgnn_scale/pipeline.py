@@ -296,4 +296,5 @@ def read_run(run_dir: str | Path, *, lazy: bool = True):
     obsp = {k: store.read_elem(f"obsp/{k}") for k in root["obsp"].keys()}
     varm = {k: store.read_elem(f"varm/{k}") for k in root["varm"].keys()}
     uns = store.read_elem("uns")
-    return anndata.AnnData(X=X, obs=obs, var=var, layers=layers, obsm=obsm, obsp=obsp, varm=varm, uns=uns)
+    return anndata.AnnData(X=X, obs=obs, var=var, layers=layers, obsm=obsm, obsp=obsp, varm=varm, uns=uns,
+                           raw=store.read_raw(lazy=True))

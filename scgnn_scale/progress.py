@@ -50,7 +50,8 @@ class LogProgress:
         done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         rate = (self.n - self._start_n) / max(now - self._start, 1e-9)
-        return f"{self.desc}: {done} {self.unit}{pct}, {rate:,.1f} {self.unit}/s{self._postfix}"
+        rate_text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+        return f"{self.desc}: {done} {self.unit}{pct}, {rate_text} {self.unit}/s{self._postfix}"
 
     def set_postfix(self, **kw) -> None:
         self._postfix = "".join(f", {k} {v}" for k, v in kw.items())

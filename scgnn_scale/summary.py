@@ -123,6 +123,8 @@ def run_summary(store: RunStore, metrics: dict, *, wall_seconds: float) -> dict:
     if store.has("layers/imputed"):
         arr = store.open_array("layers/imputed")
         out["imputed"] = (tuple(arr.shape), str(arr.dtype))
+    if store.has("raw/X"):
+        out["raw_shape"] = tuple(store.open_group("raw/X").attrs["shape"])
     return out
 
 
@@ -146,6 +148,9 @@ def format_summary(summary: dict, max_sizes: int = 12, open_hint: str | None = N
     if "imputed" in summary:
         (n, g), dtype = summary["imputed"]
         lines.append(f"  imputed expression: layers['imputed'] ({n:,} x {g:,}, {dtype})")
+    if "raw_shape" in summary:
+        n, g = summary["raw_shape"]
+        lines.append(f"  counts of every input gene: .raw ({n:,} x {g:,}, sparse)")
     times = ", ".join(f"{s} {sec:.1f}" for s, sec in summary["stages"].items())
     total = sum(summary["stages"].values())
     lines.append(f"  time: stages {total:.1f} s in all ({times}); this invocation {summary['wall_seconds']:.1f} s")

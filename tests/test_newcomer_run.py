@@ -92,7 +92,7 @@ def test_label_key_added_later_redoes_no_stage_and_scores_the_final_clusters(fin
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("finished "))
     assert f"clusters: {metrics['n_clusters']} " in summary
     assert f"ARI {metrics['ari']:.3f}" in summary and "layers['imputed']" in summary
-    assert "time: stages" in summary and "peak memory" in summary
+    assert "time: stages" in summary and "peak memory" in summary and "counts of every input gene: .raw" in summary
     assert f"scgnn_scale.read_run('{out}')" in summary
 
 
@@ -106,6 +106,8 @@ def test_uns_holds_mappings_with_the_final_metrics(finished_without_labels):
     assert uns["metrics"]["n_clusters"] == obs["scgnn_cluster"].nunique()
     assert sum(uns["metrics"]["cluster_sizes"].values()) == len(obs)
     assert not (finished_without_labels / "staging").exists()  # no empty staging/ left behind
+    raw = scgnn_scale.read_run(finished_without_labels).raw  # the counts of all genes, lazily
+    assert raw.shape == (len(obs), 150) and list(raw.obs_names) == list(obs.index)
 
 
 def test_evaluate_takes_labels_from_a_file(finished_without_labels, tmp_path, capsys):
