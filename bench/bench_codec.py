@@ -3,7 +3,7 @@
     python bench/bench_codec.py [--run bench/out/run_100000x2000] [--chunks 8]
 
 ``--run`` names a finished run directory (it needs ``layers/imputed``; the numbers in RESULTS.md came
-from the 100k scaling run, kept as bench/out/run_100000x2000_session3). Reads ``--chunks`` chunks
+from the 100k scaling run, kept then in bench/out/, not in the repository). Reads ``--chunks`` chunks
 (2048 cells x 256 genes, the store's layout) of the run's X (log1p counts),
 layers/ltmg (uint8 states) and layers/imputed (a dense float reconstruction, like work/recon and the
 cluster autoencoders' outputs), encodes and decodes each with every candidate Blosc codec on one
