@@ -71,7 +71,10 @@ def _for_uns(value: Any) -> Any:
         if all(isinstance(v, str) for v in value):
             return np.asarray(value, dtype=object)
         if all(isinstance(v, dict) for v in value):
-            return {str(i): _for_uns(v) for i, v in enumerate(value)}
+            # records (loss histories, per-cluster results) as one table: a few arrays, not one per value
+            table = pd.DataFrame([{k: x for k, x in v.items() if isinstance(x, int | float | str | bool)}
+                                  for v in value])
+            return table if table.shape[1] else None
         return np.asarray([str(v) for v in value], dtype=object)
     if isinstance(value, np.ndarray):
         return value
