@@ -114,7 +114,7 @@ def bench_loader(store, n: int, batch_size: int, seed: int, memory_max_mb: float
 def bench_training(store, config, n: int, g: int, batch_size: int, steps: int, device: str, seed: int) -> dict:
     import torch
 
-    from scgnn_scale.stages.feature import cpu_threads
+    from scgnn_scale.train import cpu_threads
 
     dev = torch.device(device)
     with cpu_threads(dev):  # as the stages train: on CPU one core is left to the loader
@@ -126,8 +126,7 @@ def _bench_training(store, config, n, g, batch_size, steps, dev, seed) -> dict:
 
     from scgnn_scale.nn.autoencoder import DenseAutoencoder
     from scgnn_scale.nn.losses import l1_penalty, reconstruction_loss, reference_cells
-    from scgnn_scale.stages.feature import fit_autoencoder
-    from scgnn_scale.testing import stage_context
+    from scgnn_scale.train import TrainPlan, fit_autoencoder
 
     torch.manual_seed(seed)
     model = DenseAutoencoder(g).to(dev)
@@ -156,10 +155,9 @@ def _bench_training(store, config, n, g, batch_size, steps, dev, seed) -> dict:
     out = {"train_compute_only": {"steps_per_s": round(steps / s, 2), "cells_per_s": _rate(steps * batch_size, s),
                                   "torch_threads": torch.get_num_threads()}}
 
-    ctx = stage_context(store, "bench", config)
     arrays = [store.open_array("X"), store.open_array("layers/ltmg")]
-    info = fit_autoencoder(ctx, model, opt, arrays, steps=steps, batch_size=batch_size, gamma=0.1, alpha=0.9,
-                           l1=1.0, seed=seed, memory_budget_mb=0)
+    plan = TrainPlan(steps=steps, batch_size=batch_size, gamma=0.1, alpha=0.9, l1=1.0, seed=seed, memory_budget_mb=0)
+    info = fit_autoencoder(model, opt, arrays, plan)
     out["train_streamed"] = {k: info[k] for k in ("steps_per_s", "cells_per_s", "loader_wait_fraction", "loader")}
     return out
 

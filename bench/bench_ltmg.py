@@ -34,7 +34,6 @@ import psutil
 import zarr
 
 from scgnn_scale.config import build_config
-from scgnn_scale.distributed import ClientHolder
 from scgnn_scale.stages import ltmg as ltmg_stage
 from scgnn_scale.store import RunStore
 from scgnn_scale.testing import stage_context
@@ -111,17 +110,16 @@ def _role(p: psutil.Process) -> str:
 
 
 def run_stage(store: RunStore, config, n_workers: int, tag: str) -> tuple[dict, list[dict], float]:
-    holder = ClientHolder(config.runtime)
-    holder.get()  # start the cluster outside the timed part
+    ctx = stage_context(store, "ltmg", config)
+    ctx.chain_hash = f"bench-{tag}"
+    ctx.client()  # start the cluster outside the timed part
     try:
         with PeakRSS() as rss:
-            ctx = stage_context(store, "ltmg", config, _client_holder=holder)
-            ctx.chain_hash = f"bench-{tag}"
             t0 = time.perf_counter()
             info = ltmg_stage.run(ctx)
             wall = time.perf_counter() - t0
     finally:
-        holder.close()
+        ctx.runtime.close()
     return info, rss.report(), wall
 
 

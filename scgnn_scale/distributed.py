@@ -14,8 +14,9 @@ log = logging.getLogger("scgnn_scale")
 class ClientHolder:
     """Starts the client on first use and closes what it started."""
 
-    def __init__(self, runtime_config):
+    def __init__(self, runtime_config, memory: MemoryPlan):
         self.cfg = runtime_config
+        self.memory = memory
         self._client = None
         self._cluster = None
 
@@ -41,7 +42,7 @@ class ClientHolder:
             kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": self.cfg.worker_processes,
                       "dashboard_address": ":0",
                       "silence_logs": logging.ERROR}
-            limit = MemoryPlan.from_config(self.cfg).dask_worker_limit(n, self.cfg.worker_processes)
+            limit = self.memory.dask_worker_limit(n, self.cfg.worker_processes)
             if limit is not None:
                 kwargs["memory_limit"] = limit
             self._cluster = LocalCluster(**kwargs)

@@ -40,7 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_json
 from .errors import InputError
+from .keys import KEYS
 
 log = logging.getLogger("scgnn_scale")
 
@@ -376,15 +378,15 @@ def score_run(run_dir: str | Path, mask: str | Path, masked: str | Path | None =
     from .store import RunStore
 
     store = RunStore.open(run_dir)
-    if not store.has("layers/imputed"):
+    if not store.has(KEYS.imputed):
         raise InputError(f"{run_dir}: the run has no layers/imputed; it has not finished")
     rows, cols, values = read_mask(mask)
     import h5py
 
     with h5py.File(mask, "r") as f:
         n_input_cells, n_input_genes = int(f.attrs["n_cells"]), int(f.attrs["n_genes"])
-    kept_cells = np.asarray(store.read_elem("work/preprocess/cells"), dtype=np.int64)
-    kept_genes = np.asarray(store.read_elem("work/preprocess/genes"), dtype=np.int64)
+    kept_cells = np.asarray(store.read_elem(KEYS.kept_cells), dtype=np.int64)
+    kept_genes = np.asarray(store.read_elem(KEYS.kept_genes), dtype=np.int64)
     cell_pos = _positions(kept_cells, n_input_cells)[rows]
     gene_pos = _positions(kept_genes, n_input_genes)[cols]
     scored = (cell_pos >= 0) & (gene_pos >= 0)
@@ -400,8 +402,8 @@ def score_run(run_dir: str | Path, mask: str | Path, masked: str | Path | None =
         libsize = library_sizes(masked, kept_cells[cells], min_cell_fraction=pcfg.min_cell_fraction)
         counts = counts * target / np.maximum(libsize, 1e-12)
     truth = np.log1p(counts)
-    imputed = values_at(store.open_array("layers/imputed"), cells, genes)
-    smoothed = knn_smoothed_at(store.open_array("X"), store.read_elem("obsp/scgnn_graph"), cells, genes)
+    imputed = values_at(store.open_array(KEYS.imputed), cells, genes)
+    smoothed = knn_smoothed_at(store.open_array(KEYS.x), store.read_elem(KEYS.graph), cells, genes)
     result = {"n_flipped": int(len(rows)), "n_scored": int(len(cells))}
     for method, predicted in (("scgnn", imputed), ("zeros", np.zeros_like(truth)), ("knn", smoothed)):
         result[method] = imputation_scores(truth, predicted)
@@ -418,12 +420,6 @@ def _summary(per_repeat: list[dict]) -> dict:
             out[method][metric] = float(np.mean(values))
             out[method][f"{metric}_std"] = float(np.std(values))
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def evaluate_imputation(input: Any, out: str | Path, *, rate: float = 0.1, repeats: int = 3, config=None,
@@ -476,7 +472,7 @@ def evaluate_imputation(input: Any, out: str | Path, *, rate: float = 0.1, repea
     elif any(out.iterdir()):
         raise InputError(f"{out}: --out is a non-empty directory that is not an imputation evaluation")
     else:
-        _write_json(marker, settings)
+        write_json(marker, settings)
 
     reference = out / "reference.h5ad"
     if not reference.is_file():
@@ -507,5 +503,5 @@ def evaluate_imputation(input: Any, out: str | Path, *, rate: float = 0.1, repea
         "transform": "log1p of counts (library-normalised when preprocess.normalize_total > 0), the scale of X "
                      "and layers/imputed; only flipped entries of kept cells and genes are scored",
     }
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     return report

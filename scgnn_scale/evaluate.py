@@ -7,14 +7,14 @@ numbers (``scgnn-scale evaluate RUN_DIR --label-key label``).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .atomic import write_json
 from .errors import InputError
+from .keys import CLUSTER_COLUMN, KEYS
 
 SILHOUETTE_MAX_CELLS = 10_000
 
@@ -75,15 +75,6 @@ def clustering_metrics(labels_true, labels_pred, embedding=None, seed: int = 0,
     return out
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def evaluate_run(run_dir, label_key: str = "label", *, labels_file=None, seed: int = 0) -> dict:
     """Score a run's clusters against ``obs[label_key]``; write ``RUN_DIR/metrics.json``; return the metrics.
 
@@ -99,10 +90,10 @@ def evaluate_run(run_dir, label_key: str = "label", *, labels_file=None, seed: i
     from .store import RunStore
 
     store = RunStore.open(run_dir)
-    if not store.has("X") and not (store.adata_path / "obs").exists():
+    if not store.has(KEYS.x) and not (store.adata_path / "obs").exists():
         raise InputError(f"{run_dir}: the run has no cells yet (run the pipeline first)")
-    obs = store.read_elem("obs")
-    if "scgnn_cluster" not in obs.columns:
+    obs = store.read_elem(KEYS.obs)
+    if CLUSTER_COLUMN not in obs.columns:
         raise InputError(f"{run_dir}: the run has no clusters yet (obs/scgnn_cluster); run it through the "
                          "'cluster' stage first")
     if labels_file is not None:
@@ -110,16 +101,16 @@ def evaluate_run(run_dir, label_key: str = "label", *, labels_file=None, seed: i
 
         labels = read_label_file(labels_file, label_key)
         attach_labels(store, align_labels(labels, obs.index, str(labels_file)), label_key)
-        obs = store.read_elem("obs")
+        obs = store.read_elem(KEYS.obs)
     if label_key not in obs.columns:
-        others = [c for c in obs.columns if c != "scgnn_cluster"]
+        others = [c for c in obs.columns if c != CLUSTER_COLUMN]
         raise InputError(f"{run_dir}: obs has no column '{label_key}' to compare with (columns: "
                          f"{', '.join(others) if others else 'none'}); name another one with "
                          "--label-key, give a file of labels with --labels FILE, or rerun 'scgnn-scale run' with "
                          "--label-key <column> (no stage is redone) so the input's labels are carried into the run")
-    embedding = store.read_elem("obsm/X_scgnn") if store.has("obsm/X_scgnn") else None
-    metrics = clustering_metrics(obs[label_key].to_numpy(), obs["scgnn_cluster"].to_numpy(), embedding=embedding,
+    embedding = store.read_elem(KEYS.embedding) if store.has(KEYS.embedding) else None
+    metrics = clustering_metrics(obs[label_key].to_numpy(), obs[CLUSTER_COLUMN].to_numpy(), embedding=embedding,
                                  seed=seed)
     metrics["label_key"] = label_key
-    _write_json_atomic(Path(run_dir) / "metrics.json", metrics)
+    write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics

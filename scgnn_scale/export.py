@@ -26,15 +26,17 @@ not hold yet (e.g. no ``layers/imputed`` before the impute stage) is skipped wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import zarr
 
+from .atomic import atomic_path
 from .errors import InputError
+from .keys import CLUSTER_COLUMN, KEYS
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
@@ -74,7 +76,7 @@ def export_run(run_dir: str | Path, to: str | Path, *, fmt: str = "h5ad", overwr
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
     store = RunStore.open(run_dir)
-    if not store.has("X"):
+    if not store.has(KEYS.x):
         raise InputError(f"{run_dir}: the run has not finished preprocessing yet; nothing to export")
     to = Path(to)
     block_rows = int(block_rows or store.store_config.chunk_rows)
@@ -102,34 +104,28 @@ def _export_h5ad(store: RunStore, to: Path, *, overwrite: bool, block_rows: int,
 
     _check_target_file(to, overwrite)
     root = zarr.open_group(store.adata_path, mode="r", zarr_format=3)
-    tmp = to.with_name(to.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["encoding-type"] = "anndata"
-            f.attrs["encoding-version"] = "0.1.0"
-            _copy_dense(root["X"], f, "X", block_rows, compression)
-            write_elem(f, "obs", store.read_elem("obs"))
-            write_elem(f, "var", store.read_elem("var"))
-            for group_name in _DICT_GROUPS:
-                out = f.create_group(group_name)
-                out.attrs["encoding-type"] = "dict"
-                out.attrs["encoding-version"] = "0.1.0"
-                if group_name not in root:
-                    continue
-                for key in sorted(root[group_name].keys()):
-                    node = root[group_name][key]
-                    if _is_dense_matrix(node):
-                        _copy_dense(node, out, key, block_rows, compression)
-                    else:
-                        write_elem(out, key, store.read_elem(f"{group_name}/{key}"))
-            uns = store.read_elem("uns") if "uns" in root else {}
-            write_elem(f, "uns", uns)
-            if "raw" in root:
-                _copy_raw(root["raw"], f, compression)
-        os.replace(tmp, to)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(to) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        _copy_dense(root["X"], f, "X", block_rows, compression)
+        write_elem(f, "obs", store.read_elem(KEYS.obs))
+        write_elem(f, "var", store.read_elem(KEYS.var))
+        for group_name in _DICT_GROUPS:
+            out = f.create_group(group_name)
+            out.attrs["encoding-type"] = "dict"
+            out.attrs["encoding-version"] = "0.1.0"
+            if group_name not in root:
+                continue
+            for key in sorted(root[group_name].keys()):
+                node = root[group_name][key]
+                if _is_dense_matrix(node):
+                    _copy_dense(node, out, key, block_rows, compression)
+                else:
+                    write_elem(out, key, store.read_elem(f"{group_name}/{key}"))
+        uns = store.read_elem("uns") if "uns" in root else {}
+        write_elem(f, "uns", uns)
+        if "raw" in root:
+            _copy_raw(root["raw"], f, compression)
     return to
 
 
@@ -189,39 +185,26 @@ def _prepare_dir(to: Path, overwrite: bool) -> None:
         raise InputError(f"{to}: cannot create the directory: {exc.strerror or exc}") from exc
 
 
-class _AtomicText:
+@contextlib.contextmanager
+def _atomic_text(path: Path):
     """A text file written under a temporary name and moved into place on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-
-    def __enter__(self):
-        self.fh = open(self.tmp, "w", newline="")
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb):
-        self.fh.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        yield fh
 
 
 def _export_csv(store: RunStore, to: Path, *, overwrite: bool, name: str, block_rows: int) -> Path:
     _prepare_dir(to, overwrite)
-    obs = store.read_elem("obs")
+    obs = store.read_elem(KEYS.obs)
     cells = obs.index.astype(str)
     written = []
-    if "scgnn_cluster" in obs.columns:
+    if CLUSTER_COLUMN in obs.columns:
         path = to / f"{name}_results.txt"
-        with _AtomicText(path) as fh:
-            pd.DataFrame({"Celltype": _cluster_ids(obs["scgnn_cluster"])}, index=cells).to_csv(fh)
+        with _atomic_text(path) as fh:
+            pd.DataFrame({"Celltype": _cluster_ids(obs[CLUSTER_COLUMN])}, index=cells).to_csv(fh)
         written.append(path.name)
     else:
         log.warning("export: the run has no clusters yet (obs/scgnn_cluster); %s_results.txt skipped", name)
-    for key, suffix in (("obsm/X_scgnn", "embedding"), ("obsm/X_scgnn_feature", "feature_embedding")):
+    for key, suffix in ((KEYS.embedding, "embedding"), (KEYS.feature_embedding, "feature_embedding")):
         if store.has(key):
             path = to / f"{name}_{suffix}.csv"
             _write_embedding_csv(store.open_array(key), cells, path, block_rows)
@@ -230,14 +213,14 @@ def _export_csv(store: RunStore, to: Path, *, overwrite: bool, name: str, block_
             log.warning("export: the run has no %s yet; %s_%s.csv skipped", key, name, suffix)
     if (store.adata_path / "obsp" / "scgnn_graph").is_dir():
         path = to / f"{name}_graph.csv"
-        _write_graph_csv(store.read_elem("obsp/scgnn_graph"), path, block_rows)
+        _write_graph_csv(store.read_elem(KEYS.graph), path, block_rows)
         written.append(path.name)
     else:
         log.warning("export: the run has no graph yet (obsp/scgnn_graph); %s_graph.csv skipped", name)
-    if store.has("layers/imputed"):
+    if store.has(KEYS.imputed):
         path = to / f"{name}_recon.csv"
-        genes = store.read_elem("var").index.astype(str)
-        _write_genes_by_cells_csv(store.open_array("layers/imputed"), genes, cells, path)
+        genes = store.read_elem(KEYS.var).index.astype(str)
+        _write_genes_by_cells_csv(store.open_array(KEYS.imputed), genes, cells, path)
         written.append(path.name)
     else:
         log.warning("export: the run has no imputed matrix yet; %s_recon.csv skipped", name)
@@ -258,7 +241,7 @@ def _write_embedding_csv(array: zarr.Array, cells: pd.Index, path: Path, block_r
     from .loader import iter_row_blocks
 
     columns = [f"embedding{i}" for i in range(array.shape[1])]
-    with _AtomicText(path) as fh:
+    with _atomic_text(path) as fh:
         for a, b, block in iter_row_blocks(array, block_rows):
             pd.DataFrame(block, index=cells[a:b], columns=columns).to_csv(fh, header=a == 0)
         if array.shape[0] == 0:
@@ -270,7 +253,7 @@ def _write_graph_csv(graph, path: Path, block_rows: int) -> None:
 
     graph = sp.csr_matrix(graph)
     indptr = graph.indptr.astype(np.int64)
-    with _AtomicText(path) as fh:
+    with _atomic_text(path) as fh:
         fh.write("NodeA,NodeB,Weights\n")
         for a in range(0, graph.shape[0], block_rows):
             b = min(a + block_rows, graph.shape[0])
@@ -290,7 +273,7 @@ def _write_genes_by_cells_csv(array: zarr.Array, genes: pd.Index, cells: pd.Inde
     gene_block = max(1, min(g, _TRANSPOSE_BUDGET // per_gene))
     if gene_block >= chunk_genes:
         gene_block = gene_block // chunk_genes * chunk_genes
-    with _AtomicText(path) as fh:
+    with _atomic_text(path) as fh:
         fh.write("," + ",".join(_csv_field(c) for c in cells) + "\n")
         for g0 in range(0, g, gene_block):
             g1 = min(g, g0 + gene_block)

@@ -203,7 +203,7 @@ def smallest_k(d, k: int, group: int = 32):
     return values, first.gather(1, pos // group) * group + pos % group
 
 
-def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 4096, block_bytes: int | None = None,
+def knn_torch(x: np.ndarray, k: int = 10, *, device, query_block: int = 4096, block_bytes: int | None = None,
               progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by blocked brute force in torch (GPU when ``device`` is CUDA).
 
@@ -216,7 +216,7 @@ def knn_torch(x: np.ndarray, k: int = 10, *, device=None, query_block: int = 409
     import torch
 
     x = _check_input(x, k)
-    device = torch.device(device or "cpu")
+    device = torch.device(device)
     n = x.shape[0]
     extra = min(k + 8, n - 1)
     if block_bytes is None:

@@ -19,8 +19,10 @@ from typing import Any
 from .config import RunConfig
 from .context import StageContext
 from .errors import InputError
-from .memory import MemoryPlan, peak_rss_mb, release_freed_memory
-from .stages.iterate import FINAL_RECON
+from .keys import INTERMEDIATE_RECONS, KEYS
+from .memory import peak_rss_mb, release_freed_memory
+from .results import publish
+from .runtime import Runtime
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
@@ -38,9 +40,6 @@ STAGES: dict[str, tuple[str, ...]] = {
     "impute": ("impute",),
 }
 STAGE_NAMES = tuple(STAGES)
-#: the cells x genes reconstructions that iterate and impute start from: removed when a run ends
-#: (runtime.keep_work keeps them), redone by the feature stage when a later run needs them
-INTERMEDIATE_RECONS = ("work/recon", FINAL_RECON)
 
 
 def input_identity(source: Any) -> dict:
@@ -157,41 +156,40 @@ def run(
     config = config or RunConfig()
     if until is not None and until not in STAGES:
         raise InputError(f"--until {until}: not a stage; stages are {', '.join(STAGE_NAMES)}")
-    MemoryPlan.from_config(config.runtime)  # a bad --memory-limit fails before any work
+    runtime = Runtime.from_config(config.runtime, quiet=quiet)  # a bad --device or --memory-limit fails first
     identity = input_identity(source)
     hashes = chain_hashes(config, identity)
     if not overwrite:
         _refuse_other_run(Path(out), identity, config, hashes)
     store = RunStore.create(out, identity=_run_identity(identity, config), config=config, overwrite=overwrite)
     handler = _setup_logging(store)
-    holder = None
     t_start = time.perf_counter()
     try:
         log.info("run %s -> %s", identity, store.root)
         order = list(STAGES)
         last = order.index(until) if until else len(order) - 1
-        _restore_removed_reconstructions(store, config, order[: last + 1], hashes, source, quiet)
+        _restore_removed_reconstructions(store, config, order[: last + 1], hashes, source, runtime)
         for i, stage in enumerate(order[: last + 1]):
             if store.stage_done(stage, hashes[stage]):
                 log.info("%s: already done, skipped", stage)
                 continue
             store.forget_stages(order[i:])  # everything after a redone stage is stale
-            _prepare_first_pass(store, stage)
+            publish(store)  # what a stage reads of the published results is the latest finished pass
             ctx = StageContext(store=store, config=config, stage=stage, chain_hash=hashes[stage],
-                               input=source, quiet=quiet, _client_holder=holder)
+                               runtime=runtime, input=source)
             module = importlib.import_module(f".stages.{stage}", __package__)
             log.info("%s: started", stage)
             t0 = time.perf_counter()
             info = module.run(ctx) or {}
-            holder = ctx._client_holder
             seconds = time.perf_counter() - t0
             info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
             release_freed_memory()
             store.record_stage(stage, hashes[stage], seconds, info)
             log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
+        publish(store)
         if order[last] == order[-1] and not config.runtime.keep_work:
             _remove_intermediates(store)
-        if store.has("X"):
+        if store.has(KEYS.x):
             from .summary import final_metrics, format_summary, run_summary, uns_summary
 
             metrics = final_metrics(store, source, config)
@@ -200,32 +198,14 @@ def run(
             log.info("%s", format_summary(summary, open_hint=open_hint))
         store.remove_empty_staging()
     finally:
-        if holder is not None:
-            holder.close()
+        runtime.close()
         log.removeHandler(handler)
         handler.close()
     return store
 
 
-def _prepare_first_pass(store: RunStore, stage: str) -> None:
-    """Before ``stage`` is redone: put back or drop the first pass that iterate kept.
-
-    Iterate replaces the first pass's embedding, graph and clusters under their usual keys and keeps
-    them in a snapshot. A redo of graph, gae or cluster must read the first pass's versions again. A
-    redo of the feature stage or an earlier one makes the snapshot stale: restoring it later would
-    put the old feature embedding over the new one, so it is removed (before the stage runs, so a
-    killed run cannot resume with it).
-    """
-    from .stages import iterate
-
-    if STAGE_NAMES.index(stage) <= STAGE_NAMES.index("feature"):
-        iterate.forget_first_pass(store)
-    elif stage in ("graph", "gae", "cluster"):
-        iterate.restore_first_pass(store)
-
-
 def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict,
-                                     source: Any, quiet: bool) -> None:
+                                     source: Any, runtime: Runtime) -> None:
     """Bring back what a stage to be (re)done needs from the reconstructions a finished run removed.
 
     ``work/recon`` is the saved feature autoencoder applied to X: one inference pass writes it again
@@ -235,8 +215,9 @@ def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages:
     """
     todo = [s for s in stages if not store.stage_done(s, hashes[s])]
     if ("impute" in todo and config.impute.input == "final" and "iterate" not in todo
-            and not store.has(FINAL_RECON)):
-        log.info("%s was removed when the run ended (runtime.keep_work keeps it): redoing the iteration", FINAL_RECON)
+            and not store.has(KEYS.final_recon)):
+        log.info("%s was removed when the run ended (runtime.keep_work keeps it): redoing the iteration",
+                 KEYS.final_recon)
         store.forget_stages(["iterate", "impute"])
         todo = [s for s in stages if not store.stage_done(s, hashes[s])]
     needs_recon = "iterate" in todo or ("impute" in todo and config.impute.input == "recon")
@@ -244,8 +225,8 @@ def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages:
         return
     from .stages import feature
 
-    ctx = StageContext(store=store, config=config, stage="feature", chain_hash=hashes["feature"], input=source,
-                       quiet=quiet)
+    ctx = StageContext(store=store, config=config, stage="feature", chain_hash=hashes["feature"], runtime=runtime,
+                       input=source)
     if feature.rewrite_reconstruction(ctx):
         log.info("%s was removed when the run ended: written again from the saved feature autoencoder",
                  INTERMEDIATE_RECONS[0])
@@ -283,15 +264,15 @@ def read_run(run_dir: str | Path, *, lazy: bool = True):
     import zarr
 
     store = RunStore.open(run_dir)
-    if not store.has("X"):
+    if not store.has(KEYS.x):
         raise InputError(f"{run_dir}: the run has not finished preprocessing yet; nothing to read")
     if not lazy:
         return anndata.read_zarr(store.adata_path)
     root = zarr.open_group(store.adata_path, mode="r", zarr_format=3)
     X = da.from_zarr(root["X"])
     layers = {k: da.from_zarr(root["layers"][k]) for k in root["layers"].array_keys()}
-    obs = store.read_elem("obs")
-    var = store.read_elem("var")
+    obs = store.read_elem(KEYS.obs)
+    var = store.read_elem(KEYS.var)
     obsm = {k: store.read_elem(f"obsm/{k}") for k in root["obsm"].keys()}
     obsp = {k: store.read_elem(f"obsp/{k}") for k in root["obsp"].keys()}
     varm = {k: store.read_elem(f"varm/{k}") for k in root["varm"].keys()}

@@ -26,9 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 
+from .atomic import write_json
 from .errors import InputError
 
 FORMAT_VERSION = 1
@@ -47,25 +47,8 @@ def compressors(level: int, cname: str = "zstd"):
 
 
 WORK_PREFIX = "work/"
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
+#: entries per chunk of the 1-D arrays of a sparse (CSR) matrix in the store (work/input, raw/X)
+CSR_CHUNK = 1 << 20
 
 
 def _anndata_io():
@@ -124,6 +107,15 @@ class Staging:
         self._register(key)
         return self.group.create_group(key, overwrite=True)
 
+    def copy_array(self, key: str, src: zarr.Array) -> zarr.Array:
+        """Stage a copy of the array ``src`` under ``key``, streamed in row blocks."""
+        from .loader import iter_row_blocks
+
+        dst = self.create_matrix(key, tuple(src.shape), src.dtype)
+        for a, b, block in iter_row_blocks(src, int(dst.chunks[0])):
+            dst[a:b] = block
+        return dst
+
     def write_elem(self, key: str, value: Any) -> None:
         """Write a small element (DataFrame, sparse matrix, dense array, dict) in AnnData encoding."""
         self._register(key)
@@ -137,6 +129,20 @@ class Staging:
         if key.split("/")[0] not in _TOP_KEYS:
             raise ValueError(f"store key {key!r} is outside the run layout")
         self.dropped.append(key)
+
+    # reads that see this stage's own staged outputs first, then the committed store
+    def open_array(self, key: str) -> zarr.Array:
+        """The array staged under ``key`` by this stage, else the committed one."""
+        if key in self.created:
+            return zarr.open_array(self.path_of(key), mode="r", zarr_format=3)
+        return self.store.open_array(key)
+
+    def read_elem(self, key: str) -> Any:
+        """The element staged under ``key`` by this stage, else the committed one."""
+        if key in self.created:
+            read_elem, _ = _anndata_io()
+            return read_elem(zarr.open(self.path_of(key), mode="r", zarr_format=3))
+        return self.store.read_elem(key)
 
     def commit(self) -> None:
         for key in self.created:
@@ -235,7 +241,7 @@ class RunStore:
         return self._manifest
 
     def _save_manifest(self) -> None:
-        _atomic_write_json(self.manifest_path, self.manifest)
+        write_json(self.manifest_path, self.manifest)
 
     def stage_done(self, stage: str, chain_hash: str) -> bool:
         entry = self.manifest["stages"].get(stage)
@@ -255,6 +261,11 @@ class RunStore:
     def forget_stages(self, stages: list[str]) -> None:
         for s in stages:
             self.manifest["stages"].pop(s, None)
+        self._save_manifest()
+
+    def record_published(self, record: dict) -> None:
+        """What each published key was copied from (see :mod:`scgnn_scale.results`)."""
+        self.manifest["published"] = record
         self._save_manifest()
 
     def load_checkpoint(self, stage: str, chain_hash: str) -> dict | None:
@@ -302,6 +313,10 @@ class RunStore:
         """Remove a working element that is no longer needed (e.g. an old iteration's reconstruction)."""
         base, rel = self._base_for(key)
         path = base / rel
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[0] in ("obs", "var") and base == self.adata_path and path.exists():
+            g = zarr.open_group(self.adata_path / parts[0], mode="r+", zarr_format=3)
+            g.attrs["column-order"] = [c for c in g.attrs.get("column-order", []) if c != parts[1]]
         if path.exists():
             shutil.rmtree(path)
 
@@ -318,6 +333,18 @@ class RunStore:
             return False
         self._move_into_place(src, dst_key)
         return True
+
+    # -- model files -----------------------------------------------------------------------------
+    def model_path(self, name: str) -> Path:
+        """Where the model ``name`` (e.g. 'feature_ae') is saved: ``RUN_DIR/models/<name>.pt``."""
+        return self.root / "models" / f"{name}.pt"
+
+    def model_paths(self, pattern: str) -> list[Path]:
+        """Saved models whose name matches the glob ``pattern``."""
+        return sorted((self.root / "models").glob(f"{pattern}.pt"))
+
+    def remove_model(self, name: str) -> None:
+        self.model_path(name).unlink(missing_ok=True)
 
     def remove_empty_staging(self) -> None:
         """Remove ``staging/`` when no stage left anything there (a killed stage's leftovers stay until redone)."""
@@ -347,12 +374,10 @@ class RunStore:
     def read_elem(self, key: str) -> Any:
         """Read a small element (DataFrame, sparse matrix, array, dict) written in AnnData encoding."""
         read_elem, _ = _anndata_io()
-        base, rel = self._base_for(key)
-        parent, _, name = rel.rpartition("/")
-        group = zarr.open_group(base / parent if parent else base, mode="r", zarr_format=3)
-        if name not in group:
+        if not self.has(key):
             raise InputError(f"{self.root}: the run has no '{key}' yet (run the stage that makes it first)")
-        return read_elem(group[name])
+        # opened by its own path: working keys sit in folders without group metadata
+        return read_elem(zarr.open(self.path_of(key), mode="r", zarr_format=3))
 
     def read_raw(self, *, lazy: bool = True) -> dict | None:
         """The run's ``raw`` (input counts of every input gene for the run's cells) as the pieces

@@ -9,13 +9,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .keys import CLUSTER_COLUMN, KEYS
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
 
 VERSIONED = ("scgnn-scale", "torch", "zarr", "anndata", "dask", "pynndescent", "scikit-learn", "igraph", "leidenalg")
-CLUSTER_KEY = "scgnn_cluster"
-EMBEDDING_KEY = "obsm/X_scgnn"
 
 
 def final_metrics(store: RunStore, source: Any, config) -> dict:
@@ -24,10 +23,10 @@ def final_metrics(store: RunStore, source: Any, config) -> dict:
     The label column is metadata: when the run's obs lacks it (the key was added after ingest), it is
     read from the input's obs, matched by cell name, and written into the run's obs first.
     """
-    obs = store.read_elem("obs")
-    if CLUSTER_KEY not in obs.columns:
+    obs = store.read_elem(KEYS.obs)
+    if CLUSTER_COLUMN not in obs.columns:
         return {}
-    clusters = obs[CLUSTER_KEY]
+    clusters = obs[CLUSTER_COLUMN]
     sizes = clusters.value_counts(sort=True)
     out: dict[str, Any] = {"n_cells": int(len(obs)), "n_clusters": int(sizes.size),
                            "cluster_sizes": {str(k): int(v) for k, v in sizes.items()}}
@@ -39,10 +38,10 @@ def final_metrics(store: RunStore, source: Any, config) -> dict:
 
         labels = align_labels(labels_from_input(source, key, config), obs.index, f"obs column {key!r} of the input")
         attach_labels(store, labels, key)
-        obs = store.read_elem("obs")
+        obs = store.read_elem(KEYS.obs)
     from .evaluate import clustering_metrics
 
-    embedding = store.read_elem(EMBEDDING_KEY) if store.has(EMBEDDING_KEY) else None
+    embedding = store.read_elem(KEYS.embedding) if store.has(KEYS.embedding) else None
     scores = clustering_metrics(obs[key].to_numpy(), clusters.to_numpy(), embedding=embedding,
                                 seed=config.runtime.seed)
     out.update({k: v for k, v in scores.items() if k != "n_clusters"}, label_key=key)
@@ -117,14 +116,14 @@ def uns_summary(store: RunStore, metrics: dict) -> dict:
 def run_summary(store: RunStore, metrics: dict, *, wall_seconds: float) -> dict:
     """The facts the summary prints, as a mapping."""
     stages = _in_stage_order(store.manifest["stages"])
-    out = {"run_dir": str(store.root), "n_cells": store.n_obs, "n_genes": int(store.open_array("X").shape[1]),
+    out = {"run_dir": str(store.root), "n_cells": store.n_obs, "n_genes": int(store.open_array(KEYS.x).shape[1]),
            "stages": {s: e["seconds"] for s, e in stages.items()},
            "peak_rss_mb": max((e.get("info", {}).get("peak_rss_mb", 0) for e in stages.values()), default=0),
            "wall_seconds": wall_seconds, "metrics": metrics}
     ingest = stages.get("ingest", {}).get("info", {})
     out["input_shape"] = (ingest.get("n_cells"), ingest.get("n_genes"))
-    if store.has("layers/imputed"):
-        arr = store.open_array("layers/imputed")
+    if store.has(KEYS.imputed):
+        arr = store.open_array(KEYS.imputed)
         out["imputed"] = (tuple(arr.shape), str(arr.dtype))
     if store.has("raw/X"):
         out["raw_shape"] = tuple(store.open_group("raw/X").attrs["shape"])

@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .config import config_fields
+from .keys import CLUSTER_COLUMN, KEYS
 
 #: short keyword names, as the CLI's short flags (--label-key, --seed, ...)
 ALIASES = {"label_key": ("ingest", "label_key"), "orientation": ("ingest", "orientation"),
@@ -94,7 +95,7 @@ def scgnn(adata, *, key_added: str = "scgnn", out: str | Path | None = None, unt
                 + (f"; run directory {run_dir} (scgnn_scale.read_run)" if out is not None else ""))
         store = run(adata, run_dir, config=config, until=until, overwrite=overwrite, quiet=quiet, open_hint=hint)
         _write_results(adata, store, key_added)
-        metrics = store.read_elem("uns/scgnn").get("metrics", {}) if store.has("uns/scgnn") else {}
+        metrics = store.read_elem(KEYS.summary).get("metrics", {}) if store.has(KEYS.summary) else {}
         adata.uns[key_added] = {"params": {k: _plain(v) for k, v in options.items()}, "config": config.to_dict(),
                                 "metrics": dict(metrics), "run_dir": str(store.root) if out is not None else ""}
     finally:
@@ -109,31 +110,31 @@ def _plain(value: Any) -> Any:
 
 def _write_results(adata, store, key: str) -> None:
     """Copy the run's results into ``adata``, cells and genes placed by the positions preprocessing kept."""
-    if not store.has("X"):
+    if not store.has(KEYS.x):
         return
     n = adata.n_obs
-    cells = np.asarray(store.read_elem("work/preprocess/cells"), dtype=np.int64)
-    genes = np.asarray(store.read_elem("work/preprocess/genes"), dtype=np.int64)
+    cells = np.asarray(store.read_elem(KEYS.kept_cells), dtype=np.int64)
+    genes = np.asarray(store.read_elem(KEYS.kept_genes), dtype=np.int64)
     selected = np.zeros(adata.n_vars, dtype=bool)
     selected[genes] = True
     adata.var[f"{key}_selected"] = selected
-    obs = store.read_elem("obs")
-    if "scgnn_cluster" in obs.columns:
+    obs = store.read_elem(KEYS.obs)
+    if CLUSTER_COLUMN in obs.columns:
         codes = np.full(n, -1, dtype=np.int64)
-        codes[cells] = obs["scgnn_cluster"].cat.codes.to_numpy()
+        codes[cells] = obs[CLUSTER_COLUMN].cat.codes.to_numpy()
         adata.obs[f"{key}_cluster"] = pd.Categorical.from_codes(
-            codes, categories=obs["scgnn_cluster"].cat.categories)
-    for stored, added in (("obsm/X_scgnn", f"X_{key}"), ("obsm/X_scgnn_feature", f"X_{key}_feature")):
+            codes, categories=obs[CLUSTER_COLUMN].cat.categories)
+    for stored, added in ((KEYS.embedding, f"X_{key}"), (KEYS.feature_embedding, f"X_{key}_feature")):
         if store.has(stored):
             values = np.asarray(store.read_elem(stored), dtype=np.float32)
             full = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
             full[cells] = values
             adata.obsm[added] = full
-    if store.has("obsp/scgnn_graph"):
-        graph = sp.coo_matrix(store.read_elem("obsp/scgnn_graph"))
+    if store.has(KEYS.graph):
+        graph = sp.coo_matrix(store.read_elem(KEYS.graph))
         adata.obsp[f"{key}_graph"] = sp.csr_matrix((graph.data, (cells[graph.row], cells[graph.col])), shape=(n, n))
-    if store.has("layers/imputed"):
+    if store.has(KEYS.imputed):
         imputed = np.full((n, genes.size), np.nan, dtype=np.float32)
-        imputed[cells] = store.open_array("layers/imputed")[:]
+        imputed[cells] = store.open_array(KEYS.imputed)[:]
         adata.obsm[f"{key}_imputed"] = pd.DataFrame(imputed, index=adata.obs_names,
                                                     columns=adata.var_names[genes].astype(str))

@@ -9,10 +9,13 @@ from conftest import planted_counts
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+from scgnn_scale import train
 from scgnn_scale.config import FeatureConfig, RunConfig, StoreConfig
+from scgnn_scale.keys import FIRST_PASS
 from scgnn_scale.nn.autoencoder import DenseAutoencoder
 from scgnn_scale.stages import feature
 from scgnn_scale.testing import stage_context, store_with_matrix
+from scgnn_scale.train import TrainPlan
 
 
 def small_config(**feature_options) -> RunConfig:
@@ -40,7 +43,7 @@ def test_feature_stage_writes_outputs_that_separate_planted_types(tmp_path):
     config = small_config()
     store, counts, labels = planted_store(tmp_path, config)
     info = feature.run(stage_context(store, "feature", config))
-    emb = store.open_array("obsm/X_scgnn_feature")[:]
+    emb = store.open_array(FIRST_PASS.feature_embedding)[:]
     recon = store.open_array("work/recon")[:]
     assert emb.shape == (300, 128) and emb.dtype == np.float32
     assert recon.shape == (300, 200) and recon.dtype == np.float32
@@ -55,10 +58,6 @@ def test_feature_stage_writes_outputs_that_separate_planted_types(tmp_path):
     assert info["loss_last"] < info["loss_first"]
     pred = KMeans(3, n_init=10, random_state=0).fit_predict(emb)
     assert adjusted_rand_score(labels, pred) > 0.9
-    import anndata
-
-    adata = anndata.read_zarr(store.adata_path)  # the AnnData layout holds
-    assert adata.obsm["X_scgnn_feature"].shape == (300, 128)
 
 
 def test_deterministic_and_same_in_memory_and_streamed(tmp_path):
@@ -69,7 +68,7 @@ def test_deterministic_and_same_in_memory_and_streamed(tmp_path):
     for i, cfg in enumerate([config, config, memory_config]):
         ctx = stage_context(store, "iterate", cfg)
         with store.staging("iterate") as st:
-            info = feature.train_feature(ctx, st, x_key="X", trs_key="layers/ltmg", steps=12, model_in=None,
+            info = train.train_feature(ctx, st, x_key="X", trs_key="layers/ltmg", steps=12, model_in=None,
                                          model_out=None, embedding_key=f"work/emb{i}", recon_key=None)
         embeddings.append(store.open_array(f"work/emb{i}")[:])
         assert info["loader"] == ("memory" if i == 2 else "stream")
@@ -86,15 +85,15 @@ def test_model_in_continues_a_saved_model(tmp_path):
     ctx = stage_context(store, "iterate", config)
     with store.staging("iterate") as st:
         # zero steps: the saved model's embedding, exactly
-        feature.train_feature(ctx, st, x_key="X", trs_key=None, steps=0, model_in=saved, model_out=None,
+        train.train_feature(ctx, st, x_key="X", trs_key=None, steps=0, model_in=saved, model_out=None,
                               embedding_key="work/emb_same", recon_key=None)
-        cont = feature.train_feature(ctx, st, x_key="X", trs_key=None, steps=20, model_in=saved,
+        cont = train.train_feature(ctx, st, x_key="X", trs_key=None, steps=20, model_in=saved,
                                      model_out=store.root / "models" / "iter1.pt", embedding_key=None,
                                      recon_key="work/recon_cont")
-        fresh = feature.train_feature(ctx, st, x_key="X", trs_key=None, steps=20, model_in=None, model_out=None,
+        fresh = train.train_feature(ctx, st, x_key="X", trs_key=None, steps=20, model_in=None, model_out=None,
                                       embedding_key=None, recon_key=None)
     np.testing.assert_array_equal(store.open_array("work/emb_same")[:],
-                                  store.open_array("obsm/X_scgnn_feature")[:])
+                                  store.open_array(FIRST_PASS.feature_embedding)[:])
     assert cont["recon_mse"] < fresh["recon_mse"]
     assert cont["recon_mse"] <= info["recon_mse"] * 1.05
     # the saved state carries the optimiser, so the continued run keeps Adam's moments
@@ -105,9 +104,10 @@ def test_model_in_continues_a_saved_model(tmp_path):
 def test_a_resumed_fit_equals_an_uninterrupted_one(tmp_path):
     config = small_config()
     store, _, _ = planted_store(tmp_path, config)
-    ctx = stage_context(store, "feature", config)
     arrays = [store.open_array("X"), store.open_array("layers/ltmg")]
-    kw = dict(batch_size=64, gamma=0.1, alpha=0.9, l1=1.0, seed=0, memory_budget_mb=0)
+
+    def plan(steps):
+        return TrainPlan(steps=steps, batch_size=64, gamma=0.1, alpha=0.9, l1=1.0, seed=0, memory_budget_mb=0)
 
     def fresh():
         torch.manual_seed(0)
@@ -115,30 +115,30 @@ def test_a_resumed_fit_equals_an_uninterrupted_one(tmp_path):
         return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
     model_a, opt_a = fresh()
-    feature.fit_autoencoder(ctx, model_a, opt_a, arrays, steps=11, **kw)  # 5 batches per epoch: crosses epochs
+    train.fit_autoencoder(model_a, opt_a, arrays, plan(11))  # 5 batches per epoch: crosses epochs
     model_b, opt_b = fresh()
-    feature.fit_autoencoder(ctx, model_b, opt_b, arrays, steps=7, **kw)
-    path = feature.save_model(tmp_path / "ckpt.pt", model_b, opt_b)
-    model_c, state = feature.load_model(path)
+    train.fit_autoencoder(model_b, opt_b, arrays, plan(7))
+    path = train.save_model(tmp_path / "ckpt.pt", model_b, opt_b)
+    model_c, state = train.load_model(path, "cpu")
     opt_c = torch.optim.Adam(model_c.parameters(), lr=1e-3)
     opt_c.load_state_dict(state["optimizer"])
-    feature.fit_autoencoder(ctx, model_c, opt_c, arrays, steps=11, start_step=7, **kw)
+    train.fit_autoencoder(model_c, opt_c, arrays, plan(11), start_step=7)
     for p, q in zip(model_a.parameters(), model_c.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
 def test_schedule():
-    assert feature.training_steps(3000, 1024, 500, 10) == 500
-    assert feature.training_steps(100, 1024, 500, 10) == 500
-    assert feature.training_steps(100_000, 1024, 500, 10) == 980
-    assert feature.training_steps(1_000_000, 1024, 500, 10) == 9770
+    assert train.training_steps(3000, 1024, 500, 10) == 500
+    assert train.training_steps(100, 1024, 500, 10) == 500
+    assert train.training_steps(100_000, 1024, 500, 10) == 980
+    assert train.training_steps(1_000_000, 1024, 500, 10) == 9770
     # the cap: from ~205k cells on the schedule stops growing; min_steps still wins below it
-    assert feature.training_steps(100_000, 1024, 500, 10, max_steps=2000) == 980
-    assert feature.training_steps(1_000_000, 1024, 500, 10, max_steps=2000) == 2000
-    assert feature.training_steps(10_000_000, 1024, 500, 10, max_steps=2000) == 2000
-    assert feature.training_steps(1_000_000, 1024, 500, 10, max_steps=300) == 500
+    assert train.training_steps(100_000, 1024, 500, 10, max_steps=2000) == 980
+    assert train.training_steps(1_000_000, 1024, 500, 10, max_steps=2000) == 2000
+    assert train.training_steps(10_000_000, 1024, 500, 10, max_steps=2000) == 2000
+    assert train.training_steps(1_000_000, 1024, 500, 10, max_steps=300) == 500
     defaults = RunConfig().feature
-    assert feature.training_steps(1_000_000, defaults.batch_size, defaults.min_steps, defaults.max_epochs,
+    assert train.training_steps(1_000_000, defaults.batch_size, defaults.min_steps, defaults.max_epochs,
                                   defaults.max_steps) == 2000
 
 
@@ -147,53 +147,42 @@ def test_model_of_other_genes_is_refused(tmp_path):
 
     config = small_config()
     store, _, _ = planted_store(tmp_path, config, with_ltmg=False)
-    path = feature.save_model(tmp_path / "m.pt", DenseAutoencoder(50, 16, 4))
+    path = train.save_model(tmp_path / "m.pt", DenseAutoencoder(50, 16, 4))
     ctx = stage_context(store, "iterate", config)
     with pytest.raises(InputError, match="50 genes"), store.staging("iterate") as st:
-        feature.train_feature(ctx, st, x_key="X", trs_key=None, steps=1, model_in=path, model_out=None,
+        train.train_feature(ctx, st, x_key="X", trs_key=None, steps=1, model_in=path, model_out=None,
                               embedding_key=None, recon_key=None)
 
 
-def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+def test_killed_stage_resumes_from_its_checkpoint(tmp_path):
     config = small_config(min_steps=12, checkpoint_minutes=1e-9)  # a checkpoint after every step
     store, _, _ = planted_store(tmp_path / "a", config)
     reference, _, _ = planted_store(tmp_path / "b", config)
     feature.run(stage_context(reference, "feature", config))
 
-    real = feature._checkpointer
+    def dies_after_step_5(name, info):  # a kill right after the checkpoint of step 5 was saved
+        if name == "checkpoint" and info["step"] == 5:
+            raise KeyboardInterrupt("killed")
 
-    def dies_after_step_5(ctx, model, optimizer, path):
-        save = real(ctx, model, optimizer, path)
-
-        def hook(step):
-            save(step)
-            if step == 5:
-                raise KeyboardInterrupt("killed")
-
-        return hook
-
-    monkeypatch.setattr(feature, "_checkpointer", dies_after_step_5)
-    ctx = stage_context(store, "feature", config)
+    ctx = stage_context(store, "feature", config, on_event=dies_after_step_5)
     with pytest.raises(KeyboardInterrupt):
         feature.run(ctx)
-    assert ctx.load_checkpoint()["step"] == 5 and not store.has("obsm/X_scgnn_feature")
-    monkeypatch.setattr(feature, "_checkpointer", real)
+    assert ctx.load_checkpoint()["step"] == 5 and not store.has(FIRST_PASS.feature_embedding)
     info = feature.run(stage_context(store, "feature", config))
     assert info["start_step"] == 5 and info["steps_run"] == 7
     assert not (store.root / "models" / "feature_ae.pt.ckpt").exists()
-    np.testing.assert_array_equal(store.open_array("obsm/X_scgnn_feature")[:],
-                                  reference.open_array("obsm/X_scgnn_feature")[:])
+    np.testing.assert_array_equal(store.open_array(FIRST_PASS.feature_embedding)[:],
+                                  reference.open_array(FIRST_PASS.feature_embedding)[:])
 
 
 def test_fit_on_one_clusters_rows(tmp_path):
     config = small_config()
     store, _, labels = planted_store(tmp_path, config, with_ltmg=False)
-    ctx = stage_context(store, "iterate", config)
     rows = np.flatnonzero(labels == 1)
     torch.manual_seed(0)
     model = DenseAutoencoder(200, 32, 8)
-    info = feature.fit_autoencoder(ctx, model, torch.optim.Adam(model.parameters(), lr=1e-3),
-                                   [store.open_array("X")], steps=4, batch_size=512, gamma=0.1, alpha=0.0,
-                                   l1=1.0, seed=0, memory_budget_mb=0, rows=rows)
+    plan = TrainPlan(steps=4, batch_size=512, gamma=0.1, alpha=0.0, l1=1.0, seed=0, memory_budget_mb=0)
+    info = train.fit_autoencoder(model, torch.optim.Adam(model.parameters(), lr=1e-3), [store.open_array("X")],
+                                 plan, rows=rows)
     assert info["batch_size"] == len(rows) and info["reference_cells"] == len(rows)
     assert info["batches_per_epoch"] == 1 and info["steps_run"] == 4

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+from scgnn_scale import graph_autoencoder
 from scgnn_scale.config import GAEConfig
 from scgnn_scale.errors import InputError
+from scgnn_scale.keys import FIRST_PASS
 from scgnn_scale.nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits, propagate
 from scgnn_scale.nn.sampling import CSRGraph, sample_blocks, sample_neighbors
 from scgnn_scale.stages import gae as gae_stage
@@ -216,7 +218,7 @@ def test_gae_separates_planted_blocks(mode, extra):
     g, labels = sbm([60, 60, 60, 60], 0.2, 0.02, seed=0)
     graph = CSRGraph.from_scipy(g)
     x = np.random.default_rng(1).normal(size=(240, 16)).astype(np.float32)  # features carry no signal
-    z, info = gae_stage.fit_gae(x, graph, GAEConfig(mode=mode, **extra), seed=0)
+    z, info = graph_autoencoder.fit_gae(x, graph, GAEConfig(mode=mode, **extra), device="cpu", seed=0)
     assert z.shape == (240, 16) and z.dtype == np.float32 and np.isfinite(z).all()
     assert info["mode"] == mode and info["loss_last"] < info["loss_first"]
     assert _embedding_ari(z, labels) > 0.9
@@ -227,25 +229,25 @@ def test_gae_mode_auto_and_determinism():
     graph = CSRGraph.from_scipy(g)
     x = np.random.default_rng(2).normal(size=(60, 8)).astype(np.float32)
     cfg = GAEConfig(epochs=20)
-    z1, info = gae_stage.fit_gae(x, graph, cfg, seed=5)
-    z2, _ = gae_stage.fit_gae(x, graph, cfg, seed=5)
-    z3, _ = gae_stage.fit_gae(x, graph, cfg, seed=6)
+    z1, info = graph_autoencoder.fit_gae(x, graph, cfg, device="cpu", seed=5)
+    z2, _ = graph_autoencoder.fit_gae(x, graph, cfg, device="cpu", seed=5)
+    z3, _ = graph_autoencoder.fit_gae(x, graph, cfg, device="cpu", seed=6)
     assert info["mode"] == "full"
     np.testing.assert_array_equal(z1, z2)
     assert not np.array_equal(z1, z3)
-    _, info = gae_stage.fit_gae(x, graph, GAEConfig(epochs=2, full_graph_max_nodes=50, batch_size=16), seed=5)
+    _, info = graph_autoencoder.fit_gae(x, graph, GAEConfig(epochs=2, full_graph_max_nodes=50, batch_size=16), device="cpu", seed=5)
     assert info["mode"] == "minibatch"
-    za, _ = gae_stage.fit_gae(x, graph, GAEConfig(epochs=3, mode="minibatch", batch_size=16), seed=5)
-    zb, _ = gae_stage.fit_gae(x, graph, GAEConfig(epochs=3, mode="minibatch", batch_size=16), seed=5)
+    za, _ = graph_autoencoder.fit_gae(x, graph, GAEConfig(epochs=3, mode="minibatch", batch_size=16), device="cpu", seed=5)
+    zb, _ = graph_autoencoder.fit_gae(x, graph, GAEConfig(epochs=3, mode="minibatch", batch_size=16), device="cpu", seed=5)
     np.testing.assert_array_equal(za, zb)
 
 
 def test_parse_fanouts():
-    assert gae_stage.parse_fanouts("10, 5") == [10, 5]
-    assert gae_stage.parse_fanouts("-1,10") == [-1, 10]
+    assert graph_autoencoder.parse_fanouts("10, 5") == [10, 5]
+    assert graph_autoencoder.parse_fanouts("-1,10") == [-1, 10]
     for bad in ("10", "a,b", "0,5", "10,10,10"):
         with pytest.raises(InputError, match="gae.fanouts"):
-            gae_stage.parse_fanouts(bad)
+            graph_autoencoder.parse_fanouts(bad)
 
 
 def test_gae_stage_writes_embedding(tmp_path):
@@ -253,10 +255,10 @@ def test_gae_stage_writes_embedding(tmp_path):
     x = np.random.default_rng(0).normal(size=(120, 10)).astype(np.float32)
     store = store_with_matrix(tmp_path / "run", np.ones((120, 3), np.float32))
     with store.staging("graph") as st:
-        st.write_elem("obsm/X_scgnn_feature", x)
-        st.write_elem("obsp/scgnn_graph", g)
+        st.write_elem(FIRST_PASS.feature_embedding, x)
+        st.write_elem(FIRST_PASS.graph, g)
     info = gae_stage.run(stage_context(store, "gae"))
-    z = store.read_elem("obsm/X_scgnn")
+    z = store.read_elem(FIRST_PASS.embedding)
     assert z.shape == (120, 16) and z.dtype == np.float32
     assert info["mode"] == "full" and info["steps"] == 200
     assert _embedding_ari(z, labels) > 0.9
@@ -265,12 +267,13 @@ def test_gae_stage_writes_embedding(tmp_path):
 def test_gae_refuses_mismatched_graph():
     g = random_graph(10, 0.5)
     with pytest.raises(InputError, match="nodes"):
-        gae_stage.fit_gae(np.zeros((12, 4), np.float32), CSRGraph.from_scipy(g), GAEConfig(epochs=1))
+        graph_autoencoder.fit_gae(np.zeros((12, 4), np.float32), CSRGraph.from_scipy(g), GAEConfig(epochs=1),
+                                  device="cpu")
 
 
 def test_standardize_columns():
     x = np.column_stack([np.arange(10.0) * 50 + 3, np.full(10, 7.0)]).astype(np.float32)
-    s = gae_stage.standardize_columns(x)
+    s = graph_autoencoder.standardize_columns(x)
     np.testing.assert_allclose(s[:, 0].mean(), 0, atol=1e-6)
     np.testing.assert_allclose(s[:, 0].std(), 1, atol=1e-6)
     assert (s[:, 1] == 0).all()
@@ -278,4 +281,4 @@ def test_standardize_columns():
     rng = np.random.default_rng(0)
     y = (rng.normal(size=(1000, 6)) * [1, 10, 100, 0.1, 5, 3] + [0, 5, -50, 1e3, 2, 0]).astype(np.float32)
     reference = ((y - y.mean(0, dtype=np.float64)) / y.std(0, dtype=np.float64)).astype(np.float32)
-    np.testing.assert_allclose(gae_stage.standardize_columns(y, block_rows=77), reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(graph_autoencoder.standardize_columns(y, block_rows=77), reference, rtol=1e-5, atol=1e-5)

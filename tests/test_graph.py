@@ -5,9 +5,10 @@ import pytest
 import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
-from scgnn_scale import knn
+from scgnn_scale import cell_graph, knn
 from scgnn_scale.config import GraphConfig, build_config
 from scgnn_scale.errors import InputError
+from scgnn_scale.keys import FIRST_PASS
 from scgnn_scale.stages import graph as graph_stage
 from scgnn_scale.testing import stage_context, store_with_matrix
 
@@ -134,7 +135,7 @@ def test_prune_isolation_forest_equals_forest_prediction(rng):
 
 def test_symmetric_graph_is_the_union_of_kept_edges(rng):
     x = rng.normal(size=(120, 6)).astype(np.float32)
-    g, info = graph_stage.knn_graph(x, GraphConfig(k=5, method="exact"))
+    g, info = cell_graph.knn_graph(x, GraphConfig(k=5, method="exact"), device="cpu")
     assert g.indptr.dtype == np.int64 and g.indices.dtype == np.int64 and g.dtype == np.float32
     assert (g != g.T).nnz == 0
     assert g.diagonal().sum() == 0
@@ -152,12 +153,12 @@ def test_symmetric_graph_is_the_union_of_kept_edges(rng):
 
 def test_graph_auto_method_and_pruning_options(rng):
     x = rng.normal(size=(80, 4)).astype(np.float32)
-    assert graph_stage.choose_method(GraphConfig(), 80, cuda=False) == "exact"
-    assert graph_stage.choose_method(GraphConfig(exact_max_cells=10), 80, cuda=False) == "pynndescent"
-    assert graph_stage.choose_method(GraphConfig(exact_max_cells=10), 80, cuda=True) == "torch"
-    g_none, info_none = graph_stage.knn_graph(x, GraphConfig(k=6, prune="none"))
-    g_std, _ = graph_stage.knn_graph(x, GraphConfig(k=6, prune="std"))
-    g_if, _ = graph_stage.knn_graph(x, GraphConfig(k=6, prune="isolation_forest"))
+    assert cell_graph.choose_method(GraphConfig(), 80, cuda=False) == "exact"
+    assert cell_graph.choose_method(GraphConfig(exact_max_cells=10), 80, cuda=False) == "pynndescent"
+    assert cell_graph.choose_method(GraphConfig(exact_max_cells=10), 80, cuda=True) == "torch"
+    g_none, info_none = cell_graph.knn_graph(x, GraphConfig(k=6, prune="none"), device="cpu")
+    g_std, _ = cell_graph.knn_graph(x, GraphConfig(k=6, prune="std"), device="cpu")
+    g_if, _ = cell_graph.knn_graph(x, GraphConfig(k=6, prune="isolation_forest"), device="cpu")
     assert info_none["kept_fraction"] == 1.0
     assert g_std.nnz < g_none.nnz and g_if.nnz <= g_none.nnz
     assert (g_std - g_std.multiply(g_none)).nnz == 0  # pruning only removes edges
@@ -166,7 +167,7 @@ def test_graph_auto_method_and_pruning_options(rng):
 def _run_with_embedding(tmp_path, emb, config=None):
     store = store_with_matrix(tmp_path / "run", np.ones((emb.shape[0], 3), np.float32))
     with store.staging("feature") as st:
-        st.write_elem("obsm/X_scgnn_feature", emb)
+        st.write_elem(FIRST_PASS.feature_embedding, emb)
     return store
 
 
@@ -174,7 +175,7 @@ def test_graph_stage_writes_symmetric_csr(tmp_path):
     emb, _ = _blobs(200, 16, 3)
     store = _run_with_embedding(tmp_path, emb)
     info = graph_stage.run(stage_context(store, "graph"))
-    g = store.read_elem("obsp/scgnn_graph")
+    g = store.read_elem(FIRST_PASS.graph)
     assert sp.issparse(g) and g.shape == (200, 200)
     assert g.indptr.dtype == np.int64 and g.dtype == np.float32
     assert (g != g.T).nnz == 0

@@ -10,6 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from scgnn_scale.config import FeatureConfig, ImputeConfig, RunConfig, StoreConfig
 from scgnn_scale.errors import InputError
+from scgnn_scale.keys import KEYS
 from scgnn_scale.nn.losses import imputation_cell_weights, reconstruction_loss
 from scgnn_scale.stages import impute
 from scgnn_scale.testing import stage_context, store_with_matrix
@@ -150,8 +151,6 @@ def test_defaults_follow_the_published_imputation():
 
 
 def test_input_final_reads_the_last_iteration_reconstruction(tmp_path):
-    from scgnn_scale.stages.iterate import FINAL_RECON
-
     full_batch = {"batch_size": 300, "memory_budget_mb": 100, "steps": 120}
     store, counts, masked = _masked_store(tmp_path, _config(**full_batch))
     observed = store.open_array("X")[:]
@@ -161,9 +160,9 @@ def test_input_final_reads_the_last_iteration_reconstruction(tmp_path):
     info = impute.run(stage_context(store, "impute", _config(input="final", **full_batch)))
     assert info["input"] == "work/recon"
     with store.staging("iterate") as st:  # an oracle last reconstruction: the true values
-        st.create_matrix(FINAL_RECON, counts.shape, np.float32)[:] = np.log1p(counts)
+        st.create_matrix(KEYS.final_recon, counts.shape, np.float32)[:] = np.log1p(counts)
     info = impute.run(stage_context(store, "impute", _config(input="final", **full_batch)))
-    assert info["input"] == FINAL_RECON
+    assert info["input"] == KEYS.final_recon
     truth = np.log1p(counts).ravel()[masked]
     from_final = np.median(np.abs(store.open_array("layers/imputed")[:].ravel()[masked] - truth))
     impute.run(stage_context(store, "impute", _config(input="recon", **full_batch)))

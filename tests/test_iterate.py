@@ -8,7 +8,11 @@ import torch
 import zarr
 from conftest import planted_counts
 
+from scgnn_scale import cluster_autoencoders as cae
+from scgnn_scale import train
 from scgnn_scale.config import build_config
+from scgnn_scale.keys import FIRST_PASS, KEYS
+from scgnn_scale.results import publish
 from scgnn_scale.stages import feature, iterate
 from scgnn_scale.testing import stage_context, store_with_matrix
 
@@ -37,27 +41,27 @@ def test_scatter_and_gather_round_trip(tmp_path):
     x = rng.random((n, g)).astype(np.float32)
     labels = rng.integers(0, k, n)
     labels[labels == 3] = 2  # an empty cluster id is not allowed: relabel densely
-    labels = iterate._dense_labels(labels)
+    labels = cae.dense_labels(labels)
     k = labels.max() + 1
     source = _zarr(tmp_path, "src", (n, g), (40, g))
     source[:] = x
     sizes = np.bincount(labels)
-    chunk = iterate.cluster_chunk_rows(k, g, buffer_mb=0.0005, chunk_rows=40)
+    chunk = cae.cluster_chunk_rows(k, g, buffer_mb=0.0005, chunk_rows=40)
     assert 16 <= chunk < 40
     targets = [_zarr(tmp_path, f"c{c}", (int(sizes[c]), g), (min(chunk, int(sizes[c])), g)) for c in range(k)]
-    iterate.scatter_rows(source, labels, targets, block_rows=40)
+    cae.scatter_rows(source, labels, targets, block_rows=40)
     for c in range(k):  # each cluster's rows, in cell order
         np.testing.assert_array_equal(targets[c][:], x[labels == c])
     back = _zarr(tmp_path, "back", (n, g), (40, g))
-    iterate.gather_rows(targets, labels, back, block_rows=40)
+    cae.gather_rows(targets, labels, back, block_rows=40)
     np.testing.assert_array_equal(back[:], x)
 
 
 def test_cluster_steps_schedule():
-    assert iterate.cluster_steps(50, 1024, 200, 1) == 200  # small cluster: full batch, the original's 200
-    assert iterate.cluster_steps(300_000, 1024, 200, 1) == 293  # large: one pass over its cells at least
-    assert iterate.cluster_steps(300_000, 1024, 200, 2) == 586
-    assert iterate.cluster_seed(0, 1, 2) == iterate.cluster_seed(0, 1, 2) != iterate.cluster_seed(0, 2, 1)
+    assert cae.cluster_steps(50, 1024, 200, 1) == 200  # small cluster: full batch, the original's 200
+    assert cae.cluster_steps(300_000, 1024, 200, 1) == 293  # large: one pass over its cells at least
+    assert cae.cluster_steps(300_000, 1024, 200, 2) == 586
+    assert cae.cluster_seed(0, 1, 2) == cae.cluster_seed(0, 1, 2) != cae.cluster_seed(0, 2, 1)
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +74,32 @@ def feature_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("executor", ["dask", "local"])
-def test_cluster_autoencoder_tasks_write_disjoint_arrays(feature_store, monkeypatch, executor):
+def test_cluster_autoencoder_tasks_write_disjoint_arrays(feature_store, executor):
     store, config, labels = feature_store
     config = dataclasses.replace(config, iterate=dataclasses.replace(config.iterate, cluster_executor=executor,
                                                                     cluster_steps=0, cluster_max_epochs=0))
     seen = {}
-    run_jobs = iterate._run_jobs
 
-    def spy(ctx, jobs, chosen):
-        seen["jobs"] = jobs
-        seen["executor"] = chosen
-        return run_jobs(ctx, jobs, chosen)
+    class Spy(cae.JobExecutor):  # sees the jobs, then runs them where the config says
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
 
-    monkeypatch.setattr(iterate, "_run_jobs", spy)
+        def run(self, fn, jobs, done):
+            seen["jobs"] = jobs
+            return self.inner.run(fn, jobs, done)
+
     ctx = stage_context(store, "iterate", config)
     model_path = store.root / "models" / "feature_ae.pt"
     try:
+        chosen = cae.choose_executor(ctx)
         with store.staging("iterate_test") as st:
-            info = iterate.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
-                                                    out_key="work/iterate/test/x", model_in=model_path, iteration=1)
+            info = cae.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
+                                                out_key="work/iterate/test/x", model_in=model_path, iteration=1,
+                                                executor=Spy(chosen))
     finally:
-        if ctx._client_holder is not None:
-            ctx._client_holder.close()
+        ctx.runtime.close()
     jobs = seen["jobs"]
-    assert seen["executor"] == executor and len(jobs) == 3
+    assert chosen.name == executor and info["executor"] == executor and len(jobs) == 3
     outputs = [j["output"] for j in jobs]
     inputs = [j["input"] for j in jobs]
     # one input and one output array per cluster; no two tasks share an array (so no chunk)
@@ -102,7 +108,7 @@ def test_cluster_autoencoder_tasks_write_disjoint_arrays(feature_store, monkeypa
     assert [r["n_cells"] for r in info["clusters"]] == np.bincount(labels).tolist()
     # zero training steps: every cluster AE is the feature AE, so the reassembled output must be the
     # feature AE's reconstruction of every row, in cell order
-    model, _ = feature.load_model(model_path)
+    model, _ = train.load_model(model_path, "cpu")
     with torch.no_grad():
         expected = model(torch.from_numpy(store.open_array("work/recon")[:]))[0].numpy()
     np.testing.assert_allclose(store.open_array("work/iterate/test/x")[:], expected, rtol=1e-5, atol=1e-6)
@@ -114,13 +120,13 @@ def test_cluster_autoencoders_train_on_their_own_cluster(feature_store):
     store, config, labels = feature_store
     ctx = stage_context(store, "iterate", config)
     with store.staging("iterate_test") as st:
-        info = iterate.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
-                                                out_key="work/iterate/test/x",
-                                                model_in=store.root / "models" / "feature_ae.pt", iteration=1)
+        info = cae.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
+                                            out_key="work/iterate/test/x",
+                                            model_in=store.root / "models" / "feature_ae.pt", iteration=1)
     assert [r["steps"] for r in info["clusters"]] == [15, 15, 15]
     out, src = store.open_array("work/iterate/test/x")[:], store.open_array("work/recon")[:]
     assert out.shape == src.shape and np.isfinite(out).all()
-    model, _ = feature.load_model(store.root / "models" / "feature_ae.pt")
+    model, _ = train.load_model(store.root / "models" / "feature_ae.pt", "cpu")
     with torch.no_grad():
         start = model(torch.from_numpy(src))[0].numpy()
     for c in range(3):
@@ -137,40 +143,38 @@ def _first_pass(tmp_path, config, name="run"):
     for module, stage in ((feature, "feature"), (graph, "graph"), (gae, "gae"), (cluster, "cluster")):
         with_info = module.run(stage_context(store, stage, config))
         store.record_stage(stage, f"test-{stage}", 0.0, with_info if isinstance(with_info, dict) else {})
+    publish(store)  # as the pipeline does after each stage
     return store, labels
 
 
-def _record_feature_reconstructions(monkeypatch) -> dict:
-    """Spy on the continued feature AE: its reconstruction per iteration key, as staged."""
-    recons, original = {}, feature.train_feature
+def _observer(store, *, kill_at: tuple[str, int] | None = None):
+    """An ``on_event`` that keeps each committed iteration's reconstruction and dense graph, and raises
+    KeyboardInterrupt (a kill) at the event ``kill_at`` = (name, t)."""
+    seen = {"recons": {}, "graphs": {}}
 
-    def spy(ctx, staging, **kw):
-        out = original(ctx, staging, **kw)
-        recons[kw["recon_key"]] = feature.open_input(ctx, staging, kw["recon_key"])[:]
-        return out
+    def on_event(name, info):
+        if kill_at == (name, info.get("t")):
+            raise KeyboardInterrupt(f"killed at {name} {info}")
+        if name == "iteration_committed":
+            t = info["t"]
+            seen["recons"][iterate.iteration_key(t, "recon")] = store.open_array(iterate.iteration_key(t, "recon"))[:]
+            seen["graphs"][t] = store.read_elem(iterate.iteration_key(t, "graph")).toarray().astype(np.float64)
 
-    monkeypatch.setattr(feature, "train_feature", spy)
-    return recons
+    return seen, on_event
 
 
-def test_iterate_writes_history_and_final_outputs(tmp_path, monkeypatch):
+def test_iterate_writes_history_and_final_outputs(tmp_path):
     config = tiny_config(max_iterations=2, ari_stop=1.1, graph_tol=0.0)  # run both iterations
     store, labels = _first_pass(tmp_path, config)
     before = store.open_array("obsm/X_scgnn_feature")[:]
     first_clusters = np.asarray(store.read_elem("obs/scgnn_cluster"))
     first_graph = store.read_elem("obsp/scgnn_graph")
     first_recon = store.open_array("work/recon")[:]
-    recons = _record_feature_reconstructions(monkeypatch)
-    graphs = {}  # each iteration's graph, dense, before the next iteration removes it
-    run_iteration = iterate._run_iteration
-
-    def keep_graph(ctx, t, labels_prev):
-        out = run_iteration(ctx, t, labels_prev)
-        graphs[t] = iterate._read_graph(ctx, t).toarray().astype(np.float64)
-        return out
-
-    monkeypatch.setattr(iterate, "_run_iteration", keep_graph)
-    info = iterate.run(stage_context(store, "iterate", config))
+    seen, on_event = _observer(store)  # each iteration's graph and reconstruction, before they are removed
+    recons, graphs = seen["recons"], seen["graphs"]
+    info = iterate.run(stage_context(store, "iterate", config, on_event=on_event))
+    store.record_stage("iterate", "test-iterate", 0.0, info)
+    publish(store)
     assert info["iterations"] == 2 and info["stopped"] == "max_iterations"
     history = info["history"]
     # graph change against the dense formula: L0 the first graph's normalised Laplacian,
@@ -217,13 +221,15 @@ def test_iterate_writes_history_and_final_outputs(tmp_path, monkeypatch):
     assert not store.has("work/iterate/1/recon") and not (store.work_path / "iterate").exists()
     # the last iteration's feature-AE reconstruction kept for impute.input "final"; the first pass's untouched
     assert sorted(recons) == ["work/iterate/1/recon", "work/iterate/2/recon"]
-    np.testing.assert_array_equal(store.open_array(iterate.FINAL_RECON)[:], recons["work/iterate/2/recon"])
+    np.testing.assert_array_equal(store.open_array(KEYS.final_recon)[:], recons["work/iterate/2/recon"])
     assert not np.allclose(recons["work/iterate/2/recon"], recons["work/iterate/1/recon"])
     np.testing.assert_array_equal(store.open_array("work/recon")[:], first_recon)
     assert sorted(p.name for p in (store.root / "models").glob("iterate_*.pt")) == ["iterate_feature_2.pt"]
     assert info["model"].endswith("iterate_feature_2.pt")
-    # the first pass is kept, and can be put back for a rerun of the stages before iterate
-    assert iterate.restore_first_pass(store)
+    # the first pass stays where its stages wrote it, and is published again once iterate is to be redone
+    np.testing.assert_array_equal(np.asarray(store.read_elem(FIRST_PASS.clusters)), first_clusters)
+    store.forget_stages(["iterate"])
+    publish(store)
     np.testing.assert_array_equal(np.asarray(store.read_elem("obs/scgnn_cluster")), first_clusters)
     assert (store.read_elem("obsp/scgnn_graph") != first_graph).nnz == 0
     np.testing.assert_array_equal(store.open_array("obsm/X_scgnn_feature")[:], before)
@@ -234,14 +240,15 @@ def test_iterate_stops_when_clusters_agree(tmp_path):
     store, _ = _first_pass(tmp_path, config)
     info = iterate.run(stage_context(store, "iterate", config))
     assert info["iterations"] == 1 and info["stopped"] == "clusters"
-    assert store.has(iterate.FINAL_RECON)
+    assert store.has(KEYS.final_recon) and store.has(iterate.ITERATED.clusters)
     # a rerun with no iteration removes the older config's last reconstruction (impute then reads work/recon)
     none = dataclasses.replace(config, iterate=dataclasses.replace(config.iterate, max_iterations=0))
     assert iterate.run(stage_context(store, "iterate", none))["iterations"] == 0
-    assert not store.has(iterate.FINAL_RECON) and store.has("work/recon")
+    assert not store.has(KEYS.final_recon) and store.has("work/recon")
+    assert not store.has(iterate.ITERATED.clusters)  # the first pass is the result again
 
 
-def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
     import shutil
 
     from scgnn_scale.store import RunStore
@@ -253,50 +260,38 @@ def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path, mon
 
     full = iterate.run(stage_context(store_a, "iterate", config))
 
-    original = iterate._run_iteration
-
-    def killed_after_first(ctx, t, labels_prev):
-        if t == 2:
-            raise KeyboardInterrupt("killed during iteration 2")
-        return original(ctx, t, labels_prev)
-
-    monkeypatch.setattr(iterate, "_run_iteration", killed_after_first)
+    _, killed_in_second = _observer(store_b, kill_at=("iteration_started", 2))
     with pytest.raises(KeyboardInterrupt):
-        iterate.run(stage_context(store_b, "iterate", config))
+        iterate.run(stage_context(store_b, "iterate", config, on_event=killed_in_second))
     state = RunStore.open(tmp_path / "b").load_checkpoint("iterate", "test-iterate")
     assert state["done"] == 1 and len(state["history"]) == 1
-    monkeypatch.setattr(iterate, "_run_iteration", original)
 
     resumed = iterate.run(stage_context(RunStore.open(tmp_path / "b"), "iterate", config))
+    for store, info in ((store_a, full), (store_b, resumed)):
+        store.record_stage("iterate", "test-iterate", 0.0, info)
+        publish(store)
     assert resumed["iterations"] == full["iterations"] == 2
     np.testing.assert_array_equal(np.asarray(store_b.read_elem("obs/scgnn_cluster")),
                                   np.asarray(store_a.read_elem("obs/scgnn_cluster")))
     np.testing.assert_allclose(store_b.read_elem("obsm/X_scgnn"), store_a.read_elem("obsm/X_scgnn"), atol=1e-5)
-    np.testing.assert_allclose(store_b.open_array(iterate.FINAL_RECON)[:], store_a.open_array(iterate.FINAL_RECON)[:],
+    np.testing.assert_allclose(store_b.open_array(KEYS.final_recon)[:], store_a.open_array(KEYS.final_recon)[:],
                                atol=1e-5)
     for h_full, h_res in zip(full["history"], resumed["history"], strict=True):
         assert h_res["ari_to_previous"] == pytest.approx(h_full["ari_to_previous"])
         assert h_res["graph_change"] == pytest.approx(h_full["graph_change"])
 
 
-def test_iterate_killed_before_keeping_its_last_reconstruction_keeps_it_on_resume(tmp_path, monkeypatch):
+def test_iterate_killed_before_keeping_its_last_reconstruction_keeps_it_on_resume(tmp_path):
     """R_T is renamed to work/recon_final after the finished checkpoint; a kill in between loses nothing."""
     config = tiny_config(max_iterations=1)
     store, _ = _first_pass(tmp_path, config)
-    recons = _record_feature_reconstructions(monkeypatch)
-    original = iterate._keep_final_recon
-
-    def killed(ctx, t):
-        raise KeyboardInterrupt("killed after the checkpoint")
-
-    monkeypatch.setattr(iterate, "_keep_final_recon", killed)
+    seen, killed_after_checkpoint = _observer(store, kill_at=("finished", 1))
     with pytest.raises(KeyboardInterrupt):
-        iterate.run(stage_context(store, "iterate", config))
-    assert not store.has(iterate.FINAL_RECON) and store.has("work/iterate/1/recon")
-    monkeypatch.setattr(iterate, "_keep_final_recon", original)
+        iterate.run(stage_context(store, "iterate", config, on_event=killed_after_checkpoint))
+    assert not store.has(KEYS.final_recon) and store.has("work/iterate/1/recon")
     info = iterate.run(stage_context(store, "iterate", config))  # finds the finished checkpoint
     assert info["iterations"] == 1
-    np.testing.assert_array_equal(store.open_array(iterate.FINAL_RECON)[:], recons["work/iterate/1/recon"])
+    np.testing.assert_array_equal(store.open_array(KEYS.final_recon)[:], seen["recons"]["work/iterate/1/recon"])
     assert not (store.work_path / "iterate").exists()
 
 
@@ -329,7 +324,7 @@ def test_iterations_keep_the_planted_cluster_count(tmp_path):
     for module, stage in ((feature, "feature"), (graph, "graph"), (gae, "gae"), (cluster, "cluster")):
         info = module.run(stage_context(store, stage, config))
         store.record_stage(stage, f"test-{stage}", 0.0, info if isinstance(info, dict) else {})
-    first = np.asarray(store.read_elem("obs/scgnn_cluster"))
+    first = np.asarray(store.read_elem(FIRST_PASS.clusters))
     k0 = len(np.unique(first))
     assert abs(k0 - 4) <= 1 and adjusted_rand_score(labels, first) > 0.9  # the first pass finds the types
 
@@ -340,4 +335,4 @@ def test_iterations_keep_the_planted_cluster_count(tmp_path):
         assert h["n_clusters"] == k0, history
         assert h["ari_to_label"] > 0.9, history
         assert 0 < h["resolution"]
-    assert adjusted_rand_score(labels, np.asarray(store.read_elem("obs/scgnn_cluster"))) > 0.9
+    assert adjusted_rand_score(labels, np.asarray(store.read_elem(iterate.ITERATED.clusters))) > 0.9

@@ -9,8 +9,8 @@ from scipy.stats import norm
 
 from scgnn_scale import ltmg as L
 from scgnn_scale.config import RuntimeConfig, build_config
-from scgnn_scale.distributed import ClientHolder
 from scgnn_scale.errors import InputError
+from scgnn_scale.runtime import Runtime
 from scgnn_scale.stages import ltmg as stage
 from scgnn_scale.testing import stage_context, store_with_matrix
 
@@ -262,9 +262,9 @@ def test_sample_fit_agrees_with_full_fit(tmp_path):
 
 @pytest.fixture(scope="module")
 def client_holder():
-    holder = ClientHolder(RuntimeConfig(n_workers=2))
-    yield holder
-    holder.close()
+    runtime = Runtime.from_config(RuntimeConfig(n_workers=2), quiet=True)  # one Dask cluster for the module
+    yield runtime
+    runtime.close()
 
 
 def _config(**ltmg):
@@ -274,7 +274,7 @@ def _config(**ltmg):
 
 def _run(tmp_path, name, counts, config, holder):
     store = store_with_matrix(tmp_path / name, counts, config=config)
-    info = stage.run(stage_context(store, "ltmg", config, _client_holder=holder))
+    info = stage.run(stage_context(store, "ltmg", config, runtime=holder))
     return store, info
 
 

@@ -76,8 +76,7 @@ def _run(root, counts, config):
     try:
         stage.run(ctx)
     finally:
-        if ctx._client_holder is not None:
-            ctx._client_holder.close()
+        ctx.runtime.close()
     return store.open_array("layers/ltmg")[:], store.read_elem("varm/ltmg_means")
 
 

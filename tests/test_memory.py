@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from test_feature import planted_store, small_config
 
-from scgnn_scale import memory
+from scgnn_scale import memory, train
 from scgnn_scale.cli import main
 from scgnn_scale.config import RuntimeConfig
 from scgnn_scale.errors import InputError
 from scgnn_scale.memory import MemoryPlan, parse_size
-from scgnn_scale.stages import feature
 from scgnn_scale.testing import stage_context
 
 
@@ -52,7 +51,7 @@ def test_feature_loader_streams_when_the_limit_is_too_small_to_hold_x(tmp_path, 
         monkeypatch.setattr(memory, "LOADER_SHARE", 1e-6 if limit else memory.LOADER_SHARE)
         ctx = stage_context(store, "iterate", cfg)
         with store.staging("iterate") as st:
-            info = feature.train_feature(ctx, st, x_key="X", trs_key="layers/ltmg", steps=8, model_in=None,
+            info = train.train_feature(ctx, st, x_key="X", trs_key="layers/ltmg", steps=8, model_in=None,
                                          model_out=None, embedding_key=f"work/emb_{name}", recon_key=None)
         runs[name] = (info["loader"], store.open_array(f"work/emb_{name}")[:])
     assert runs["free"][0] == "memory" and runs["limited"][0] == "stream"

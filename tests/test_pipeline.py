@@ -165,28 +165,32 @@ def test_other_cluster_resolution_redoes_only_the_clustering_and_after(full_run,
     assert ran == {"cluster", "iterate", "impute"}
 
 
-def test_redone_feature_stage_is_not_replaced_by_the_first_pass_kept_by_iterate(full_run, tiny_input, tmp_path):
-    """A finished run keeps the first pass (iterate's snapshot); a rerun with another feature config must
-    build the graph on the new embedding, not on the snapshot's (which came from the old feature AE)."""
+def test_redone_feature_stage_publishes_the_new_first_pass(full_run, tiny_input, tmp_path):
+    """A finished run publishes the iteration's results; a rerun with another feature config until the graph
+    must show the new feature AE's embedding and graph, and no clusters or graph embedding of the old run."""
     import torch
 
-    from scgnn_scale.stages.feature import load_model
+    from scgnn_scale.keys import FIRST_PASS, ITERATED
+    from scgnn_scale.train import load_model
 
     inp, cfg = tiny_input
     out = tmp_path / "refeature"
     shutil.copytree(full_run, out)
-    store = RunStore.open(out)
-    old = store.open_array("work/first_pass/X_scgnn_feature")[:]
+    old = RunStore.open(out).open_array("obsm/X_scgnn_feature")[:]
     assert main(_run_args(inp, cfg, out, "--overwrite", "--feature-min-steps", "120", "--until", "graph")) == 0
     store = RunStore.open(out)
-    model, _ = load_model(out / "models" / "feature_ae.pt")
+    model, _ = load_model(out / "models" / "feature_ae.pt", "cpu")
     model.eval()
     with torch.no_grad():
         expected = model(torch.from_numpy(np.asarray(store.open_array("X")[:], dtype=np.float32)))[1].numpy()
     embedding = store.open_array("obsm/X_scgnn_feature")[:]
-    assert not np.allclose(embedding, old, atol=1e-3)  # the new feature AE's, not the kept first pass's
+    assert not np.allclose(embedding, old, atol=1e-3)  # the new feature AE's, not the old run's
     np.testing.assert_allclose(embedding, expected, rtol=1e-4, atol=1e-4)
-    assert not store.has("work/first_pass/labels")  # the stale snapshot is gone
+    np.testing.assert_array_equal(embedding, store.open_array(FIRST_PASS.feature_embedding)[:])
+    assert (store.read_elem("obsp/scgnn_graph") != store.read_elem(FIRST_PASS.graph)).nnz == 0
+    # the stages after the graph are not done: their old results are not shown
+    assert not store.has("obsm/X_scgnn") and "scgnn_cluster" not in store.read_elem("obs").columns
+    assert store.has(ITERATED.clusters)  # stale, but iterate is not done: never published
 
 
 def test_keep_work_keeps_the_reconstructions_for_a_later_impute(tiny_input, tmp_path, caplog):

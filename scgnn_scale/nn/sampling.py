@@ -25,6 +25,7 @@ uniformly among the non-edges (whole pairs are redrawn on rejection, so no pair 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -196,8 +197,19 @@ def _relabel(graph: CSRGraph, prefix: np.ndarray, extra: np.ndarray) -> tuple[np
     return src, extra_local
 
 
+class SampledBatch(NamedTuple):
+    """What :func:`sample_blocks` returns for one minibatch (unpacks as ``input_nodes, blocks``)."""
+
+    input_nodes: np.ndarray
+    blocks: list[Block]
+
+    def to_torch(self, device) -> list:
+        """The blocks as sparse matrices on ``device``, first layer first."""
+        return [b.to_torch(device) for b in self.blocks]
+
+
 def sample_blocks(graph: CSRGraph, targets: np.ndarray, fanouts: list[int], rng: np.random.Generator
-                  ) -> tuple[np.ndarray, list[Block]]:
+                  ) -> SampledBatch:
     """Sampled multi-hop neighbourhood of ``targets``: the input nodes and one block per layer.
 
     Parameters
@@ -214,10 +226,9 @@ def sample_blocks(graph: CSRGraph, targets: np.ndarray, fanouts: list[int], rng:
 
     Returns
     -------
-    input_nodes
-        Global ids of the nodes whose features enter the first layer (``targets`` first).
-    blocks
-        ``blocks[0]`` is the first layer's matrix (``n_dst`` = nodes of layer 1, ``n_src`` =
+    SampledBatch
+        ``input_nodes``: global ids of the nodes whose features enter the first layer (``targets``
+        first); ``blocks``: ``blocks[0]`` is the first layer's matrix (``n_dst`` = nodes of layer 1, ``n_src`` =
         ``len(input_nodes)``), ``blocks[-1]`` the last layer's (``n_dst = len(targets)``).
     """
     dst = np.asarray(targets, np.int64)
@@ -235,4 +246,4 @@ def sample_blocks(graph: CSRGraph, targets: np.ndarray, fanouts: list[int], rng:
             n_dst=dst.size, n_src=src.size))
         dst = src
     blocks.reverse()
-    return dst, blocks
+    return SampledBatch(dst, blocks)

@@ -9,8 +9,8 @@ regularisers; its output is the imputed matrix. Here:
 
 * **input and target** ``impute.input``: ``recon`` (default) is ``work/recon``, the feature
   stage's reconstruction of ``X``, i.e. ``reconOri``; ``final`` is the last iteration's
-  feature-AE reconstruction, which iterate keeps at
-  :data:`scgnn_scale.stages.iterate.FINAL_RECON` (the first pass's when iterate ran no iteration);
+  feature-AE reconstruction, which iterate keeps at ``work/recon_final`` (the first pass's when
+  iterate ran no iteration);
   ``X`` is the preprocessed matrix itself (the paper's wording, "on the original X").
 * **network** the feature autoencoder's shape, seeded with ``runtime.seed`` as the feature AE
   is: the same initial weights as the published reset; fresh optimiser.
@@ -53,24 +53,23 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
+from ..keys import IMPUTE_MODEL, KEYS, ltmg_key
 from ..nn.losses import ORIGINAL_BATCH_CELLS, imputation_cell_weights
-from .feature import ltmg_key, train_autoencoder_stage
-from .iterate import FINAL_RECON
+from ..train import train_and_write
 
-MODEL_NAME = "impute_ae"
 #: ``impute.input`` -> the store key the imputation AE reconstructs
-INPUT_KEYS = {"recon": "work/recon", "final": FINAL_RECON, "X": "X"}
+INPUT_KEYS = {"recon": KEYS.recon, "final": KEYS.final_recon, "X": KEYS.x}
 
 
 def regulariser_weights(ctx, n_cells: int) -> tuple[np.ndarray, dict]:
     """Per-cell weights of the graph and cell-type regularisers from the committed graph and clusters."""
     icfg = ctx.config.impute
-    graph = ctx.store.read_elem("obsp/scgnn_graph")
+    graph = ctx.store.read_elem(KEYS.graph)
     if tuple(graph.shape) != (n_cells, n_cells):
         raise InputError(f"{ctx.store.root}: obsp/scgnn_graph is {graph.shape[0]} x {graph.shape[1]}, "
                          f"X has {n_cells} cells")
     degree = np.asarray(graph.sum(axis=0), dtype=np.float64).reshape(-1)  # colsum(A): sum(A @ E) = colsum . e
-    clusters = np.asarray(ctx.store.read_elem("obs/scgnn_cluster")).astype(str)
+    clusters = np.asarray(ctx.store.read_elem(KEYS.clusters)).astype(str)
     if clusters.shape[0] != n_cells:
         raise InputError(f"{ctx.store.root}: obs/scgnn_cluster has {clusters.shape[0]} cells, X has {n_cells}")
     _, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
@@ -111,14 +110,14 @@ def input_key(ctx) -> str:
 def run(ctx) -> dict:
     """Stage ``impute``: train the regularised autoencoder on ``impute.input`` and write ``layers/imputed``."""
     fcfg, icfg = ctx.config.feature, ctx.config.impute
-    n_cells = int(ctx.store.open_array("X").shape[0])
+    n_cells = int(ctx.store.open_array(KEYS.x).shape[0])
     weights, weight_info = regulariser_weights(ctx, n_cells)
     x_key = input_key(ctx)
     with ctx.store.staging(ctx.stage) as st:
-        info = train_autoencoder_stage(
-            ctx, st, x_key=x_key, trs_key=ltmg_key(ctx) if icfg.use_ltmg else None, steps=None, model_in=None,
-            model_out=ctx.store.root / "models" / f"{MODEL_NAME}.pt", embedding_key=None,
-            recon_key="layers/imputed", gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
+        info = train_and_write(
+            ctx, st, x_key=x_key, trs_key=ltmg_key(ctx.store, ctx.config) if icfg.use_ltmg else None, steps=None,
+            model_in=None, model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None,
+            recon_key=KEYS.imputed, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
             max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=weights, resume=True,
             desc="imputation autoencoder")
     info["regularisers"] = weight_info

@@ -14,11 +14,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import InputError
+from ..keys import KEYS
 from ..readers import open_input, source_name
+from ..store import CSR_CHUNK
 from ..store import compressors as store_compressors
-
-# entries per chunk of the 1-d CSR arrays (4 MiB of float32)
-CSR_CHUNK = 1 << 20
 
 
 class _Appender:
@@ -96,7 +95,7 @@ def run(ctx) -> dict:
         obs_names, var_names = obs.index, var.index
         compressors = store_compressors(ctx.config.store.compression_level)
         with ctx.store.staging(ctx.stage) as st:
-            group = st.create_group("work/input")
+            group = st.create_group(KEYS.input)
             data = _Appender(group, "data", np.float32, compressors)
             indices = _Appender(group, "indices", np.int32, compressors)
             indptr = _Appender(group, "indptr", np.int64, compressors)

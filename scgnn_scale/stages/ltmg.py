@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import ltmg as L
 from ..errors import InputError
+from ..keys import KEYS
 
 log = logging.getLogger("scgnn_scale")
 
@@ -141,11 +142,11 @@ def run(ctx) -> dict:
         return {"enabled": False}
     _check_config(cfg)
     t_start = time.perf_counter()
-    x = ctx.store.open_array("X")
+    x = ctx.store.open_array(KEYS.x)
     n, g = x.shape
     if n == 0 or g == 0:
         raise InputError(f"{ctx.store.root}: X is empty ({n} x {g}); nothing to model")
-    x_path = ctx.store.path_of("X")
+    x_path = ctx.store.path_of(KEYS.x)
     rows = sample_rows(n, cfg.max_cells, ctx.config.runtime.seed)
     blocks = gene_blocks(g, x.chunks[1], cfg.block_genes)
     params = {"k_min": cfg.k_min, "k_max": cfg.k_max, "max_iter": cfg.max_iter, "tol": cfg.tol,
@@ -154,8 +155,8 @@ def run(ctx) -> dict:
     from distributed import as_completed
 
     with ctx.store.staging(ctx.stage) as st:
-        st.create_matrix("layers/ltmg", (n, g), np.uint8, chunks=x.chunks)  # tasks fill it by gene block
-        out_path = st.path_of("layers/ltmg")
+        st.create_matrix(KEYS.ltmg, (n, g), np.uint8, chunks=x.chunks)  # tasks fill it by gene block
+        out_path = st.path_of(KEYS.ltmg)
         rows_future = client.scatter(rows, broadcast=True) if rows.size > 50_000 else rows
         scans = [client.submit(_scan_block, x_path, g0, g1, rows_future) for g0, g1 in blocks]
         mins = [client.submit(_scan_min, s) for s in scans]
@@ -187,9 +188,9 @@ def run(ctx) -> dict:
         fit = L.LTMGFit.concat([r["fit"] for r in results])
         st.write_elem("var/ltmg_k", fit.k.astype(np.int64))
         st.write_elem("var/ltmg_zcut", fit.zcut.astype(np.float64))
-        st.write_elem("varm/ltmg_weights", fit.weights)
-        st.write_elem("varm/ltmg_means", fit.means)
-        st.write_elem("varm/ltmg_sds", fit.sds)
+        st.write_elem(KEYS.ltmg_weights, fit.weights)
+        st.write_elem(KEYS.ltmg_means, fit.means)
+        st.write_elem(KEYS.ltmg_sds, fit.sds)
     seconds = time.perf_counter() - t_start
     k_counts = dict(sorted(Counter(int(k) for k in fit.k).items()))
     ctx.log.info("ltmg: K per gene %s (genes with censored values: %d, without: %d, no fit: %d)",

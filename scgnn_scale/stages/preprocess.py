@@ -52,9 +52,10 @@ import os
 import numpy as np
 
 from ..errors import InputError
+from ..keys import KEYS
 from ..readers import source_name
+from ..store import CSR_CHUNK
 from ..store import compressors as store_compressors
-from .ingest import CSR_CHUNK
 
 # input rows read at once by an X-writing task (bounds memory when kept cells are sparse in the input)
 _SUB_ROWS = 8192
@@ -182,7 +183,7 @@ def _create_raw(st, indptr: np.ndarray, input_var, compression_level: int) -> st
 
     compressors = store_compressors(compression_level)
     nnz = int(indptr[-1])
-    raw = st.create_group("raw")
+    raw = st.create_group(KEYS.raw)
     raw.attrs.update({"encoding-type": "raw", "encoding-version": "0.1.0"})
     x = raw.create_group("X")
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
@@ -309,9 +310,9 @@ def run(ctx) -> dict:
     cfg = ctx.config.preprocess
     _check_config(cfg)
     name = source_name(ctx.input) if ctx.input is not None else str(ctx.store.root)
-    group = ctx.store.open_group("work/input")
+    group = ctx.store.open_group(KEYS.input)
     n_cells, n_genes = (int(s) for s in group.attrs["shape"])
-    input_path = ctx.store.path_of("work/input")
+    input_path = ctx.store.path_of(KEYS.input)
     block = ctx.config.store.chunk_rows
     ranges = [(a, min(a + block, n_cells)) for a in range(0, n_cells, block)]
 
@@ -355,11 +356,11 @@ def run(ctx) -> dict:
     col_map[genes] = np.arange(n_out)
     col_map_d = dask.delayed(col_map)
     scale = _scale(library[cells], cfg.normalize_total) if cfg.normalize_total else None
-    input_var = ctx.store.read_elem("work/input/var")
+    input_var = ctx.store.read_elem(KEYS.input_var)
     raw_nnz = None
     with ctx.store.staging(ctx.stage) as st:
-        X = st.create_matrix("X", (m, n_out), np.float32)
-        x_path = st.path_of("X")
+        X = st.create_matrix(KEYS.x, (m, n_out), np.float32)
+        x_path = st.path_of(KEYS.x)
         step = X.chunks[0]
         tasks = [dask.delayed(_write_chunk)(input_path, x_path, a, cells[a:a + step], col_map_d, n_out,
                                             None if scale is None else scale[a:a + step])
@@ -371,17 +372,17 @@ def run(ctx) -> dict:
             raw_x_path = _create_raw(st, raw_indptr, input_var, ctx.config.store.compression_level)
             tasks += _raw_tasks(input_path, raw_x_path, cells, raw_indptr)
         else:
-            st.drop("raw")  # a raw left by an earlier run with keep_counts would no longer match
+            st.drop(KEYS.raw)  # a raw left by an earlier run with keep_counts would no longer match
         _compute(ctx, "writing X" + (" and raw counts" if cfg.keep_counts else ""), tasks)
 
-        obs = ctx.store.read_elem("work/input/obs").iloc[cells]
+        obs = ctx.store.read_elem(KEYS.input_obs).iloc[cells]
         var = input_var.iloc[genes].copy()
         var["variance"] = variance[top]
         var["mean"] = sums[top] / m
         var["n_cells_nonzero"] = nonzero[top]
-        st.write_elem("obs", obs)
-        st.write_elem("var", var)
-        work = st.create_group("work/preprocess")
+        st.write_elem(KEYS.obs, obs)
+        st.write_elem(KEYS.var, var)
+        work = st.create_group(KEYS.preprocess)
         write_elem(work, "cells", cells)
         write_elem(work, "genes", genes.astype(np.int64))
     ctx.log.info("preprocess: %d of %d cells, %d of %d expressed genes (of %d)", m, n_cells, n_out,

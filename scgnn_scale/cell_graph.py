@@ -1,0 +1,153 @@
+"""The pruned, symmetric k-nearest-neighbour cell graph (docs/METHOD.md step 4).
+
+From an N x d embedding (O(N d) floats, loaded whole): each cell's k nearest neighbours (Euclidean,
+self excluded) with the backend of ``graph.method``, the edges the pruning rule rejects dropped,
+symmetrised by union: a scipy CSR matrix, float32 weights of 1.0, int64 ``indptr`` and ``indices``,
+no self loops. The graph stage and each iteration build it with :func:`build_graph`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import knn
+from .config import GraphConfig
+from .errors import InputError
+
+
+def choose_method(cfg: GraphConfig, n_cells: int, cuda: bool) -> str:
+    """'auto': exact up to ``exact_max_cells``, then torch brute force on a GPU, else pynndescent."""
+    if cfg.method != "auto":
+        return cfg.method
+    if n_cells <= cfg.exact_max_cells:
+        return "exact"
+    return "torch" if cuda else "pynndescent"
+
+
+def knn_graph(x: np.ndarray, cfg: GraphConfig, *, device, seed: int = 0, progress=None,
+              method: str | None = None, prune: str | None = None) -> tuple[sp.csr_matrix, dict]:
+    """The pruned, symmetrised KNN graph of the rows of ``x`` (no store involved).
+
+    Parameters
+    ----------
+    x
+        ``(N, d)`` embedding.
+    cfg
+        Graph options (k, backend and its parameters, pruning rule).
+    seed
+        Seed of pynndescent and of the Isolation-Forest rule.
+    device
+        The run's torch device: 'auto' searches with torch on it when it is CUDA, and the 'torch'
+        backend runs on it.
+    progress
+        Optional tqdm-like bar over cells (exact and torch backends).
+    method, prune
+        Override ``cfg.method`` / ``cfg.prune``.
+
+    Returns
+    -------
+    graph, info
+        CSR ``N x N`` (float32 ones, int64 index arrays, symmetric) and a JSON-able summary.
+    """
+    import torch
+
+    device = torch.device(device)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    method = method or choose_method(cfg, n, device.type == "cuda")
+    prune = prune or cfg.prune
+    k = cfg.k
+    t0 = time.perf_counter()
+    if method == "exact":
+        idx, dist = knn.knn_exact(x, k, progress=progress)
+    elif method == "pynndescent":
+        idx, dist = knn.knn_pynndescent(x, k, n_neighbors=cfg.nnd_neighbors, n_trees=cfg.nnd_trees or None,
+                                        n_iters=cfg.nnd_iters or None, n_jobs=cfg.n_jobs, low_memory=True,
+                                        seed=seed)
+    elif method == "torch":
+        idx, dist = knn.knn_torch(x, k, device=device, query_block=cfg.torch_query_block, progress=progress)
+    else:
+        raise InputError(f"graph.method {method!r}: not one of auto, exact, pynndescent, torch")
+    t_search = time.perf_counter() - t0
+    info: dict = {"method": method, "k": k, "n_cells": n, "search_seconds": round(t_search, 3)}
+    if method == "pynndescent" and cfg.recall_sample > 0:
+        t1 = time.perf_counter()
+        info["recall"] = round(knn.knn_recall(x, idx, sample=cfg.recall_sample, seed=seed), 4)
+        info["recall_sample"] = min(cfg.recall_sample, n)
+        info["recall_seconds"] = round(time.perf_counter() - t1, 3)
+    elif method in ("exact", "torch"):
+        info["recall"] = 1.0
+
+    t2 = time.perf_counter()
+    if prune == "std":
+        keep = knn.prune_std(dist)
+    elif prune == "isolation_forest":
+        keep = knn.prune_isolation_forest(dist, seed=seed)
+    elif prune == "none":
+        keep = np.ones_like(dist, dtype=bool)
+    else:
+        raise InputError(f"graph.prune {prune!r}: not one of std, isolation_forest, none")
+    info["prune"] = prune
+    info["prune_seconds"] = round(time.perf_counter() - t2, 3)
+    info["kept_fraction"] = round(float(keep.mean()), 4)
+
+    graph = symmetric_graph(idx, keep, n)
+    degree = np.diff(graph.indptr)
+    info.update({"n_edges": int(graph.nnz // 2), "mean_degree": round(float(degree.mean()), 3),
+                 "min_degree": int(degree.min()), "max_degree": int(degree.max())})
+    return graph, info
+
+
+def symmetric_graph(indices: np.ndarray, keep: np.ndarray, n: int) -> sp.csr_matrix:
+    """Union-symmetrised CSR of the kept directed edges ``i -> indices[i, j]``; weights 1.0, int64 indices."""
+    counts = keep.sum(axis=1)
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    directed = sp.csr_matrix((np.ones(int(indptr[-1]), np.float32), indices[keep].astype(np.int64), indptr),
+                             shape=(n, n))
+    graph = directed.maximum(directed.T).tocsr()
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    graph.sort_indices()
+    graph.data[:] = 1.0
+    graph = sp.csr_matrix((graph.data.astype(np.float32), graph.indices, graph.indptr), shape=(n, n))
+    graph.indptr = graph.indptr.astype(np.int64)
+    graph.indices = graph.indices.astype(np.int64)
+    return graph
+
+
+def build_graph(ctx, staging, *, embedding_key: str, graph_key: str) -> dict:
+    """Build the pruned KNN graph of ``embedding_key`` and stage it at ``graph_key``.
+
+    Parameters
+    ----------
+    ctx
+        Stage context (config ``graph``, ``runtime.seed``, torch device).
+    staging
+        Where the graph is written (committed by the caller's ``with`` block).
+    embedding_key
+        Store key of the ``N x d`` embedding (read from ``staging`` when staged there, else the store).
+    graph_key
+        Store key of the output CSR graph.
+
+    Returns
+    -------
+    dict
+        n_edges, mean_degree, method, recall (exact: 1.0; pynndescent: measured on a sample), timings.
+    """
+    x = np.asarray(staging.read_elem(embedding_key), dtype=np.float32)
+    cfg = ctx.config.graph
+    n = x.shape[0]
+    if n <= cfg.k:
+        raise InputError(f"{embedding_key}: {n} cells are too few for graph.k = {cfg.k} neighbours")
+    method = choose_method(cfg, n, ctx.runtime.cuda)
+    with ctx.progress(n, f"{method} {cfg.k}-NN") as bar:
+        graph, info = knn_graph(x, cfg, device=ctx.runtime.device, seed=ctx.config.runtime.seed, progress=bar,
+                                method=method)
+    staging.write_elem(graph_key, graph)
+    ctx.log.info("graph: %d cells, %d edges, mean degree %.2f (%s, recall %s)", n, info["n_edges"],
+                 info["mean_degree"], method, info.get("recall"))
+    return info

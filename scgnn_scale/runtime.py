@@ -1,0 +1,48 @@
+"""What a run runs on, resolved once: the torch device, the memory plan and the Dask client.
+
+Built by the pipeline at the start of a run (or by :func:`scgnn_scale.testing.stage_context`) and
+handed to every stage through its context, so ``--device`` and ``--memory-limit`` are parsed in
+one place and "is it CUDA?" has one answer. Code below the stages takes the device as an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .memory import MemoryPlan
+
+
+@dataclass
+class Runtime:
+    config: Any  # config.RuntimeConfig
+    device: Any  # torch.device
+    memory: MemoryPlan
+    quiet: bool = False
+    _client_holder: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, runtime_config, *, quiet: bool = False) -> Runtime:
+        """Resolve ``runtime.device`` and ``runtime.memory_limit`` (an error names a bad value)."""
+        from .devices import resolve_device
+
+        return cls(config=runtime_config, device=resolve_device(runtime_config.device),
+                   memory=MemoryPlan.from_config(runtime_config), quiet=quiet)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def client(self):
+        """The Dask client (embedded LocalCluster or ``--scheduler``), started on first use."""
+        from .distributed import ClientHolder
+
+        if self._client_holder is None:
+            self._client_holder = ClientHolder(self.config, self.memory)
+        return self._client_holder.get()
+
+    def close(self) -> None:
+        """Stop what :meth:`client` started."""
+        if self._client_holder is not None:
+            self._client_holder.close()
+            self._client_holder = None
