@@ -27,9 +27,9 @@ def _config(seed: int):
     return load_config(overrides={
         "store": {"chunk_rows": 64, "chunk_genes": 64},  # several blocks of rows and genes
         "ingest": {"label_key": "label"},
-        "ltmg": {"max_iter": 30},
-        "feature": {"min_steps": 100, "max_steps": 100},
-        "gae": {"epochs": 50},
+        "ltmg": {"max_iter": 20},
+        "feature": {"min_steps": 50, "max_steps": 50},
+        "gae": {"epochs": 20},
         "runtime": {"n_workers": 1, "seed": seed},
     })
 
@@ -81,3 +81,14 @@ def test_other_seed_is_not_identical(runs):
     assert not item["allclose"] and item["max_abs_diff"] > 0 and item["n_not_close"] > 0
     # the input does not depend on the seed
     assert report["items"]["X"]["match"] and report["items"]["obs_names"]["match"]
+
+
+def test_item_tolerance(runs, capsys):
+    """--tol loosens one item (and what lies under it); the others keep the global tolerances."""
+    compare_runs = _load_script()
+    rc = compare_runs.main([str(runs["a"]), str(runs["other"]), "--no-work", "--tol", "obsm=1e9,1e9"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 1 and report["tol"] == {"obsm": [1e9, 1e9]}
+    assert report["items"]["obsm/X_scgnn_feature"]["match"] and report["items"]["obsm/X_scgnn"]["match"]
+    assert not report["items"]["obsm/X_scgnn_feature"]["exact"]
+    assert not any(k.startswith("work/") for k in report["items"])
