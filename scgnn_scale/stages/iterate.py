@@ -292,7 +292,7 @@ def _cleanup_iteration(ctx, t: int) -> None:
     """Remove iteration ``t``'s arrays and model once ``t + 1`` has committed (iteration 0 holds L0)."""
     if t >= 1:
         ctx.store.delete(f"{WORK}/{t}")
-        _model_path(ctx, t).unlink(missing_ok=True)
+        ctx.store.remove_model(iterate_model(t))
 
 
 def _cleanup_all(ctx, keep_model: int | None = None) -> None:
