@@ -38,6 +38,19 @@ def planted_counts(n_cells=300, n_genes=200, n_types=3, seed=0):
     return counts, labels
 
 
+def planted_adata(n_cells=240, n_genes=150, n_types=3, seed=1):
+    """:func:`planted_counts` as an AnnData (sparse counts, names c<i>/g<j>, ``obs['label']`` as strings)."""
+    import anndata
+    import scipy.sparse as sp
+
+    counts, labels = planted_counts(n_cells=n_cells, n_genes=n_genes, n_types=n_types, seed=seed)
+    adata = anndata.AnnData(X=sp.csr_matrix(counts))
+    adata.obs_names = [f"c{i}" for i in range(n_cells)]
+    adata.var_names = [f"g{j}" for j in range(n_genes)]
+    adata.obs["label"] = labels.astype(str)
+    return adata
+
+
 @pytest.fixture
 def planted():
     return planted_counts()

@@ -6,10 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import anndata
 import pytest
-import scipy.sparse as sp
-from conftest import planted_counts
+from conftest import planted_adata
 
 from scgnn_scale import load_config, run
 
@@ -37,13 +35,8 @@ def _config(seed: int):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("compare")
-    counts, labels = planted_counts(n_cells=200, n_genes=120, n_types=3, seed=2)
-    adata = anndata.AnnData(X=sp.csr_matrix(counts))
-    adata.obs_names = [f"c{i}" for i in range(counts.shape[0])]
-    adata.var_names = [f"g{j}" for j in range(counts.shape[1])]
-    adata.obs["label"] = labels.astype(str)
     inp = d / "tiny.h5ad"
-    adata.write_h5ad(inp)
+    planted_adata(n_cells=200, n_genes=120, n_types=3, seed=2).write_h5ad(inp)
     out = {}
     for name, seed in (("a", 0), ("b", 0), ("other", 1)):
         out[name] = d / name

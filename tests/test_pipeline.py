@@ -11,8 +11,7 @@ import time
 import anndata
 import numpy as np
 import pytest
-import scipy.sparse as sp
-from conftest import planted_counts
+from conftest import planted_adata
 
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
@@ -39,13 +38,8 @@ n_workers = 1
 @pytest.fixture(scope="module")
 def tiny_input(tmp_path_factory):
     d = tmp_path_factory.mktemp("input")
-    counts, labels = planted_counts(n_cells=240, n_genes=150, n_types=3, seed=1)
-    adata = anndata.AnnData(X=sp.csr_matrix(counts))
-    adata.obs_names = [f"c{i}" for i in range(counts.shape[0])]
-    adata.var_names = [f"g{j}" for j in range(counts.shape[1])]
-    adata.obs["label"] = labels.astype(str)
     path = d / "tiny.h5ad"
-    adata.write_h5ad(path)
+    planted_adata(n_cells=240, n_genes=150, n_types=3, seed=1).write_h5ad(path)
     cfg = d / "tiny.toml"
     cfg.write_text(TINY)
     return path, cfg
