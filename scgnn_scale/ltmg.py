@@ -73,7 +73,7 @@ import numpy as np
 from scipy.special import log_ndtr
 
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
-_LOG_ZERO_WEIGHT = -1e30  # log of a zero mixture weight in the batched densities (see _sufficient_stats)
+LOG_ZERO_WEIGHT = -1e30  # log of a zero mixture weight in the batched densities (see _sufficient_stats)
 NUMBERINGS = ("published", "one-based")
 # EM removes a component whose weight falls below max(MIN_WEIGHT, 1 / number of cells)
 MIN_WEIGHT = 1e-4
@@ -269,7 +269,7 @@ def _sufficient_stats(feats, weight, w, mu, sd, *, loglik_only: bool = False):
     # a padded component (weight 0) gets a finite floor instead of -inf: OpenBLAS's AVX-512 kernels
     # multiply padding lanes by the coefficients and raise 'invalid' on -inf * 0; after the -80 clip
     # below, both give the same density
-    np.maximum(log_w, _LOG_ZERO_WEIGHT, out=log_w)
+    np.maximum(log_w, LOG_ZERO_WEIGHT, out=log_w)
     c = log_w - np.log(sd) - _LOG_SQRT_2PI - 0.5 * mu * mu * inv_var
     coef = np.stack([-0.5 * inv_var, mu * inv_var, c], axis=2)  # (B, K, 3)
     lp = np.matmul(coef, feats)  # (B, K, m)

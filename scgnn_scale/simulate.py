@@ -38,7 +38,7 @@ from .errors import InputError
 from .progress import progress_bar
 
 _TILE_VALUES = 1 << 21
-_ARRAY_CHUNK = 1 << 20  # entries per chunk of the 1-d arrays written
+ARRAY_CHUNK = 1 << 20  # entries per chunk of the 1-d arrays written
 _PARALLEL_FROM_TILES = 64  # below this many tiles, starting worker processes costs more than it saves
 
 
@@ -142,7 +142,7 @@ class _Writer:
 
     def _array(self, group, name: str, dtype):
         # cell names wait for a whole chunk as Python strings (~60 bytes each): smaller chunks
-        chunk = min(_ARRAY_CHUNK, 1 << 16) if dtype is str else _ARRAY_CHUNK
+        chunk = min(ARRAY_CHUNK, 1 << 16) if dtype is str else ARRAY_CHUNK
         if self.is_h5:
             import h5py
 

@@ -16,7 +16,6 @@ from scgnn_scale.readers import (
     open_input,
     register,
     registered_formats,
-    registry,
     unregister,
 )
 
@@ -24,8 +23,9 @@ BUILTIN = ["anndata-zarr", "10x-mtx", "h5ad", "delimited", "10x-h5"]
 
 
 @pytest.fixture
-def detect_calls(monkeypatch):
-    """Every registered format's detect, recording the name of each format it is asked for."""
+def detect_calls():
+    """Every registered format's detect, recording the name of each format it is asked for (the formats are
+    registered again, in the same order, with a recording detect, and put back afterwards)."""
     calls = []
 
     def recording(fmt):
@@ -34,8 +34,15 @@ def detect_calls(monkeypatch):
             return fmt.detect(loc)
         return dataclasses.replace(fmt, detect=detect)
 
-    monkeypatch.setattr(registry, "_FORMATS", {f.name: recording(f) for f in registered_formats()})
-    return calls
+    originals = registered_formats()
+    for fmt in originals:
+        unregister(fmt.name)
+    for fmt in originals:
+        register(recording(fmt))
+    yield calls
+    for fmt in originals:
+        unregister(fmt.name)
+        register(fmt)
 
 
 def test_detect_tries_every_format_in_registration_order(tmp_path, detect_calls):

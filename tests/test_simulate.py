@@ -75,7 +75,7 @@ def test_chunk_size_does_not_change_the_atlas(tmp_path, monkeypatch, suffix):
     entries (most writes carry a remainder over) give the atlas written as one chunk per array."""
     one_chunk = _read(simulate_atlas(tmp_path / f"a{suffix}", n_cells=2000, n_genes=40, n_types=3, seed=6,
                                      block_rows=300))
-    monkeypatch.setattr(simulate, "_ARRAY_CHUNK", 1000)
+    monkeypatch.setattr(simulate, "ARRAY_CHUNK", 1000)
     path = simulate_atlas(tmp_path / f"b{suffix}", n_cells=2000, n_genes=40, n_types=3, seed=6, block_rows=300)
     small = _read(path)
     assert small.X.nnz > 10 * 1000  # many chunks
@@ -123,7 +123,7 @@ def test_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
 
     The writer holds at most one block and one chunk of each array; chunks are made small here, so
     that one chunk is far smaller than the atlases compared."""
-    monkeypatch.setattr(simulate, "_ARRAY_CHUNK", 1 << 12)
+    monkeypatch.setattr(simulate, "ARRAY_CHUNK", 1 << 12)
 
     def peak(n_cells, name):
         tracemalloc.start()
