@@ -23,7 +23,7 @@ from .keys import INTERMEDIATE_RECONS, KEYS
 from .memory import peak_rss_mb, release_freed_memory
 from .results import publish
 from .runtime import Runtime
-from .store import RunStore
+from .store import RunStore, run_lock
 
 log = logging.getLogger("scgnn_scale")
 
@@ -114,8 +114,8 @@ def _refuse_other_run(out: Path, identity: dict, config: RunConfig, hashes: dict
         old = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return  # RunStore.create names the corrupt manifest
-    if old.get("identity") == _run_identity(identity, config):
-        return
+    if old.get("identity") == _run_identity(identity, config) or not old.get("stages"):
+        return  # the same run, or one that finished no stage (nothing to lose)
     other_input = old.get("identity", {}).get("input") != identity
     differences = []
     for option, before, after in changed_options(old.get("config", {}), config):
@@ -159,49 +159,50 @@ def run(
     runtime = Runtime.from_config(config.runtime, quiet=quiet)  # a bad --device or --memory-limit fails first
     identity = input_identity(source)
     hashes = chain_hashes(config, identity)
-    if not overwrite:
-        _refuse_other_run(Path(out), identity, config, hashes)
-    store = RunStore.create(out, identity=_run_identity(identity, config), config=config, overwrite=overwrite)
-    handler = _setup_logging(store)
-    t_start = time.perf_counter()
-    try:
-        log.info("run %s -> %s", identity, store.root)
-        order = list(STAGES)
-        last = order.index(until) if until else len(order) - 1
-        _restore_removed_reconstructions(store, config, order[: last + 1], hashes, source, runtime)
-        for i, stage in enumerate(order[: last + 1]):
-            if store.stage_done(stage, hashes[stage]):
-                log.info("%s: already done, skipped", stage)
-                continue
-            store.forget_stages(order[i:])  # everything after a redone stage is stale
-            publish(store)  # what a stage reads of the published results is the latest finished pass
-            ctx = StageContext(store=store, config=config, stage=stage, chain_hash=hashes[stage],
-                               runtime=runtime, input=source)
-            module = importlib.import_module(f".stages.{stage}", __package__)
-            log.info("%s: started", stage)
-            t0 = time.perf_counter()
-            info = module.run(ctx) or {}
-            seconds = time.perf_counter() - t0
-            info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
-            release_freed_memory()
-            store.record_stage(stage, hashes[stage], seconds, info)
-            log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
-        publish(store)
-        if order[last] == order[-1] and not config.runtime.keep_work:
-            _remove_intermediates(store)
-        if store.has(KEYS.x):
-            from .summary import final_metrics, format_summary, run_summary, uns_summary
+    with run_lock(out):  # one run per directory; released however this process ends
+        if not overwrite:
+            _refuse_other_run(Path(out), identity, config, hashes)
+        store = RunStore.create(out, identity=_run_identity(identity, config), config=config, overwrite=overwrite)
+        handler = _setup_logging(store)
+        t_start = time.perf_counter()
+        try:
+            log.info("run %s -> %s", identity, store.root)
+            order = list(STAGES)
+            last = order.index(until) if until else len(order) - 1
+            _restore_removed_reconstructions(store, config, order[: last + 1], hashes, source, runtime)
+            for i, stage in enumerate(order[: last + 1]):
+                if store.stage_done(stage, hashes[stage]):
+                    log.info("%s: already done, skipped", stage)
+                    continue
+                store.forget_stages(order[i:])  # everything after a redone stage is stale
+                publish(store)  # what a stage reads of the published results is the latest finished pass
+                ctx = StageContext(store=store, config=config, stage=stage, chain_hash=hashes[stage],
+                                   runtime=runtime, input=source)
+                module = importlib.import_module(f".stages.{stage}", __package__)
+                log.info("%s: started", stage)
+                t0 = time.perf_counter()
+                info = module.run(ctx) or {}
+                seconds = time.perf_counter() - t0
+                info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
+                release_freed_memory()
+                store.record_stage(stage, hashes[stage], seconds, info)
+                log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
+            publish(store)
+            if order[last] == order[-1] and not config.runtime.keep_work:
+                _remove_intermediates(store)
+            if store.has(KEYS.x):
+                from .summary import final_metrics, format_summary, run_summary, uns_summary
 
-            metrics = final_metrics(store, source, config)
-            store.write_uns_summary(uns_summary(store, metrics))
-            summary = run_summary(store, metrics, wall_seconds=time.perf_counter() - t_start)
-            log.info("%s", format_summary(summary, open_hint=open_hint))
-        store.remove_empty_staging()
-    finally:
-        runtime.close()
-        log.removeHandler(handler)
-        handler.close()
-    return store
+                metrics = final_metrics(store, source, config)
+                store.write_uns_summary(uns_summary(store, metrics))
+                summary = run_summary(store, metrics, wall_seconds=time.perf_counter() - t_start)
+                log.info("%s", format_summary(summary, open_hint=open_hint))
+            store.remove_empty_staging()
+        finally:
+            runtime.close()
+            log.removeHandler(handler)
+            handler.close()
+        return store
 
 
 def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict,

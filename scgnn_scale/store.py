@@ -152,6 +152,52 @@ class Staging:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+LOCK_NAME = ".lock"
+
+
+def check_out_dir(root: Path) -> None:
+    """``--out`` must be absent, an empty directory or a run directory: nothing else is ever written into."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: --out exists and is not a directory")
+    if (root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir())
+            and not (root / "manifest.json").is_file()):
+        raise InputError(f"{root}: --out is a non-empty directory that is not a scgnn-scale run; choose another")
+
+
+@contextlib.contextmanager
+def run_lock(root: str | Path):
+    """Hold ``RUN_DIR/.lock`` for the life of a run: a second run on the same directory is refused.
+
+    An advisory ``flock``: the kernel releases it when the holding process ends, however it ends, so a
+    killed run never leaves a stale lock behind. The file names the holder for the refusal's message.
+    """
+    import fcntl
+    import socket
+
+    root = Path(root)
+    check_out_dir(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fh = open(root / LOCK_NAME, "a+")
+    except OSError as exc:
+        raise InputError(f"{root}: cannot create the run directory ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise InputError(f"{root}: another scgnn-scale run is using this directory ({holder}); wait for it "
+                             "to end or choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing releases the lock
+
+
 class RunStore:
     """One run directory. Open with :meth:`open` (existing) or :meth:`create` (new or resumed)."""
 
@@ -177,24 +223,23 @@ class RunStore:
         stages whose config chain still matches are kept and the rest is redone.
         """
         root = Path(root)
-        if root.exists() and not root.is_dir():
-            raise InputError(f"{root}: --out exists and is not a directory")
-        if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").is_file():
-            raise InputError(f"{root}: --out is a non-empty directory that is not a scgnn-scale run; choose another")
+        check_out_dir(root)
         store = cls(root, store_config=config.store)
         if store.manifest_path.is_file():
             old = store.manifest
             if old.get("format") != FORMAT_VERSION:
                 raise InputError(f"{root}: run store format {old.get('format')} is not supported "
                                  f"(this version reads {FORMAT_VERSION})")
+            # a run that finished no stage (e.g. one that stopped at a bad input) holds nothing to lose
+            replaceable = overwrite or not old.get("stages")
             if old.get("identity") != identity:
-                if not overwrite:
+                if not replaceable:
                     raise InputError(
                         f"{root}: holds a run of another input or config; pass --overwrite to replace it "
                         "or choose another --out")
                 old["identity"] = identity
             if old.get("config", {}).get("store") != config.to_dict()["store"]:
-                if not overwrite:
+                if not replaceable:
                     raise InputError(f"{root}: holds a run with another store layout; pass --overwrite")
                 old["stages"] = {}  # chunking changed: nothing can be reused
             old["config"] = config.to_dict()

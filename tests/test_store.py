@@ -68,6 +68,9 @@ def test_manifest_records_and_checkpoints(tmp_path):
 def test_refuses_another_run_unless_overwrite(tmp_path):
     cfg = RunConfig()
     RunStore.create(tmp_path / "run", identity={"a": 1}, config=cfg)
+    # a run that finished no stage holds nothing to lose: another input takes its place
+    RunStore.create(tmp_path / "run", identity={"a": 3}, config=cfg)
+    RunStore.open(tmp_path / "run").record_stage("ingest", "h", 0.0, {})
     with pytest.raises(InputError, match="holds a run of another input or config"):
         RunStore.create(tmp_path / "run", identity={"a": 2}, config=cfg)
     RunStore.create(tmp_path / "run", identity={"a": 2}, config=cfg, overwrite=True)
