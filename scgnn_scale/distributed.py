@@ -39,9 +39,13 @@ class ClientHolder:
             n = self.cfg.n_workers or os.cpu_count() or 1
             # threads by default: the work (numpy, zarr codecs, torch) releases the GIL, and worker processes
             # would re-import a user's script that lacks an `if __name__ == "__main__"` guard
+            # an embedded cluster serves this process, not the network: its scheduler, workers and their
+            # HTTP servers (dashboard, health, metrics) listen on loopback only, on free ports
             kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": self.cfg.worker_processes,
-                      "dashboard_address": ":0",
+                      "dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0",
                       "silence_logs": logging.ERROR}
+            if self.cfg.worker_processes:  # threads talk in-process; processes over TCP
+                kwargs["host"] = "127.0.0.1"
             limit = self.memory.dask_worker_limit(n, self.cfg.worker_processes)
             if limit is not None:
                 kwargs["memory_limit"] = limit

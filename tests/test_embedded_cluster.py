@@ -1,0 +1,23 @@
+"""The embedded Dask cluster serves this process only: everything it opens listens on loopback."""
+
+import ipaddress
+
+import psutil
+import pytest
+
+from scgnn_scale.config import RuntimeConfig
+from scgnn_scale.runtime import Runtime
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_embedded_cluster_listens_on_loopback_only(processes):
+    runtime = Runtime.from_config(RuntimeConfig(n_workers=2, worker_processes=processes), quiet=True)
+    try:
+        assert runtime.client().submit(sum, [1, 2]).result() == 3
+        me = psutil.Process()
+        listening = {(c.laddr.ip, c.laddr.port) for p in [me, *me.children(recursive=True)]
+                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    finally:
+        runtime.close()
+    assert listening  # the scheduler's or the workers' HTTP servers at least
+    assert all(ipaddress.ip_address(ip).is_loopback for ip, _ in listening), listening
