@@ -325,6 +325,53 @@ def config_fields():
             yield section, f
 
 
+#: the range of each numeric option: (lowest, highest, whether the lowest is allowed); every option not named
+#: here takes any value. Checked when a config is built, so a bad value stops a run before any work.
+_AT_LEAST_1 = (1, None, True)
+_AT_LEAST_0 = (0, None, True)
+_POSITIVE = (0, None, False)
+_FRACTION = (0, 1, True)
+BOUNDS: dict[str, tuple] = {
+    "store.chunk_rows": _AT_LEAST_1, "store.chunk_genes": _AT_LEAST_1, "store.compression_level": (0, 9, True),
+    "ingest.block_rows": _AT_LEAST_1,
+    "preprocess.min_cell_fraction": _FRACTION, "preprocess.min_gene_fraction": _FRACTION,
+    "preprocess.n_top_genes": _AT_LEAST_1, "preprocess.normalize_total": _AT_LEAST_0,
+    "ltmg.max_cells": _AT_LEAST_1, "ltmg.block_genes": _AT_LEAST_1, "ltmg.k_min": _AT_LEAST_1,
+    "ltmg.k_max": _AT_LEAST_1, "ltmg.max_iter": _AT_LEAST_1, "ltmg.tol": _AT_LEAST_0, "ltmg.min_sd": _POSITIVE,
+    "feature.hidden": _AT_LEAST_1, "feature.latent": _AT_LEAST_1, "feature.lr": _POSITIVE,
+    "feature.gamma": _AT_LEAST_0, "feature.alpha": _AT_LEAST_0, "feature.l1": _AT_LEAST_0,
+    "feature.batch_size": _AT_LEAST_1, "feature.min_steps": _AT_LEAST_0, "feature.max_epochs": _AT_LEAST_0,
+    "feature.max_steps": _AT_LEAST_0, "feature.iter_steps": _AT_LEAST_0, "feature.memory_budget_mb": _AT_LEAST_0,
+    "feature.buffer_blocks": _AT_LEAST_1, "feature.prefetch_blocks": _AT_LEAST_0,
+    "feature.checkpoint_minutes": _AT_LEAST_0, "feature.torch_threads": _AT_LEAST_0,
+    "graph.k": _AT_LEAST_1, "graph.exact_max_cells": _AT_LEAST_0, "graph.nnd_neighbors": _AT_LEAST_1,
+    "graph.nnd_trees": _AT_LEAST_0, "graph.nnd_iters": _AT_LEAST_0, "graph.n_jobs": _AT_LEAST_0,
+    "graph.recall_sample": _AT_LEAST_0, "graph.torch_query_block": _AT_LEAST_1,
+    "gae.hidden": _AT_LEAST_1, "gae.latent": _AT_LEAST_1, "gae.lr": _POSITIVE, "gae.epochs": _AT_LEAST_0,
+    "gae.neg_ratio": _POSITIVE, "gae.batch_size": _AT_LEAST_1, "gae.full_graph_max_nodes": _AT_LEAST_0,
+    "gae.epoch_cells": _AT_LEAST_1,
+    "cluster.resolution": _POSITIVE, "cluster.small_factor": _POSITIVE, "cluster.large_factor": _POSITIVE,
+    "cluster.max_clusters": _AT_LEAST_1, "cluster.min_cluster_size": _AT_LEAST_1, "cluster.embedding_k": _AT_LEAST_1,
+    "cluster.kmeans_max_cells": _AT_LEAST_1,
+    "iterate.max_iterations": _AT_LEAST_0, "iterate.graph_lambda": _FRACTION, "iterate.graph_tol": _AT_LEAST_0,
+    "iterate.cluster_steps": _AT_LEAST_0, "iterate.cluster_max_epochs": _AT_LEAST_0,
+    "iterate.cluster_gamma": _AT_LEAST_0, "iterate.cluster_memory_budget_mb": _AT_LEAST_0,
+    "iterate.scatter_buffer_mb": _POSITIVE,
+    "impute.gamma1": _AT_LEAST_0, "impute.gamma2": _AT_LEAST_0, "impute.l1": _AT_LEAST_0, "impute.steps": _AT_LEAST_0,
+    "impute.max_epochs": _AT_LEAST_0, "impute.max_steps": _AT_LEAST_0,
+    "runtime.seed": _AT_LEAST_0, "runtime.n_workers": _AT_LEAST_0,
+}
+
+
+def _check_bounds(option: str, value: Any) -> None:
+    if option not in BOUNDS:
+        return
+    low, high, low_allowed = BOUNDS[option]
+    if (value < low if low_allowed else value <= low) or (high is not None and value > high):
+        wanted = (f"at least {low}" if low_allowed else f"above {low}") + (f" and at most {high}" if high else "")
+        raise InputError(f"config option {option}: {value!r} is out of range (must be {wanted})")
+
+
 def build_config(overrides: dict[str, dict[str, Any]] | None = None, base: RunConfig | None = None) -> RunConfig:
     """Apply ``{section: {option: value}}`` on top of ``base`` (the defaults), checking names, types, choices."""
     base = base or RunConfig()
@@ -344,11 +391,16 @@ def build_config(overrides: dict[str, dict[str, Any]] | None = None, base: RunCo
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise InputError(f"config option {section}.{name}: {value!r} is not one of {', '.join(choices)}")
+            _check_bounds(f"{section}.{name}", value)
             changes[name] = value
         sections[section] = dataclasses.replace(current, **changes)
     unknown_sections = set(overrides or {}) - set(SECTIONS)
     if unknown_sections:
         raise InputError(f"unknown config section(s): {', '.join(sorted(unknown_sections))}")
+    ltmg = sections["ltmg"]
+    if ltmg.k_max < ltmg.k_min:
+        raise InputError(f"config options ltmg.k_min {ltmg.k_min} and ltmg.k_max {ltmg.k_max}: k_max must be at "
+                         "least k_min")
     return RunConfig(**sections)
 
 

@@ -175,6 +175,8 @@ def run(
                     log.info("%s: already done, skipped", stage)
                     continue
                 store.forget_stages(order[i:])  # everything after a redone stage is stale
+                if i > order.index("preprocess"):
+                    _check_options_against_cells(store, config)  # before minutes of training, not after
                 publish(store)  # what a stage reads of the published results is the latest finished pass
                 ctx = StageContext(store=store, config=config, stage=stage, chain_hash=hashes[stage],
                                    runtime=runtime, input=source)
@@ -203,6 +205,21 @@ def run(
             log.removeHandler(handler)
             handler.close()
         return store
+
+
+#: fewer cells than this cannot be clustered (a KNN graph and two clusters need a few)
+MIN_CELLS = 3
+
+
+def _check_options_against_cells(store: RunStore, config: RunConfig) -> None:
+    """Options that must fit the number of cells preprocessing kept, checked before the stages that need them."""
+    n = store.n_obs
+    if n < MIN_CELLS:
+        raise InputError(f"{store.root}: {n} cell(s) left after preprocessing; at least {MIN_CELLS} are needed "
+                         "(lower --preprocess-min-gene-fraction or check the input)")
+    if config.graph.k >= n:
+        raise InputError(f"{store.root}: graph.k = {config.graph.k} neighbours needs more cells than that; "
+                         f"{n} are left after preprocessing (lower --graph-k)")
 
 
 def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict,
