@@ -234,6 +234,8 @@ class RuntimeConfig:
     device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
+    dashboard: str = _f("", "address of the embedded cluster's Dask dashboard, e.g. '127.0.0.1:8787' (needs bokeh); "
+                        "empty: none (its other HTTP endpoints listen on loopback only)")
     worker_processes: bool = _f(False, "embedded Dask workers as processes (pay off on many cores: the LTMG fits "
                                 "hold the GIL) instead of threads; a calling script needs an "
                                 "`if __name__ == '__main__'` guard")

@@ -42,8 +42,10 @@ class ClientHolder:
             # an embedded cluster serves this process, not the network: its scheduler, workers and their
             # HTTP servers (dashboard, health, metrics) listen on loopback only, on free ports
             kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": self.cfg.worker_processes,
-                      "dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0",
-                      "silence_logs": logging.ERROR}
+                      "dashboard_address": self.cfg.dashboard or "127.0.0.1:0",
+                      "worker_dashboard_address": "127.0.0.1:0", "silence_logs": logging.ERROR}
+            if not self.cfg.dashboard:  # no dashboard unless asked for
+                kwargs["scheduler_kwargs"] = {"dashboard": False}
             if self.cfg.worker_processes:  # threads talk in-process; processes over TCP
                 kwargs["host"] = "127.0.0.1"
             limit = self.memory.dask_worker_limit(n, self.cfg.worker_processes)
@@ -51,7 +53,8 @@ class ClientHolder:
                 kwargs["memory_limit"] = limit
             self._cluster = LocalCluster(**kwargs)
             self._client = Client(self._cluster)
-            log.info("dask: embedded LocalCluster with %d worker(s)", n)
+            log.info("dask: embedded LocalCluster with %d worker(s)%s", n,
+                     f", dashboard at {self._client.dashboard_link}" if self.cfg.dashboard else "")
         return self._client
 
     def close(self) -> None:
