@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import shutil
 import sys
 import textwrap
@@ -209,6 +210,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+#: OS errors that the machine causes (full disk, permissions, read-only or missing quota), shown as one line
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -224,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"scgnn-scale: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.debug or exc.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        # the disk or the permissions, not a bug: finished stages are committed, the rerun resumes
+        where = exc.filename or getattr(args, "out", None) or getattr(args, "to", None) or "scgnn-scale"
+        print(f"scgnn-scale: error: {where}: {exc.strerror or exc}; finished stages are kept, rerun the same "
+              "command once this is fixed", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scgnn-scale: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -159,6 +159,7 @@ def run(
     runtime = Runtime.from_config(config.runtime, quiet=quiet)  # a bad --device or --memory-limit fails first
     identity = input_identity(source)
     hashes = chain_hashes(config, identity)
+    _refuse_out_inside_input(source, Path(out))
     with run_lock(out):  # one run per directory; released however this process ends
         if not overwrite:
             _refuse_other_run(Path(out), identity, config, hashes)
@@ -205,6 +206,16 @@ def run(
             log.removeHandler(handler)
             handler.close()
         return store
+
+
+def _refuse_out_inside_input(source: Any, out: Path) -> None:
+    """A run directory inside a directory input (10x folder, .zarr store) would change the input."""
+    if not isinstance(source, str | os.PathLike) or "://" in str(source):
+        return
+    src = Path(source).resolve()
+    if src.is_dir() and (out.resolve() == src or src in out.resolve().parents):
+        raise InputError(f"{out}: --out lies inside the input {src}; the input is never written into, choose "
+                         "another --out")
 
 
 #: fewer cells than this cannot be clustered (a KNN graph and two clusters need a few)
