@@ -100,17 +100,22 @@ def evaluate_run(run_dir, label_key: str = "label", *, labels_file=None, seed: i
         from .labels import align_labels, attach_labels, read_label_file
 
         labels = read_label_file(labels_file, label_key)
-        attach_labels(store, align_labels(labels, obs.index, str(labels_file)), label_key)
-        obs = store.read_elem(KEYS.obs)
+        obs = attach_labels(store, align_labels(labels, obs.index, str(labels_file)), label_key)
     if label_key not in obs.columns:
         others = [c for c in obs.columns if c != CLUSTER_COLUMN]
         raise InputError(f"{run_dir}: obs has no column '{label_key}' to compare with (columns: "
                          f"{', '.join(others) if others else 'none'}); name another one with "
                          "--label-key, give a file of labels with --labels FILE, or rerun 'scgnn-scale run' with "
                          "--label-key <column> (no stage is redone) so the input's labels are carried into the run")
+    metrics = score_clusters(store, obs, label_key, seed=seed)
+    write_json(Path(run_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def score_clusters(store, obs, label_key: str, *, seed: int = 0) -> dict:
+    """ARI/NMI of the run's clusters against ``obs[label_key]``, silhouette in its graph embedding."""
     embedding = store.read_elem(KEYS.embedding) if store.has(KEYS.embedding) else None
     metrics = clustering_metrics(obs[label_key].to_numpy(), obs[CLUSTER_COLUMN].to_numpy(), embedding=embedding,
                                  seed=seed)
     metrics["label_key"] = label_key
-    write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics

@@ -59,7 +59,8 @@ def align_labels(labels: pd.Series, cell_names: pd.Index, where: str) -> pd.Seri
     return labels.reindex(cell_names)
 
 
-def attach_labels(store, labels: pd.Series, key: str) -> None:
-    """Write ``labels`` (aligned to the run's cells) as the obs column ``key`` of the run."""
+def attach_labels(store, labels: pd.Series, key: str) -> pd.DataFrame:
+    """Write ``labels`` (aligned to the run's cells) as the obs column ``key`` of the run; the run's obs after."""
     with store.staging("labels") as staging:
         staging.write_elem(f"obs/{key}", pd.Categorical(labels))
+    return store.read_elem("obs")

@@ -107,13 +107,9 @@ def _refuse_other_run(out: Path, identity: dict, config: RunConfig, hashes: dict
     which stages ``--overwrite`` would redo."""
     from .config import changed_options, result_options
 
-    manifest_path = Path(out) / "manifest.json"
-    if not manifest_path.is_file():
-        return
-    try:
-        old = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return  # RunStore.create names the corrupt manifest
+    old = RunStore.read_manifest(out)
+    if old is None:
+        return  # no run there, or a corrupt manifest, which RunStore.create names
     if old.get("identity") == _run_identity(identity, config) or not old.get("stages"):
         return  # the same run, or one that finished no stage (nothing to lose)
     other_input = old.get("identity", {}).get("input") != identity

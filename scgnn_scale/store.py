@@ -152,6 +152,11 @@ class Staging:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _summary_text(value: Any) -> str:
+    """What a summary's non-JSON leaves (tables, arrays, numpy scalars) contribute to its digest."""
+    return value.to_json() if hasattr(value, "to_json") else str(getattr(value, "tolist", lambda: value)())
+
+
 LOCK_NAME = ".lock"
 
 
@@ -253,6 +258,14 @@ class RunStore:
             store._save_manifest()
         store._init_layout()
         return store
+
+    @staticmethod
+    def read_manifest(root: str | Path) -> dict | None:
+        """The manifest of ``root`` without opening the run (None when absent or unreadable)."""
+        try:
+            return json.loads((Path(root) / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
     @classmethod
     def open(cls, root: str | Path) -> RunStore:
@@ -446,12 +459,20 @@ class RunStore:
         return {"X": X, "var": read_elem(raw["var"]), "varm": varm}
 
     def write_uns_summary(self, summary: dict) -> None:
-        """Rewrite ``uns/scgnn`` (config, stage results, timings, versions): derived, so written in place."""
+        """Rewrite ``uns/scgnn`` (config, stage results, timings, versions): derived, so written in place,
+        and only when it changed (a few hundred small arrays: seconds, on every rerun otherwise)."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(summary, sort_keys=True, default=_summary_text).encode()).hexdigest()
+        if self.manifest.get("uns_digest") == digest and self.has("uns/scgnn"):
+            return
         _, write_elem = _anndata_io()
         uns = zarr.open_group(self.adata_path / "uns", mode="a", zarr_format=3)
         if "scgnn" in uns:
             del uns["scgnn"]
         write_elem(uns, "scgnn", summary)
+        self.manifest["uns_digest"] = digest
+        self._save_manifest()
 
     @property
     def n_obs(self) -> int:

@@ -37,14 +37,11 @@ def final_metrics(store: RunStore, source: Any, config) -> dict:
         from .labels import align_labels, attach_labels, labels_from_input
 
         labels = align_labels(labels_from_input(source, key, config), obs.index, f"obs column {key!r} of the input")
-        attach_labels(store, labels, key)
-        obs = store.read_elem(KEYS.obs)
-    from .evaluate import clustering_metrics
+        obs = attach_labels(store, labels, key)
+    from .evaluate import score_clusters
 
-    embedding = store.read_elem(KEYS.embedding) if store.has(KEYS.embedding) else None
-    scores = clustering_metrics(obs[key].to_numpy(), clusters.to_numpy(), embedding=embedding,
-                                seed=config.runtime.seed)
-    out.update({k: v for k, v in scores.items() if k != "n_clusters"}, label_key=key)
+    scores = score_clusters(store, obs, key, seed=config.runtime.seed)
+    out.update({k: v for k, v in scores.items() if k != "n_clusters"})
     return out
 
 
