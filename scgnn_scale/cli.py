@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
               scgnn-scale run example.h5ad --out demo_run --label-key label
               scgnn-scale evaluate demo_run --label-key label
               scgnn-scale export demo_run --format csv --to demo_csv
+              scgnn-scale verify demo_run
             Run 'scgnn-scale COMMAND --help' for the options of each command."""),
     )
     from . import __version__
@@ -154,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the full traceback of an error")
     _add_verbosity_flags(p)
 
+    p = sub.add_parser("verify", help="check every file a run keeps against its checksum",
+                       description="Check what a run keeps (arrays, models) against the sizes and CRC-32C "
+                                   "checksums recorded when each stage finished. Prints one line per damaged file "
+                                   "(array, chunk, problem, the stage that made it) and exits 1 when any is "
+                                   "damaged; rerunning the run's command redoes those stages.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--quick", action="store_true",
+                   help="check sizes, and checksums only of files whose modification time changed (the check "
+                        "'run', 'export' and 'evaluate' make); default: read and checksum every file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    _add_verbosity_flags(p)
+
     p = sub.add_parser("export", help="export a run as h5ad or as the published scGNN's CSV files")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--format", choices=("h5ad", "csv"), default="h5ad", help="output format (default h5ad)")
@@ -201,6 +216,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(json.dumps(report, indent=1))
         return 0
+    if args.command == "verify":
+        from .verify import format_report, verify_run
+
+        report = verify_run(args.run_dir, full=not args.quick, progress=not args.quiet)
+        print(format_report(report))
+        return 1 if report["damaged"] else 0
     if args.command == "export":
         from .export import export_run
 

@@ -451,7 +451,8 @@ def evaluate_imputation(input: Any, out: str | Path, *, rate: float = 0.1, repea
         ``scgnn``, ``zeros``, ``knn``), ``repeats`` (each repeat's numbers), settings.
     """
     from .config import RunConfig
-    from .pipeline import input_identity, run
+    from .fingerprint import input_identity
+    from .pipeline import run
 
     if not 0.0 < float(rate) < 1.0:
         raise InputError(f"--rate {rate}: must lie strictly between 0 and 1")

@@ -19,6 +19,7 @@ from typing import Any
 from .config import RunConfig
 from .context import StageContext
 from .errors import InputError
+from .fingerprint import describe_change, input_identity, input_record
 from .keys import INTERMEDIATE_RECONS, KEYS
 from .memory import peak_rss_mb, release_freed_memory
 from .results import publish
@@ -40,40 +41,6 @@ STAGES: dict[str, tuple[str, ...]] = {
     "impute": ("impute",),
 }
 STAGE_NAMES = tuple(STAGES)
-
-
-def input_identity(source: Any) -> dict:
-    """What identifies an input: its resolved path, size and modification time (or an AnnData's shape)."""
-    if isinstance(source, str | os.PathLike) and "://" not in str(source):
-        p = Path(source)
-        if not p.exists():
-            raise InputError(f"{p}: input file not found")
-        return {"path": str(p.resolve()), "content": _content_fingerprint(p)}
-    if isinstance(source, str):
-        return {"url": source}
-    shape = getattr(source, "shape", None)
-    if shape is None:
-        raise InputError(f"input of type {type(source).__name__} is neither a path nor an AnnData")
-    names = hashlib.sha256("\n".join(map(str, source.obs_names)).encode()).hexdigest()[:16]
-    return {"anndata": list(shape), "obs_names": names}
-
-
-def _content_fingerprint(path: Path) -> str:
-    """Sizes plus the first and last MiB of each file: cheap, and unchanged by a copy or an identical rewrite."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    read_content = len(files) <= 200  # a chunked store: names and sizes of its many chunk files suffice
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{size}".encode())
-        if not read_content:
-            continue
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:24]
 
 
 def chain_hashes(config: RunConfig, identity: dict) -> dict[str, str]:
@@ -102,7 +69,7 @@ def _run_identity(identity: dict, config: RunConfig) -> dict:
             "seed": config.runtime.seed}
 
 
-def _refuse_other_run(out: Path, identity: dict, config: RunConfig, hashes: dict[str, str]) -> None:
+def _refuse_other_run(out: Path, identity: dict, config: RunConfig, hashes: dict[str, str], source: Any) -> None:
     """Refuse ``out`` when it holds a run of another input or other options, naming what differs and
     which stages ``--overwrite`` would redo."""
     from .config import changed_options, result_options
@@ -120,7 +87,9 @@ def _refuse_other_run(out: Path, identity: dict, config: RunConfig, hashes: dict
             differences.append(f"{option} {before!r} -> {after!r}")
     if old.get("identity", {}).get("seed") != config.runtime.seed:
         differences.append(f"runtime.seed {old.get('identity', {}).get('seed')!r} -> {config.runtime.seed!r}")
-    what = "another input (or the input's content changed)" if other_input else "other options"
+    what = "other options"
+    if other_input:
+        what = describe_change(old.get("input"), source) or "another input"
     if differences:
         what += f" ({'; '.join(differences)})" if not other_input else f" and other options ({'; '.join(differences)})"
     done = old.get("stages", {})
@@ -153,19 +122,22 @@ def run(
     if until is not None and until not in STAGES:
         raise InputError(f"--until {until}: not a stage; stages are {', '.join(STAGE_NAMES)}")
     runtime = Runtime.from_config(config.runtime, quiet=quiet)  # a bad --device or --memory-limit fails first
-    identity = input_identity(source)
+    known = (RunStore.read_manifest(out) or {}).get("input")
+    identity = input_identity(source, known=known)  # reuses the run's hash of an unchanged input
     hashes = chain_hashes(config, identity)
     _refuse_out_inside_input(source, Path(out))
     with run_lock(out):  # one run per directory; released however this process ends
         if not overwrite:
-            _refuse_other_run(Path(out), identity, config, hashes)
+            _refuse_other_run(Path(out), identity, config, hashes, source)
         store = RunStore.create(out, identity=_run_identity(identity, config), config=config, overwrite=overwrite)
+        store.record_input(input_record(source, identity))
         handler = _setup_logging(store)
         t_start = time.perf_counter()
         try:
-            log.info("run %s -> %s", identity, store.root)
+            log.info("run %s -> %s", source if isinstance(source, str | os.PathLike) else identity, store.root)
             order = list(STAGES)
             last = order.index(until) if until else len(order) - 1
+            _redo_damaged(store)
             _restore_removed_reconstructions(store, config, order[: last + 1], hashes, source, runtime)
             for i, stage in enumerate(order[: last + 1]):
                 if store.stage_done(stage, hashes[stage]):
@@ -180,7 +152,9 @@ def run(
                 module = importlib.import_module(f".stages.{stage}", __package__)
                 log.info("%s: started", stage)
                 t0 = time.perf_counter()
+                store.current_stage = stage  # what the stage commits is sealed as its own
                 info = module.run(ctx) or {}
+                store.current_stage = None
                 seconds = time.perf_counter() - t0
                 info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
                 release_freed_memory()
@@ -252,13 +226,48 @@ def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages:
 
     ctx = StageContext(store=store, config=config, stage="feature", chain_hash=hashes["feature"], runtime=runtime,
                        input=source)
-    if feature.rewrite_reconstruction(ctx):
+    store.current_stage = "feature"
+    rewritten = feature.rewrite_reconstruction(ctx)
+    store.current_stage = None
+    if rewritten:
         log.info("%s was removed when the run ended: written again from the saved feature autoencoder",
                  INTERMEDIATE_RECONS[0])
         return
     log.info("%s was removed when the run ended and the feature autoencoder's model is missing: redoing from "
              "the feature stage", INTERMEDIATE_RECONS[0])
     store.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index("feature"):]))
+
+
+def _redo_damaged(store: RunStore) -> None:
+    """Check what the finished stages keep (a ``stat`` per file, a checksum where a file changed) and
+    mark damaged results for redoing: the earliest stage owning a damaged file and every stage after it;
+    a damaged published copy is published again; a damaged label column from ``evaluate --labels`` is
+    removed."""
+    finished = set(store.manifest.get("stages", {}))
+    damaged, _ = store.check_integrity(owners=finished | {"publish", "labels"})
+    store.integrity.accept_rechecked()
+    if not damaged:
+        return
+    for d in damaged[:10]:
+        log.warning("damaged: %s", d.line())
+    if len(damaged) > 10:
+        log.warning("damaged: %d more files ('scgnn-scale verify' lists them)", len(damaged) - 10)
+    owners = [d.owner for d in damaged if d.owner in STAGES]
+    if owners:
+        first = min(owners, key=STAGE_NAMES.index)
+        log.warning("redoing %s and the stages after it", ", ".join(STAGE_NAMES[STAGE_NAMES.index(first):]))
+        store.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index(first):]))
+    published = dict(store.manifest.get("published", {}))
+    for d in damaged:
+        if d.owner == "publish":
+            for key in [k for k in published if d.array == k or d.array.startswith(k + "/")]:
+                del published[key]  # publish() writes it again from its source
+        elif d.owner == "labels":
+            column = "/".join(d.array.split("/")[:2])
+            log.warning("removed the damaged label column %s; run 'scgnn-scale evaluate --labels' again", column)
+            store.delete(column)
+    if published != store.manifest.get("published", {}):
+        store.record_published(published)
 
 
 def _remove_intermediates(store: RunStore) -> None:

@@ -7,6 +7,7 @@ Layout of ``RUN_DIR``::
     work.zarr/       working arrays (ingested input, per-iteration reconstructions, model weights)
     staging/<stage>/ what a running stage writes; moved into place when the stage commits
     manifest.json    finished stages with the hash of their config chain; the single source of truth
+    integrity.json   every kept file's size, time, owning stage and checksum (:mod:`scgnn_scale.integrity`)
     run.log          the log of every invocation
 
 A stage writes only through :meth:`RunStore.staging`. Its outputs become visible (renamed into
@@ -39,11 +40,13 @@ warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarni
 
 
 def compressors(level: int, cname: str = "zstd"):
-    """The store's codec: Blosc zstd with byte shuffle at ``level`` (bench/bench_codec.py chose level 1);
-    ``cname='lz4'`` (level 5) for the intermediate arrays under ``work/`` (``store.work_codec``)."""
-    from zarr.codecs import BloscCodec
+    """The store's codecs: Blosc zstd with byte shuffle at ``level`` (bench/bench_codec.py chose level 1);
+    ``cname='lz4'`` (level 5) for the intermediate arrays under ``work/`` (``store.work_codec``). Every chunk
+    then ends in the CRC-32C of its compressed bytes, so a damaged chunk is an error on read, never a
+    wrong number, and ``scgnn-scale verify`` checks it without decoding."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return [BloscCodec(cname=cname, clevel=5 if cname == "lz4" else level, shuffle="shuffle")]
+    return [BloscCodec(cname=cname, clevel=5 if cname == "lz4" else level, shuffle="shuffle"), Crc32cCodec()]
 
 
 WORK_PREFIX = "work/"
@@ -122,7 +125,8 @@ class Staging:
         _, write_elem = _anndata_io()
         parent, _, name = key.rpartition("/")
         group = self.group.require_group(parent) if parent else self.group
-        write_elem(group, name, value)
+        write_elem(group, name, value,
+                   dataset_kwargs={"compressors": compressors(self.store.store_config.compression_level)})
 
     def drop(self, key: str) -> None:
         """Remove ``key`` from the store on commit: an output this run of the stage does not make."""
@@ -149,6 +153,7 @@ class Staging:
             self.store._move_into_place(self.root / key, key)
         for key in self.dropped:
             self.store.delete(key)
+        self.store._seal(self.created, owner=self.store.current_stage or self.stage)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -213,6 +218,9 @@ class RunStore:
         self.manifest_path = self.root / "manifest.json"
         self.log_path = self.root / "run.log"
         self._manifest: dict | None = None
+        self._integrity = None
+        #: the pipeline stage now running: what its stagings commit is sealed as that stage's
+        self.current_stage: str | None = None
         if store_config is None:
             from .config import config_from_dict
 
@@ -268,13 +276,16 @@ class RunStore:
             return None
 
     @classmethod
-    def open(cls, root: str | Path) -> RunStore:
+    def open(cls, root: str | Path, *, check: bool = True) -> RunStore:
+        """An existing run, to read. ``check``: refuse it when a kept file is damaged (the quick check)."""
         root = Path(root)
         if not (root / "manifest.json").is_file():
             raise InputError(f"{root}: not a scgnn-scale run directory (no manifest.json)")
         store = cls(root)
         if store.manifest.get("format") != FORMAT_VERSION:
             raise InputError(f"{root}: run store format {store.manifest.get('format')} is not supported")
+        if check:
+            store.refuse_if_damaged()
         return store
 
     def _init_layout(self) -> None:
@@ -309,6 +320,7 @@ class RunStore:
         return self.manifest["stages"].get(stage, {}).get("info", {})
 
     def record_stage(self, stage: str, chain_hash: str, seconds: float, info: dict) -> None:
+        self._seal_models(stage)
         self.manifest["stages"][stage] = {
             "hash": chain_hash, "seconds": round(seconds, 3), "info": info,
             "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -320,6 +332,12 @@ class RunStore:
         for s in stages:
             self.manifest["stages"].pop(s, None)
         self._save_manifest()
+
+    def record_input(self, record: dict | None) -> None:
+        """The input's hash, sizes and times (:func:`scgnn_scale.fingerprint.input_record`)."""
+        if record is not None and self.manifest.get("input") != record:
+            self.manifest["input"] = record
+            self._save_manifest()
 
     def record_published(self, record: dict) -> None:
         """What each published key was copied from (see :mod:`scgnn_scale.results`)."""
@@ -366,6 +384,54 @@ class RunStore:
         order = list(g.attrs.get("column-order", []))
         if column not in order:
             g.attrs["column-order"] = order + [column]
+            self.integrity.refresh(f"adata.zarr/{frame}/zarr.json")
+
+    # -- integrity -------------------------------------------------------------------------------
+    @property
+    def integrity(self):
+        """The record of what the run keeps (:class:`scgnn_scale.integrity.IntegrityRecord`)."""
+        if self._integrity is None:
+            from .integrity import IntegrityRecord
+
+            self._integrity = IntegrityRecord(self.root)
+        return self._integrity
+
+    def _rel(self, key: str) -> str:
+        """A store key's path relative to the run directory."""
+        base, rel = self._base_for(key)
+        return f"{base.name}/{rel}"
+
+    def _seal(self, keys: list[str], owner: str) -> None:
+        """Record the files of committed ``keys`` as ``owner``'s; saved before the manifest names the stage."""
+        self.integrity.seal([self._rel(k) for k in keys], owner)
+        self.integrity.save()
+
+    def _seal_models(self, stage: str) -> None:
+        """Seal the models a stage saved (new or rewritten files); forget those a stage removed."""
+        record = self.integrity
+        models = self.root / "models"
+        for rel in [r for r in record.files if r.startswith("models/")]:
+            if not (self.root / rel).exists():
+                record.forget(rel)
+        if models.is_dir():
+            for path in sorted(models.iterdir()):
+                rel = f"models/{path.name}"
+                st = path.stat()
+                if path.is_file() and record.files.get(rel, [None, None])[:2] != [st.st_size, st.st_mtime_ns]:
+                    record.seal([rel], stage)
+        record.save()
+
+    def check_integrity(self, *, full: bool = False, owners=None, progress=None):
+        """Damaged files of what the run keeps: see :meth:`IntegrityRecord.check`."""
+        return self.integrity.check(full=full, owners=owners, progress=progress)
+
+    def refuse_if_damaged(self) -> None:
+        """The quick check before results are read: one line naming the first damaged array and chunk."""
+        damaged, _ = self.check_integrity()
+        if damaged:
+            more = f"; {len(damaged) - 1} more damaged file(s), 'scgnn-scale verify' lists them" if len(damaged) > 1 else ""
+            raise InputError(f"{self.root}: {damaged[0].line()}{more}; rerun the same 'scgnn-scale run' command to "
+                             "redo what is damaged")
 
     def delete(self, key: str) -> None:
         """Remove a working element that is no longer needed (e.g. an old iteration's reconstruction)."""
@@ -375,8 +441,12 @@ class RunStore:
         if len(parts) == 2 and parts[0] in ("obs", "var") and base == self.adata_path and path.exists():
             g = zarr.open_group(self.adata_path / parts[0], mode="r+", zarr_format=3)
             g.attrs["column-order"] = [c for c in g.attrs.get("column-order", []) if c != parts[1]]
+            self.integrity.refresh(f"adata.zarr/{parts[0]}/zarr.json")
         if path.exists():
             shutil.rmtree(path)
+        if self.integrity.files:
+            self.integrity.forget(self._rel(key))
+            self.integrity.save()
 
     def move(self, src_key: str, dst_key: str) -> bool:
         """Rename a working element to another key (replacing it): no copy, as both lie in one store.
@@ -390,6 +460,8 @@ class RunStore:
         if not src.exists():
             return False
         self._move_into_place(src, dst_key)
+        self.integrity.rename(self._rel(src_key), self._rel(dst_key))
+        self.integrity.save()
         return True
 
     # -- model files -----------------------------------------------------------------------------
@@ -403,6 +475,7 @@ class RunStore:
 
     def remove_model(self, name: str) -> None:
         self.model_path(name).unlink(missing_ok=True)
+        self.integrity.forget(f"models/{name}.pt")
 
     def remove_empty_staging(self) -> None:
         """Remove ``staging/`` when no stage left anything there (a killed stage's leftovers stay until redone)."""

@@ -267,7 +267,7 @@ def test_run_dir_holds_another_run(tmp_path, capsys):
     assert len(lines) == 1 and "Traceback" not in err
     assert str(out) in lines[0] and "holds a run of another input" in lines[0]
     assert (out / "manifest.json").read_text() == manifest
-    assert json.loads(manifest)["identity"]["input"]["path"] == str(first.resolve())
+    assert json.loads(manifest)["input"]["path"] == str(first.resolve())
     assert snapshot(out / "adata.zarr") == store_before
     assert snapshot(second) == before
 
