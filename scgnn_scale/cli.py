@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shutil
 import sys
 import textwrap
@@ -18,6 +19,7 @@ _ALIASES = {
     "--orientation": ("ingest", "orientation"),
     "--seed": ("runtime", "seed"),
     "--device": ("runtime", "device"),
+    "--gpus": ("runtime", "gpus"),
     "--scheduler": ("runtime", "scheduler"),
     "--n-workers": ("runtime", "n_workers"),
     "--memory-limit": ("runtime", "memory_limit"),
@@ -189,6 +191,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.keep_work:
             overrides.setdefault("runtime", {})["keep_work"] = True
         config = load_config(args.config, overrides)
+        from .data_parallel import launched_by_torchrun
+
+        if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
+            from .data_parallel import serve_torchrun_rank
+
+            return serve_torchrun_rank(config.runtime.device)  # rank 0 runs the pipeline, the others train with it
         run(args.input, args.out, config=config, until=args.until, overwrite=args.overwrite, quiet=args.quiet)
         return 0  # the run logs its summary
     if args.command == "simulate":

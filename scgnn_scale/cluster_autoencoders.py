@@ -280,9 +280,24 @@ class DaskExecutor(JobExecutor):
         return results
 
 
+class RankExecutor(JobExecutor):
+    """The jobs dealt out to the data-parallel ranks (one GPU each), largest clusters first."""
+
+    name = "ranks"
+
+    def __init__(self, group):
+        self.group = group
+
+    def run(self, fn, jobs, done):
+        return self.group.map_jobs(fn, jobs, done, size=lambda j: zarr.open_array(j["input"], mode="r").shape[0])
+
+
 def choose_executor(ctx) -> JobExecutor:
-    """``iterate.cluster_executor``: 'local', 'dask', or 'auto' (local on a GPU, Dask otherwise)."""
+    """``iterate.cluster_executor``: 'local', 'dask', or 'auto' (the data-parallel ranks when training is
+    data-parallel, else local on a GPU and Dask otherwise)."""
     choice = ctx.config.iterate.cluster_executor
+    if choice == "auto" and ctx.runtime.data_parallel:
+        return RankExecutor(ctx.runtime.ranks())
     if choice == "auto":
         choice = "local" if ctx.runtime.cuda else "dask"
     return LocalExecutor() if choice == "local" else DaskExecutor(ctx.client())

@@ -232,6 +232,9 @@ class ImputeConfig:
 class RuntimeConfig:
     seed: int = _f(0, "seed of every random choice; the same seed on the same machine gives the same clusters")
     device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    gpus: int = _f(1, "processes that train the autoencoders data-parallel (DistributedDataParallel), one per GPU "
+                      "(cuda:0 .. cuda:N-1); with --device cpu, N CPU processes over gloo. Launched by torchrun, "
+                      "torchrun's ranks are used instead")
     scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
     dashboard: str = _f("", "address of the embedded cluster's Dask dashboard, e.g. '127.0.0.1:8787' (needs bokeh); "
@@ -361,7 +364,7 @@ BOUNDS: dict[str, tuple] = {
     "iterate.scatter_buffer_mb": _POSITIVE,
     "impute.gamma1": _AT_LEAST_0, "impute.gamma2": _AT_LEAST_0, "impute.l1": _AT_LEAST_0, "impute.steps": _AT_LEAST_0,
     "impute.max_epochs": _AT_LEAST_0, "impute.max_steps": _AT_LEAST_0,
-    "runtime.seed": _AT_LEAST_0, "runtime.n_workers": _AT_LEAST_0,
+    "runtime.seed": _AT_LEAST_0, "runtime.n_workers": _AT_LEAST_0, "runtime.gpus": _AT_LEAST_1,
 }
 
 

@@ -31,6 +31,11 @@ feature AE's embedding has scales of 10-100, which at lr 0.01 left most first-la
 collapsed the embedding on small sets (goolam, pollen, baron: KMeans found fewer distinct points
 than clusters). The published code fed a binarised 0/1 embedding instead.
 
+**Data-parallel** (``--gpus N``): every rank holds the graph and ``A~ E`` and trains the same model
+wrapped in DistributedDataParallel; in minibatch mode a rank draws its targets from its own share of
+the cells (``gae.batch_size / N`` a step), in full mode it takes every N-th positive edge and its share
+of the negatives; DDP averages the gradients. Rank 0 infers the embedding.
+
 **Inference** runs on the whole graph with no sampling: two sparse products over N cells.
 On the CPU the result is deterministic for a seed (numpy and torch generators seeded from
 ``runtime.seed``).
@@ -91,7 +96,7 @@ def _sparse_adjacency(graph: CSRGraph, device) -> torch.Tensor:
 
 
 def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int = 0,
-            progress=None) -> tuple[np.ndarray, dict]:
+            progress=None, rank: int = 0, world: int = 1) -> tuple[np.ndarray | None, dict]:
     """Train the graph autoencoder on features ``x`` and ``graph``; return the embedding of all cells.
 
     Parameters
@@ -108,11 +113,14 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
         Torch device to train and infer on.
     progress
         Optional callable ``(total, desc, unit) -> tqdm-like`` bar factory.
+    rank, world
+        This process's rank among ``world`` data-parallel ranks (the process group is initialised).
 
     Returns
     -------
     z, info
-        ``(N, latent)`` float32 embedding and a JSON-able summary (mode, steps, losses, seconds).
+        ``(N, latent)`` float32 embedding (None on ranks other than 0) and a JSON-able summary (mode,
+        steps, losses, seconds).
     """
     device = torch.device(device)
     n, d = x.shape
@@ -122,10 +130,15 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
         raise InputError("graph: has no edges; the graph autoencoder needs some")
     mode = cfg.mode if cfg.mode != "auto" else ("full" if n <= cfg.full_graph_max_nodes else "minibatch")
     fanouts = parse_fanouts(cfg.fanouts)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if world == 1 else [seed, rank])  # each rank its own samples
     gen = torch.Generator().manual_seed(seed)
-    model = GCNEncoder(d, cfg.hidden, cfg.latent, final_relu=cfg.final_relu, generator=gen).to(device)
-    optimizer = adam(model.parameters(), lr=cfg.lr)
+    encoder = GCNEncoder(d, cfg.hidden, cfg.latent, final_relu=cfg.final_relu, generator=gen).to(device)
+    optimizer = adam(encoder.parameters(), lr=cfg.lr)
+    model = encoder
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
 
     t0 = time.perf_counter()
     adj = _sparse_adjacency(graph, device)
@@ -143,6 +156,7 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
     steps = 0
     if mode == "full":
         ps, pd_ = graph.upper_edges()
+        ps, pd_ = ps[rank::world], pd_[rank::world]  # this rank's share of the edges
         pos_src, pos_dst = torch.from_numpy(ps).to(device), torch.from_numpy(pd_).to(device)
         n_neg = max(1, int(round(cfg.neg_ratio * ps.size)))
         for _ in range(cfg.epochs):
@@ -160,13 +174,14 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
     else:
         epoch_cells = min(n, cfg.epoch_cells)
         steps_per_epoch = max(1, math.ceil(epoch_cells / cfg.batch_size))
-        batch = min(cfg.batch_size, epoch_cells)
-        order, cursor = rng.permutation(n), 0
+        cells = np.arange(n)[rank::world]  # the targets this rank draws from
+        batch = max(1, min(math.ceil(cfg.batch_size / world), math.ceil(epoch_cells / world), cells.size))
+        order, cursor = rng.permutation(cells), 0
         for _ in range(cfg.epochs):
             epoch_loss = 0.0
             for _ in range(steps_per_epoch):
-                if cursor + batch > n:
-                    order, cursor = rng.permutation(n), 0
+                if cursor + batch > cells.size:
+                    order, cursor = rng.permutation(cells), 0
                 targets = order[cursor:cursor + batch]
                 cursor += batch
                 loss = _minibatch_loss(model, graph, targets, fanouts, cfg, rng, propagated, raw, device)
@@ -182,12 +197,14 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
         bar.close()
     train_seconds = time.perf_counter() - t0
 
-    model.eval()
-    with torch.no_grad():
-        z = model(propagated, adj, precomputed=True).cpu().numpy().astype(np.float32)
+    encoder.eval()
+    z = None
+    if rank == 0:
+        with torch.no_grad():
+            z = encoder(propagated, adj, precomputed=True).cpu().numpy().astype(np.float32)
     info = {"mode": mode, "epochs": cfg.epochs, "steps": steps, "loss_first": round(losses[0], 5),
             "loss_last": round(losses[-1], 5), "train_seconds": round(train_seconds, 3),
-            "n_edges": graph.n_directed_edges // 2, "final_relu": cfg.final_relu}
+            "n_edges": graph.n_directed_edges // 2, "final_relu": cfg.final_relu, "ranks": world}
     if mode == "minibatch":
         info.update({"batch_size": cfg.batch_size, "epoch_cells": min(n, cfg.epoch_cells),
                      "fanouts": fanouts if cfg.sample_first_layer else fanouts[:1],
@@ -244,11 +261,15 @@ def train_gae(ctx, staging, *, embedding_key: str, graph_key: str, out_key: str)
     dict
         mode, steps, first/last loss, seconds.
     """
-    graph = CSRGraph.from_scipy(staging.read_elem(graph_key))
-    # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
-    z, info = fit_gae(np.asarray(staging.read_elem(embedding_key), dtype=np.float32), graph,
-                      ctx.config.gae, device=ctx.runtime.device, seed=ctx.config.runtime.seed,
-                      progress=ctx.progress)
+    if ctx.runtime.data_parallel:
+        z, info = ctx.runtime.ranks().fit_gae(staging.location_of(embedding_key), staging.location_of(graph_key),
+                                              ctx.config.gae, seed=ctx.config.runtime.seed, progress=ctx.progress)
+    else:
+        graph = CSRGraph.from_scipy(staging.read_elem(graph_key))
+        # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
+        z, info = fit_gae(np.asarray(staging.read_elem(embedding_key), dtype=np.float32), graph,
+                          ctx.config.gae, device=ctx.runtime.device, seed=ctx.config.runtime.seed,
+                          progress=ctx.progress)
     staging.write_elem(out_key, z)
     ctx.log.info("gae: %s mode, %d steps, loss %.4f -> %.4f", info["mode"], info["steps"], info["loss_first"],
                  info["loss_last"])

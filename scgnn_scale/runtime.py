@@ -20,6 +20,7 @@ class Runtime:
     memory: MemoryPlan
     quiet: bool = False
     _client_holder: Any = field(default=None, repr=False)
+    _ranks: Any = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, runtime_config, *, quiet: bool = False) -> Runtime:
@@ -41,8 +42,35 @@ class Runtime:
             self._client_holder = ClientHolder(self.config, self.memory)
         return self._client_holder.get()
 
+    @property
+    def data_parallel(self) -> bool:
+        """Whether autoencoders train on several ranks (``runtime.gpus`` > 1, or launched by torchrun)."""
+        from .data_parallel import launched_by_torchrun
+
+        return self.config.gpus > 1 or launched_by_torchrun()
+
+    def ranks(self):
+        """The :class:`~scgnn_scale.data_parallel.RankGroup`, started on first use; None on one rank."""
+        if self._ranks is None and self.data_parallel:
+            from .data_parallel import RankGroup
+
+            self._ranks = RankGroup(self.config.gpus, self.device)
+        return self._ranks
+
+    def fit_autoencoder(self, model, optimizer, arrays, plan, **options) -> dict:
+        """:func:`scgnn_scale.train.fit_autoencoder` here, or on every rank when training is data-parallel."""
+        group = self.ranks()
+        if group is None:
+            from .train import fit_autoencoder
+
+            return fit_autoencoder(model, optimizer, arrays, plan, **options)
+        return group.fit_autoencoder(model, optimizer, arrays, plan, **options)
+
     def close(self) -> None:
-        """Stop what :meth:`client` started."""
+        """Stop what :meth:`client` and :meth:`ranks` started."""
         if self._client_holder is not None:
             self._client_holder.close()
             self._client_holder = None
+        if self._ranks is not None:
+            self._ranks.close()
+            self._ranks = None

@@ -141,6 +141,10 @@ class Staging:
             return zarr.open_array(self.path_of(key), mode="r", zarr_format=3)
         return self.store.open_array(key)
 
+    def location_of(self, key: str) -> str:
+        """Where the element ``key`` that :meth:`read_elem` would read lies, for another process to read it."""
+        return self.path_of(key) if key in self.created else self.store.path_of(key)
+
     def read_elem(self, key: str) -> Any:
         """The element staged under ``key`` by this stage, else the committed one."""
         if key in self.created:
@@ -501,6 +505,12 @@ class RunStore:
         if not self.has(key):
             raise InputError(f"{self.root}: the run has no '{key}' yet (run the stage that makes it first)")
         return zarr.open_group(self.path_of(key), mode=mode, zarr_format=3)
+
+    @staticmethod
+    def read_elem_at(path: str) -> Any:
+        """Read the AnnData-encoded element at ``path`` (another process's :meth:`Staging.location_of`)."""
+        read_elem, _ = _anndata_io()
+        return read_elem(zarr.open(path, mode="r", zarr_format=3))
 
     def read_elem(self, key: str) -> Any:
         """Read a small element (DataFrame, sparse matrix, array, dict) written in AnnData encoding."""

@@ -135,7 +135,7 @@ def _on_device(part, device):
 def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_weight: np.ndarray | None = None,
                     rows: np.ndarray | None = None, start_step: int = 0,
                     checkpoint: Callable[[int], None] | None = None, progress: Progress = silent_progress,
-                    name: str = "autoencoder") -> dict:
+                    name: str = "autoencoder", n_reference: int | None = None) -> dict:
     """Train ``model`` for ``plan.steps`` Adam steps on minibatches of ``arrays`` (X, optionally its TRS).
 
     Parameters
@@ -157,6 +157,9 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
         ``checkpoint(step)`` is called about every ``plan.checkpoint_seconds`` (0: never).
     progress, name
         The progress callable and what it calls this training.
+    n_reference
+        Cells of the whole data set when ``rows`` is one data-parallel rank's share: the loss keeps the
+        scale of the whole (default: N).
 
     Returns
     -------
@@ -177,7 +180,7 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
                              memory_budget_mb=plan.memory_budget_mb, buffer_blocks=plan.buffer_blocks, rows=rows,
                              pin_memory=device.type == "cuda")
     per_epoch = len(loader)
-    n_ref = reference_cells(n)
+    n_ref = reference_cells(n_reference or n)
     weights = torch.from_numpy(np.asarray(cell_weight, dtype=np.float32)) if cell_weight is not None else None
 
     model.train()
@@ -389,8 +392,8 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
                      buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks,
                      checkpoint_seconds=60.0 * fcfg.checkpoint_minutes)
     with cpu_threads(device, fcfg.torch_threads):
-        info = fit_autoencoder(model, optimizer, arrays, plan, cell_weight=cell_weight, start_step=start,
-                               checkpoint=checkpoint, progress=ctx.progress, name=desc)
+        info = ctx.runtime.fit_autoencoder(model, optimizer, arrays, plan, cell_weight=cell_weight, start_step=start,
+                                           checkpoint=checkpoint, progress=ctx.progress, name=desc)
         info["torch_threads"] = torch.get_num_threads()
         if model_out is not None:
             save_model(model_out, model, optimizer, steps=total)
