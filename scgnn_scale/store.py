@@ -203,6 +203,28 @@ def run_lock(root: str | Path):
         fh.close()  # closing releases the lock
 
 
+def lock_holder(root: str | Path) -> str | None:
+    """Who holds ``RUN_DIR/.lock`` now (``"pid N on HOST"``), or None when no run is using the directory.
+
+    Tries a shared, non-blocking ``flock`` and releases it at once: it fails only while a run holds its
+    exclusive lock, and takes nothing a run would wait for (a run starting in that instant is refused as
+    if another run held the directory; the window is a few microseconds).
+    """
+    import fcntl
+
+    try:
+        fh = open(Path(root) / LOCK_NAME)
+    except FileNotFoundError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 class RunStore:
     """One run directory. Open with :meth:`open` (existing) or :meth:`create` (new or resumed)."""
 
