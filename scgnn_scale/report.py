@@ -308,8 +308,11 @@ def _toml_value(value: Any) -> str:
 
 
 def _config_section(config: dict) -> str:
-    blocks = "".join(f"<pre>[{_esc(section)}]\n" + "".join(f"{_esc(k)} = {_esc(_toml_value(v))}\n"
-                                                           for k, v in options.items()) + "</pre>"
+    def text(value: Any) -> str:
+        return html.escape(str(value), quote=False)  # the TOML's quotes stay as typed
+
+    blocks = "".join(f"<pre>[{text(section)}]\n" + "".join(f"{text(k)} = {text(_toml_value(v))}\n"
+                                                          for k, v in options.items()) + "</pre>"
                      for section, options in config.items())
     return ('<p class="caption">Every option of the run (<code>uns/scgnn/config</code>), as a TOML file that '
             f'<code>--config</code> accepts.</p><div class="config">{blocks}</div>')
