@@ -9,6 +9,7 @@ as it is no longer referenced.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,11 +47,11 @@ def category_colors(n: int) -> np.ndarray:
 
 
 def _natural_order(values: Sequence[str]) -> list[str]:
-    """Category names in numeric order when they are numbers ('2' before '10'), else alphabetical."""
-    names = sorted(set(values))
-    if all(v.lstrip("-").isdigit() for v in names):
-        return sorted(names, key=int)
-    return names
+    """Category names with their numbers in numeric order: '2' before '10', 'type2' before 'type10'."""
+    def key(name: str) -> list:
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+    return sorted(set(values), key=key)
 
 
 def scatter(xy: np.ndarray, panels: list[tuple[str, np.ndarray]], *, axis_names: tuple[str, str]) -> bytes:
@@ -74,7 +75,7 @@ def scatter(xy: np.ndarray, panels: list[tuple[str, np.ndarray]], *, axis_names:
         ax.set_xticks([])
         ax.set_yticks([])
         if len(names) <= MAX_LEGEND:
-            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=max(1, 20 / size),
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=(25 / size) ** 0.5,
                       frameon=False, ncols=1 if len(names) <= 15 else 2)
     return _png(fig)
 

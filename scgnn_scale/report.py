@@ -131,7 +131,7 @@ def _figure(png: bytes, alt: str, caption: str) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f'<td class="num">{v:,.4g}</td>' if abs(v) < 1e5 else f'<td class="num">{v:,.0f}</td>'
@@ -139,9 +139,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
             return f'<td class="num">{v:,}</td>'
         return f"<td>{_esc('' if v is None else v)}</td>"
 
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _missing(text: str) -> str:
@@ -182,7 +182,7 @@ def _summary_section(store: RunStore, stages: dict) -> str:
                      + (f", silhouette {sil:.3f}" if sil is not None else "")])
     rows.append(["time in the stages", f"{sum(e.get('seconds', 0) for e in stages.values()):,.1f} s"])
     rows.append(["scgnn-scale", str(m.get("package_version", ""))])
-    return _table(["", ""], rows)
+    return _table(None, rows)
 
 
 def _embedding_section(store: RunStore, max_cells: int, projection: str, seed: int) -> str:
@@ -209,7 +209,7 @@ def _embedding_section(store: RunStore, max_cells: int, projection: str, seed: i
     xy, axes = project(x, projection, seed)
     what = "graph embedding (obsm['X_scgnn'])" if key == KEYS.embedding else \
         "feature autoencoder's embedding (obsm['X_scgnn_feature']; the graph embedding comes with the gae stage)"
-    method = "the first two principal components" if projection == "pca" else "t-SNE"
+    method = "The first two principal components" if projection == "pca" else "t-SNE"
     caption = (f"{method} of the {what}, {rows.size:,} of {n:,} cells"
                + (" (a seeded random subsample)" if rows.size < n else "") + ", coloured by "
                + " and by ".join(t for t, _ in panels) + ".")
