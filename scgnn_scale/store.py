@@ -8,6 +8,7 @@ Layout of ``RUN_DIR``::
     staging/<stage>/ what a running stage writes; moved into place when the stage commits
     manifest.json    finished stages with the hash of their config chain; the single source of truth
     run.log          the log of every invocation
+    report/          the run report, index.html (:mod:`scgnn_scale.report`), redrawn at the end of every run
 
 A stage writes only through :meth:`RunStore.staging`. Its outputs become visible (renamed into
 ``adata.zarr`` / ``work.zarr``) and the stage is recorded in the manifest only when it ends without

@@ -146,6 +146,22 @@ def test_a_report_that_fails_is_a_warning_not_a_failed_run(finished_run, tiny_in
     assert not (out / "report" / "index.html").exists()
 
 
+def test_a_rerun_redraws_the_report_only_when_the_run_changed(finished_run, tiny_input, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    page = out / "report" / "index.html"
+    before = page.read_text()
+    with caplog.at_level(logging.INFO, logger="scgnn_scale"):
+        assert _run(tiny_input, out) == 0
+    assert any(r.getMessage().endswith("(up to date)") for r in caplog.records)
+    assert page.read_text() == before
+    # another label column is metadata: no stage is redone, but the page is drawn again, without the label panel
+    inp, cfg = tiny_input
+    assert main(["run", str(inp), "--out", str(out), "--config", str(cfg), "--quiet"]) == 0
+    after = page.read_text()
+    assert after != before and "coloured by clusters." in after and "label &#x27;label&#x27;" not in after
+
+
 # -- bounded memory --------------------------------------------------------------------------------
 class _RecordingArray:
     """An array that records each row range read from it."""
