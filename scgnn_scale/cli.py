@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
               scgnn-scale evaluate demo_run --label-key label
               scgnn-scale export demo_run --format csv --to demo_csv
               scgnn-scale verify demo_run
+              scgnn-scale inspect demo_run
+              scgnn-scale report demo_run
             Run 'scgnn-scale COMMAND --help' for the options of each command."""),
     )
     from . import __version__
@@ -179,6 +181,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
     _add_verbosity_flags(p)
+
+    from .report import PROJECTIONS, REPORT_CELLS, TSNE_CELLS
+
+    p = sub.add_parser("report", help="draw a run's report: RUN_DIR/report/index.html (figures, times, config)",
+                       description="Draw the run report again: one self-contained HTML page (no network needed) with "
+                                   "a 2-D view of the graph embedding coloured by cluster and by label, the loss "
+                                   "curves, the iterations, the LTMG components per gene, each stage's time and "
+                                   "peak memory, and the config. 'scgnn-scale run' writes it when it ends; this "
+                                   "redraws it, e.g. for a run that stopped early or with other options.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--to", metavar="PATH",
+                   help="HTML file to write (a directory gets index.html inside; default RUN_DIR/report/index.html)")
+    p.add_argument("--max-cells", type=int, default=REPORT_CELLS,
+                   help=f"cells drawn in the scatter, a seeded random subsample; all that is read of any cells x d "
+                        f"array (default {REPORT_CELLS:,})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing file at --to (the run's own report/index.html is always redrawn)")
+    p.add_argument("--projection", choices=PROJECTIONS, default="pca",
+                   help=f"2-D view of the embedding: 'pca' (first two principal components, instant) or 'tsne' "
+                        f"(t-SNE of at most {TSNE_CELLS:,} of those cells: about a minute on two cores) (default pca)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    _add_verbosity_flags(p)
+
+    p = sub.add_parser("inspect", help="print the state of a run: stages done, their times, what is left",
+                       description="Print the state of a run directory from its manifest (no array is read): "
+                                   "the input, whether a run holds the directory's lock now, each stage in order "
+                                   "(done, stale, partial or to do) with its time, peak memory and main result, "
+                                   "and what is left to do.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    _add_verbosity_flags(p)
     return parser
 
 
@@ -235,6 +270,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         path = export_run(args.run_dir, args.to, fmt=args.format, overwrite=args.overwrite)
         print(f"wrote {path}")
+        return 0
+    if args.command == "report":
+        from .report import write_report
+
+        if args.max_cells < 1:
+            raise InputError(f"--max-cells {args.max_cells}: must be at least 1")
+        path = write_report(args.run_dir, args.to, max_cells=args.max_cells, projection=args.projection,
+                            overwrite=args.overwrite)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "inspect":
+        from .run_state import describe_run, format_run_state
+
+        print(format_run_state(describe_run(args.run_dir)))
         return 0
     raise AssertionError(args.command)
 

@@ -204,12 +204,25 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
             z = encoder(propagated, adj, precomputed=True).cpu().numpy().astype(np.float32)
     info = {"mode": mode, "epochs": cfg.epochs, "steps": steps, "loss_first": round(losses[0], 5),
             "loss_last": round(losses[-1], 5), "train_seconds": round(train_seconds, 3),
-            "n_edges": graph.n_directed_edges // 2, "final_relu": cfg.final_relu, "ranks": world}
+            "n_edges": graph.n_directed_edges // 2, "final_relu": cfg.final_relu, "ranks": world,
+            "loss_history": loss_history(losses)}
     if mode == "minibatch":
         info.update({"batch_size": cfg.batch_size, "epoch_cells": min(n, cfg.epoch_cells),
                      "fanouts": fanouts if cfg.sample_first_layer else fanouts[:1],
                      "sample_first_layer": cfg.sample_first_layer})
     return z, info
+
+
+#: at most this many points of a loss curve are kept in the stage's info (manifest.json, uns): a few KB
+LOSS_HISTORY_POINTS = 200
+
+
+def loss_history(losses: list[float]) -> list[dict]:
+    """Per-epoch losses as ``{"epoch", "loss"}`` records for the run report, thinned to
+    :data:`LOSS_HISTORY_POINTS` (every n-th epoch, the last always kept)."""
+    every = max(1, math.ceil(len(losses) / LOSS_HISTORY_POINTS))
+    keep = sorted(set(range(every - 1, len(losses), every)) | {len(losses) - 1}) if losses else []
+    return [{"epoch": i + 1, "loss": round(losses[i], 5)} for i in keep]
 
 
 def _gather_rows(table: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
@@ -259,7 +272,7 @@ def train_gae(ctx, staging, *, embedding_key: str, graph_key: str, out_key: str)
     Returns
     -------
     dict
-        mode, steps, first/last loss, seconds.
+        mode, steps, first/last loss, per-epoch loss history (thinned), seconds.
     """
     if ctx.runtime.data_parallel:
         z, info = ctx.runtime.ranks().fit_gae(staging.location_of(embedding_key), staging.location_of(graph_key),

@@ -170,6 +170,9 @@ def run(
                 store.write_uns_summary(uns_summary(store, metrics))
                 summary = run_summary(store, metrics, wall_seconds=time.perf_counter() - t_start)
                 log.info("%s", format_summary(summary, open_hint=open_hint))
+            from .report import write_report_safely
+
+            write_report_safely(store)  # RUN_DIR/report/index.html; a failure is a warning, not the run's
             store.remove_empty_staging()
         finally:
             runtime.close()

@@ -9,6 +9,7 @@ Layout of ``RUN_DIR``::
     manifest.json    finished stages with the hash of their config chain; the single source of truth
     integrity.json   every kept file's size, time, owning stage and checksum (:mod:`scgnn_scale.integrity`)
     run.log          the log of every invocation
+    report/          the run report, index.html (:mod:`scgnn_scale.report`), redrawn at the end of every run
 
 A stage writes only through :meth:`RunStore.staging`. Its outputs become visible (renamed into
 ``adata.zarr`` / ``work.zarr``) and the stage is recorded in the manifest only when it ends without
@@ -210,6 +211,28 @@ def run_lock(root: str | Path):
         yield
     finally:
         fh.close()  # closing releases the lock
+
+
+def lock_holder(root: str | Path) -> str | None:
+    """Who holds ``RUN_DIR/.lock`` now (``"pid N on HOST"``), or None when no run is using the directory.
+
+    Tries a shared, non-blocking ``flock`` and releases it at once: it fails only while a run holds its
+    exclusive lock, and takes nothing a run would wait for (a run starting in that instant is refused as
+    if another run held the directory; the window is a few microseconds).
+    """
+    import fcntl
+
+    try:
+        fh = open(Path(root) / LOCK_NAME)
+    except FileNotFoundError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
 
 
 class RunStore:
