@@ -237,6 +237,8 @@ class RuntimeConfig:
                       "torchrun's ranks are used instead")
     scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
+    worker_timeout: float = _f(120.0, "seconds a run waits while its --scheduler has no worker before it stops "
+                                      "with an error (finished stages are kept)")
     dashboard: str = _f("", "address of the embedded cluster's Dask dashboard, e.g. '127.0.0.1:8787' (needs bokeh); "
                         "empty: none (its other HTTP endpoints listen on loopback only)")
     worker_processes: bool = _f(False, "embedded Dask workers as processes (pay off on many cores: the LTMG fits "
@@ -365,6 +367,7 @@ BOUNDS: dict[str, tuple] = {
     "impute.gamma1": _AT_LEAST_0, "impute.gamma2": _AT_LEAST_0, "impute.l1": _AT_LEAST_0, "impute.steps": _AT_LEAST_0,
     "impute.max_epochs": _AT_LEAST_0, "impute.max_steps": _AT_LEAST_0,
     "runtime.seed": _AT_LEAST_0, "runtime.n_workers": _AT_LEAST_0, "runtime.gpus": _AT_LEAST_1,
+    "runtime.worker_timeout": (1.0, None, True),
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 from .errors import InputError
 from .memory import MemoryPlan
@@ -19,6 +21,10 @@ class ClientHolder:
         self.memory = memory
         self._client = None
         self._cluster = None
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
+        #: set when the scheduler had no worker for ``runtime.worker_timeout`` seconds: why the run stops
+        self.lost: str | None = None
 
     def get(self):
         if self._client is not None:
@@ -35,6 +41,8 @@ class ClientHolder:
             except (OSError, TimeoutError) as exc:
                 raise InputError(f"--scheduler {self.cfg.scheduler}: cannot connect ({exc})") from None
             log.info("dask: connected to %s", self.cfg.scheduler)
+            self._watchdog = threading.Thread(target=self._watch_workers, name="scgnn-worker-watchdog", daemon=True)
+            self._watchdog.start()
         else:
             n = self.cfg.n_workers or os.cpu_count() or 1
             # threads by default: the work (numpy, zarr codecs, torch) releases the GIL, and worker processes
@@ -57,7 +65,33 @@ class ClientHolder:
                      f", dashboard at {self._client.dashboard_link}" if self.cfg.dashboard else "")
         return self._client
 
+    def _watch_workers(self) -> None:
+        """Stop the run when the scheduler has had no worker for ``runtime.worker_timeout`` seconds.
+
+        A Dask client waits for workers forever; a run whose workers all died (or never came) would hang
+        without a word. Closing the client wakes every wait on its futures; the pipeline then reports
+        :attr:`lost` as the reason.
+        """
+        timeout = float(self.cfg.worker_timeout)
+        empty_since = None
+        while not self._stop.wait(1.0):
+            try:
+                n = len(self._client.scheduler_info().get("workers", {}))
+            except Exception:  # a scheduler that went away has no workers either
+                n = 0
+            if n:
+                empty_since = None
+                continue
+            empty_since = empty_since or time.monotonic()
+            if time.monotonic() - empty_since >= timeout:
+                self.lost = (f"--scheduler {self.cfg.scheduler}: no Dask worker for {timeout:g} s "
+                             "(runtime.worker_timeout); start workers and rerun the same command to resume")
+                log.error("%s", self.lost)
+                self._client.close()
+                return
+
     def close(self) -> None:
+        self._stop.set()
         if self._client is not None:
             self._client.close()
         if self._cluster is not None:

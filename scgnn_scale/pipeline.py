@@ -153,7 +153,12 @@ def run(
                 log.info("%s: started", stage)
                 t0 = time.perf_counter()
                 store.current_stage = stage  # what the stage commits is sealed as its own
-                info = module.run(ctx) or {}
+                try:
+                    info = module.run(ctx) or {}
+                except Exception:
+                    if runtime.lost_workers():  # the Dask cluster lost every worker: say so, not its traceback
+                        raise InputError(runtime.lost_workers()) from None
+                    raise
                 store.current_stage = None
                 seconds = time.perf_counter() - t0
                 info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)

@@ -42,6 +42,10 @@ class Runtime:
             self._client_holder = ClientHolder(self.config, self.memory)
         return self._client_holder.get()
 
+    def lost_workers(self) -> str | None:
+        """Why the Dask work stopped when ``--scheduler`` had no worker left (None otherwise)."""
+        return self._client_holder.lost if self._client_holder is not None else None
+
     @property
     def data_parallel(self) -> bool:
         """Whether autoencoders train on several ranks (``runtime.gpus`` > 1, or launched by torchrun)."""

@@ -54,3 +54,62 @@ def planted_adata(n_cells=240, n_genes=150, n_types=3, seed=1):
 @pytest.fixture
 def planted():
     return planted_counts()
+
+
+class DaskProcesses:
+    """A ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (tests marked ``cluster``).
+
+    ``workers`` maps each worker's address to its process (with ``nanny``, the nanny's: the nanny starts
+    a new worker process when its worker dies). :meth:`stop` ends every process it started.
+    """
+
+    def __init__(self, log_path: Path, n_workers: int = 2, *, nanny: bool = False):
+        import subprocess
+        import sys
+
+        from distributed import Client
+
+        self._subprocess = subprocess
+        self.log = open(log_path, "wb")
+        self.procs: list = []
+        port = free_port()
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.procs.append(self._start(sys.executable, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                      "--no-dashboard"))
+        self.workers = {}
+        for i in range(n_workers):
+            wport = free_port()
+            proc = self._start(sys.executable, "worker", self.address, "--nworkers", "1", "--nthreads", "1",
+                               "--nanny" if nanny else "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+                               "--worker-port", str(wport), "--name", f"w{i}")
+            self.procs.append(proc)
+            self.workers[f"tcp://127.0.0.1:{wport}"] = proc
+        if n_workers:
+            with Client(self.address, timeout="30s") as client:
+                client.wait_for_workers(n_workers, timeout=60)
+
+    def _start(self, python, *args):
+        return self._subprocess.Popen([python, "-m", "dask", *args], stdout=self.log,
+                                      stderr=self._subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        import signal
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # the group: a nanny's worker process too
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except self._subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

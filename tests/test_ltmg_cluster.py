@@ -2,15 +2,12 @@
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import planted_counts
+from conftest import DaskProcesses, planted_counts
 
 from scgnn_scale.config import build_config
 from scgnn_scale.stages import ltmg as stage
@@ -19,49 +16,14 @@ from scgnn_scale.testing import stage_context, store_with_matrix
 pytestmark = pytest.mark.cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dask(*args, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
 @pytest.fixture
 def dask_cluster(tmp_path):
     """(scheduler address, {worker address: process}); every process is stopped afterwards."""
-    from distributed import Client
-
-    procs = []
-    log = open(tmp_path / "dask.log", "wb")
+    cluster = DaskProcesses(tmp_path / "dask.log", 2)
     try:
-        port = _free_port()
-        address = f"tcp://127.0.0.1:{port}"
-        procs.append(_dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", log=log))
-        workers = {}
-        for i in range(2):
-            wport = _free_port()
-            proc = _dask("worker", address, "--nworkers", "1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                         "--host", "127.0.0.1", "--worker-port", str(wport), "--name", f"w{i}", log=log)
-            procs.append(proc)
-            workers[f"tcp://127.0.0.1:{wport}"] = proc
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=30)
-        yield address, workers
+        yield cluster.address, cluster.workers
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        cluster.stop()
 
 
 def _config(scheduler: str = ""):
