@@ -226,6 +226,9 @@ class ImputeConfig:
                     "preprocessed matrix with its dropout zeros)", ("recon", "final", "X"),
                     why="trained on X the AE learns the dropout zeros back and loses to kNN smoothing on every "
                     "count set (bench/RESULTS.md)")
+    dtype: str = _f("float32", "dtype of layers/imputed: 'float32', or 'float16' (half the disk; the values are "
+                    "log1p-scale expression, where float16 keeps 3 significant digits: a relative error of at "
+                    "most 2^-11)", ("float32", "float16"))
 
 
 @dataclass(frozen=True)

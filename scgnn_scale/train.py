@@ -275,7 +275,7 @@ def write_outputs(model, x, *, embedding=None, recon=None, progress: Progress = 
                 rb, zb = model(xb)
                 sq_sum += float(((rb - xb) ** 2).sum(dtype=torch.float64))
                 z_np = zb.float().cpu().numpy() if embedding is not None else None
-                r_np = rb.float().cpu().numpy() if recon is not None else None
+                r_np = rb.float().cpu().numpy().astype(recon.dtype, copy=False) if recon is not None else None
                 writer.submit(_write_block, embedding, recon, a, b, z_np, r_np)
                 bar.update(b - a)
         finally:
@@ -334,7 +334,8 @@ def _resume(ctx, model, optimizer) -> int:
 def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int | None, model_in, model_out,
                     embedding_key: str | None, recon_key: str | None, gamma: float, alpha: float, l1: float,
                     min_steps: int, max_epochs: int, max_steps: int, cell_weight: np.ndarray | None = None,
-                    seed: int | None = None, resume: bool = False, desc: str = "training") -> dict:
+                    seed: int | None = None, resume: bool = False, desc: str = "training",
+                    recon_dtype=np.float32) -> dict:
     """Build or load an autoencoder, train it on ``x_key`` (+ ``trs_key``), save it, write its outputs.
 
     The body the feature, iterate and impute stages share. Inputs staged in ``staging`` are read
@@ -402,7 +403,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
                 Path(str(model_out) + ".ckpt").unlink(missing_ok=True)
 
         emb_arr = staging.create_matrix(embedding_key, (n, model.latent), np.float32) if embedding_key else None
-        recon_arr = staging.create_matrix(recon_key, (n, g), np.float32) if recon_key else None
+        recon_arr = staging.create_matrix(recon_key, (n, g), recon_dtype) if recon_key else None
         info.update(write_outputs(model, x, embedding=emb_arr, recon=recon_arr, progress=ctx.progress))
     info.update({"n_cells": n, "n_genes": g, "ltmg": trs_key is not None, "seed": seed})
     ctx.log.info("%s: %d steps (%s, %s) loss %.4g -> %.4g, recon MSE %.4g, %.0f cells/s, loader wait %.1f%%",

@@ -44,7 +44,8 @@ klein_subset 0.29 / 0.39 / 1.79, zeisel_subset 0.31 / 0.47 / 1.10, baron_pancrea
 baron and mouse bladder (better on goolam, worse on baron, equal on the others): no consistent
 gain over ``recon``, which is the published input.
 
-Writes ``layers/imputed`` (float32 N x G, the reconstruction, block by block) and
+Writes ``layers/imputed`` (N x G, the reconstruction, block by block; float32, or float16 with
+``impute.dtype``) and
 ``models/impute_ae.pt``.
 """
 
@@ -119,7 +120,7 @@ def run(ctx) -> dict:
             model_in=None, model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None,
             recon_key=KEYS.imputed, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
             max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=weights, resume=True,
-            desc="imputation autoencoder")
+            desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype))
     info["regularisers"] = weight_info
     info["input"] = x_key
     info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
