@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import shutil
 import sys
 import textwrap
 from typing import Any
 
 from .config import config_fields
-from .errors import InputError
+from .errors import ENVIRONMENT_ERRNOS, InputError
 
 # short flags for the options people set most; every option also has --SECTION-OPTION
 _ALIASES = {
@@ -211,7 +210,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 #: OS errors that the machine causes (full disk, permissions, read-only or missing quota), shown as one line
-_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+_ENVIRONMENT_ERRORS = ENVIRONMENT_ERRNOS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ class ClientHolder:
         if self.cfg.scheduler:
             try:
                 self._client = Client(self.cfg.scheduler, timeout="20s")
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:  # ValueError: an address Dask cannot parse
                 raise InputError(f"--scheduler {self.cfg.scheduler}: cannot connect ({exc})") from None
             log.info("dask: connected to %s", self.cfg.scheduler)
         else:
@@ -51,7 +51,14 @@ class ClientHolder:
             limit = self.memory.dask_worker_limit(n, self.cfg.worker_processes)
             if limit is not None:
                 kwargs["memory_limit"] = limit
-            self._cluster = LocalCluster(**kwargs)
+            try:
+                self._cluster = LocalCluster(**kwargs)
+            except (RuntimeError, OSError, ValueError) as exc:
+                if not self.cfg.dashboard:
+                    raise
+                # e.g. a host name that does not resolve, or a port in use or not allowed
+                raise InputError(f"--runtime-dashboard {self.cfg.dashboard}: the embedded cluster cannot serve its "
+                                 f"dashboard there ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
             self._client = Client(self._cluster)
             log.info("dask: embedded LocalCluster with %d worker(s)%s", n,
                      f", dashboard at {self._client.dashboard_link}" if self.cfg.dashboard else "")

@@ -78,6 +78,13 @@ class AnnDataStoreReader(InputReader):
             self.shape = tuple(int(s) for s in X.shape)
         if len(self.shape) != 2:
             raise InputError(f"{name}: X is not a 2-d matrix (shape {self.shape})")
+        values = X["data"] if self.sparse and "data" in X else X
+        dtype = getattr(values, "dtype", None)
+        if dtype is not None and np.dtype(dtype).kind not in "biuf":
+            what = {"c": "complex", "S": "byte-string", "U": "string", "O": "object", "V": "compound",
+                    "M": "date", "m": "time-delta"}.get(np.dtype(dtype).kind, str(np.dtype(dtype)))
+            raise InputError(f"{name}: X holds {what} values ({np.dtype(dtype)}); expected counts (integers or "
+                             "floats)")
         self._spool: Spool | None = None
 
     def _frame_index(self, key: str):

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .base import InputReader, read_errors, unique_names
+from .hdf5 import HDF5_MAGIC
 from .location import Location
 from .registry import Format
 from .spool import Spool
@@ -213,8 +214,14 @@ class DelimitedReader(InputReader):
 
 
 def is_delimited(loc: Location) -> bool:
-    """A file named ``.csv``/``.tsv``/``.txt``/``.tab``, optionally ``.gz``."""
-    return not loc.isdir() and loc.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt", ".tab"))
+    """A file named ``.csv``/``.tsv``/``.txt``/``.tab``, optionally ``.gz``, that is not an HDF5 file (an h5ad or
+    a 10x .h5 saved under such a name is read as what it is)."""
+    if loc.isdir() or not loc.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt", ".tab")):
+        return False
+    try:
+        return loc.head(8) != HDF5_MAGIC
+    except OSError:
+        return True  # unreadable: the CSV reader names the problem
 
 
 def open_delimited(loc: Location, *, orientation: str, **opts) -> DelimitedReader:
