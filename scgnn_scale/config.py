@@ -234,7 +234,7 @@ class ImputeConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     seed: int = _f(0, "seed of every random choice; the same seed on the same machine gives the same clusters")
-    device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     scheduler: str = _f("", "Dask scheduler address (tcp://host:8786); empty: an embedded LocalCluster")
     n_workers: int = _f(0, "workers of the embedded LocalCluster (0: one per core)")
     dashboard: str = _f("", "address of the embedded cluster's Dask dashboard, e.g. '127.0.0.1:8787' (needs bokeh); "
