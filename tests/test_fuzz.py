@@ -38,9 +38,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from scgnn_scale.cli import main
-from scgnn_scale.config import BOUNDS, config_fields
+from scgnn_scale.config import BOUNDS, build_config, config_fields
 
 SCALE = float(os.environ.get("SCGNN_FUZZ_SCALE", "1"))
+
+
+#: examples per well-formed input kind and per kind of defect: every defect is tried (hypothesis' own choice
+#: among many would favour the first and last)
+WELL_FORMED_EXAMPLES, DEFECT_EXAMPLES, OPTION_EXAMPLES = 12, 2, 4
 
 
 def fuzz_settings(examples: int):
@@ -152,10 +157,14 @@ def check_run(case: Case, work: Path, good_input: Path) -> None:
     assert code == 0, f"the failed run blocks the corrected one: {err}"
 
 
+#: examples live in memory where there is a tmpfs: a run fsyncs its manifest, which a shared disk makes slow
+_EXAMPLE_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
 @contextlib.contextmanager
 def example_dir():
     """A fresh directory per generated example (function-scoped fixtures would be shared between them)."""
-    d = Path(tempfile.mkdtemp(prefix="scgnn-fuzz-"))
+    d = Path(tempfile.mkdtemp(prefix="scgnn-fuzz-", dir=_EXAMPLE_ROOT))
     try:
         yield d
     finally:
@@ -194,7 +203,8 @@ QUOTED_NAME = st.text("bdfhjk ,;\"'\t#=", min_size=1, max_size=6).filter(lambda 
 BAD_VALUES = {
     "negative": ["-1", "-0.5", "-3e5"],
     "nan": ["", "NA", "nan", "NaN", "null", "N/A"],
-    "infinite": ["inf", "-inf", "Infinity", "1e39", "1e400", "-1e400"],
+    "infinite": ["inf", "-inf", "Infinity", "1e400", "-1e400"],
+    "beyond_float32": ["1e39", "3.5e38", "1e300", "-1e39"],  # finite in the file, infinite as float32
     "text": ["abc", "0x1F", "True", "1.2.3", "1e", "--1", "٣", "1_000_000x"],
 }
 
@@ -206,8 +216,12 @@ def csv_line(fields: list[str], sep: str, quote_all: bool) -> str:
     return buf.getvalue()
 
 
+DELIMITED_DEFECTS = [None, *BAD_VALUES, "ragged_long", "ragged_short", "empty_file", "header_only", "blank_only",
+                     "all_zero", "wrong_delimiter", "latin1", "empty_name", "na_name", "binary", "header_too_long"]
+
+
 @st.composite
-def delimited_cases(draw, root: Path) -> Case:
+def delimited_cases(draw, root: Path, defect: str | None) -> Case:
     x = draw(counts())  # cells x genes
     n_cells, n_genes = x.shape
     orientation = draw(st.sampled_from(["genes-x-cells", "cells-x-genes", "auto"]))
@@ -227,10 +241,6 @@ def delimited_cases(draw, root: Path) -> Case:
     corner = draw(st.sampled_from(["", "gene", None]))  # None: R's write.table, no corner cell
     cells = [[fmt_value(v) for v in row] for row in table]
     expect, note = "ok", "well-formed"
-    defect = draw(st.sampled_from([None] * 8 + ["negative", "nan", "infinite", "text", "ragged_long",
-                                                 "ragged_short", "empty_file", "header_only", "blank_only",
-                                                 "all_zero", "wrong_delimiter", "latin1", "empty_name", "na_name",
-                                                 "binary", "header_too_long"]))
     if defect in BAD_VALUES:
         i, j = draw(st.integers(0, n_rows - 1)), draw(st.integers(0, n_cols - 1))
         cells[i][j] = draw(st.sampled_from(BAD_VALUES[defect]))
@@ -292,19 +302,30 @@ def delimited_cases(draw, root: Path) -> Case:
                 note=note)
 
 
-@fuzz_settings(60)
-@given(data=st.data())
-def test_delimited_inputs(data, good_input):
-    with example_dir() as work:
-        case = data.draw(delimited_cases(work))
-        check_run(case, work, good_input)
+@pytest.mark.parametrize("defect", DELIMITED_DEFECTS, ids=str)
+def test_delimited_inputs(defect, good_input):
+    @fuzz_settings(WELL_FORMED_EXAMPLES if defect is None else DEFECT_EXAMPLES)
+    @given(data=st.data())
+    def examples(data):
+        with example_dir() as work:
+            check_run(data.draw(delimited_cases(work, defect)), work, good_input)
+
+    examples()
 
 
 # ---- (b) 10x Matrix Market directories -------------------------------------------------------------------
 
 
+MTX_DEFECTS = [
+    None, "banner", "unsupported", "size_fields", "size_text", "more_genes", "fewer_genes", "more_cells",
+    "fewer_cells", "nnz_more", "nnz_less", "index_zero", "index_beyond", "index_negative", "index_text", "value_nan",
+    "value_negative", "value_text", "value_inf", "value_beyond_float32", "missing_value", "missing_features",
+    "missing_barcodes", "missing_matrix", "empty_barcodes", "empty_features", "empty_matrix", "duplicate_entry",
+    "other_feature_type", "truncated_gz", "extra_field", "blank_line"]
+
+
 @st.composite
-def mtx_cases(draw, root: Path) -> Case:
+def mtx_cases(draw, root: Path, defect: str | None) -> Case:
     x = draw(counts())  # cells x genes
     n_cells, n_genes = x.shape
     field_type = draw(st.sampled_from(["integer", "real", "pattern"]))
@@ -332,12 +353,6 @@ def mtx_cases(draw, root: Path) -> Case:
         return None if field_type == "pattern" else fmt_value(v) if field_type == "real" else str(int(v))
 
     lines_of = [[str(r), str(c)] + ([value_text(v)] if field_type != "pattern" else []) for r, c, v in entries]
-    defect = draw(st.sampled_from([None] * 8 + [
-        "banner", "unsupported", "size_fields", "size_text", "more_genes", "fewer_genes", "more_cells",
-        "fewer_cells", "nnz_more", "nnz_less", "index_zero", "index_beyond", "index_negative", "index_text",
-        "value_nan", "value_negative", "value_text", "value_inf", "missing_value", "missing_features",
-        "missing_barcodes", "missing_matrix", "empty_barcodes", "empty_features", "empty_matrix",
-        "duplicate_entry", "other_feature_type", "truncated_gz", "extra_field", "blank_line"]))
     if defect == "banner":
         banner = draw(st.sampled_from(["%%MatrixMarket", "%MatrixMarket matrix coordinate real general",
                                        "MatrixMarket matrix coordinate real general", "", "1 2 3",
@@ -374,7 +389,8 @@ def mtx_cases(draw, root: Path) -> Case:
         lines_of[k][axis] = {"index_zero": "0", "index_negative": "-2", "index_text": "one",
                              "index_beyond": str(dims[axis] + draw(st.integers(1, 5)))}[defect]
         expect, note = "error", defect
-    elif defect in ("value_nan", "value_negative", "value_text", "value_inf", "missing_value"):
+    elif defect in ("value_nan", "value_negative", "value_text", "value_inf", "value_beyond_float32",
+                    "missing_value"):
         assume(field_type != "pattern")
         k = draw(st.integers(0, len(lines_of) - 1))
         if defect == "missing_value":
@@ -382,7 +398,8 @@ def mtx_cases(draw, root: Path) -> Case:
         else:
             lines_of[k][2] = draw(st.sampled_from({"value_nan": ["nan", "NaN"], "value_negative": ["-1", "-2.5"],
                                                    "value_text": ["abc", "1,5", "0x10"],
-                                                   "value_inf": ["inf", "-inf", "1e400"]}[defect]))
+                                                   "value_inf": ["inf", "-inf", "1e400"],
+                                                   "value_beyond_float32": ["1e39", "1e300"]}[defect]))
         expect, note = "error", defect
     elif defect == "duplicate_entry":  # entries of one cell and gene add up, as scipy's COO
         k = draw(st.integers(0, len(entries) - 1))
@@ -443,12 +460,15 @@ def mtx_cases(draw, root: Path) -> Case:
                 extra=["--ingest-block-rows", str(draw(st.integers(1, 4)))], note=note)
 
 
-@fuzz_settings(50)
-@given(data=st.data())
-def test_mtx_inputs(data, good_input):
-    with example_dir() as work:
-        case = data.draw(mtx_cases(work))
-        check_run(case, work, good_input)
+@pytest.mark.parametrize("defect", MTX_DEFECTS, ids=str)
+def test_mtx_inputs(defect, good_input):
+    @fuzz_settings(WELL_FORMED_EXAMPLES if defect is None else DEFECT_EXAMPLES)
+    @given(data=st.data())
+    def examples(data):
+        with example_dir() as work:
+            check_run(data.draw(mtx_cases(work, defect)), work, good_input)
+
+    examples()
 
 
 # ---- (c) h5ad --------------------------------------------------------------------------------------------
@@ -462,8 +482,15 @@ def _replace(group, key: str, value, attrs=None) -> None:
         group[key].attrs[k] = v
 
 
+H5AD_DEFECTS = [
+    None, "truncated", "garbled", "empty_file", "text_file", "no_X", "X_strings", "X_bool", "X_complex", "X_1d",
+    "X_3d", "X_int", "X_float16", "obs_longer", "obs_shorter", "var_longer", "no_obs", "no_index_attr", "legacy_obs",
+    "nan", "negative", "inf", "beyond_float32", "indptr_decreasing", "indptr_short", "index_beyond", "data_short",
+    "unknown_encoding", "shape_attr_wrong", "X_group_empty"]
+
+
 @st.composite
-def h5ad_cases(draw, root: Path) -> Case:
+def h5ad_cases(draw, root: Path, defect: str | None) -> Case:
     x = draw(counts())
     n, g = x.shape
     layout = draw(st.sampled_from(["dense", "csr", "csc"]))
@@ -473,11 +500,6 @@ def h5ad_cases(draw, root: Path) -> Case:
     path = root / "counts.h5ad"
     adata.write_h5ad(path)
     expect, note = "ok", f"well-formed {layout}"
-    defect = draw(st.sampled_from([None] * 6 + [
-        "truncated", "garbled", "empty_file", "text_file", "no_X", "X_strings", "X_bool", "X_complex", "X_1d",
-        "X_3d", "X_int", "X_float16", "obs_longer", "obs_shorter", "var_longer", "no_obs", "no_index_attr",
-        "legacy_obs", "nan", "negative", "inf", "indptr_decreasing", "indptr_short", "index_beyond",
-        "data_short", "unknown_encoding", "shape_attr_wrong", "X_group_empty"]))
     if defect in ("truncated", "garbled", "empty_file", "text_file"):
         raw = bytearray(path.read_bytes())
         if defect == "truncated":
@@ -526,6 +548,12 @@ def h5ad_cases(draw, root: Path) -> Case:
             del f["obs"]
             f["obs"] = np.zeros(n, dtype=[("index", "S8")])
             expect = "error"
+        elif defect == "beyond_float32":  # float64 counts that float32 cannot hold
+            target = f["X"] if layout == "dense" else f["X"]["data"]
+            values = target[...].astype(np.float64)
+            values.flat[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([1e39, 1e300]))
+            _replace(target.parent, target.name.rsplit("/", 1)[-1], values)
+            expect = "error"
         elif defect in ("nan", "negative", "inf"):
             bad = {"nan": np.nan, "negative": -1.0, "inf": np.inf}[defect]
             target = f["X"] if layout == "dense" else f["X"]["data"]
@@ -563,12 +591,15 @@ def h5ad_cases(draw, root: Path) -> Case:
                 note=defect or note)
 
 
-@fuzz_settings(50)
-@given(data=st.data())
-def test_h5ad_inputs(data, good_input):
-    with example_dir() as work:
-        case = data.draw(h5ad_cases(work))
-        check_run(case, work, good_input)
+@pytest.mark.parametrize("defect", H5AD_DEFECTS, ids=str)
+def test_h5ad_inputs(defect, good_input):
+    @fuzz_settings(WELL_FORMED_EXAMPLES if defect is None else DEFECT_EXAMPLES)
+    @given(data=st.data())
+    def examples(data):
+        with example_dir() as work:
+            check_run(data.draw(h5ad_cases(work, defect)), work, good_input)
+
+    examples()
 
 
 # ---- (d) options --------------------------------------------------------------------------------------------
@@ -590,10 +621,9 @@ def _as_number(value):
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def accepted_values_are_sane(out: Path) -> dict:
+def sane_config(config: dict) -> dict:
     """An accepted config holds finite numbers in their documented ranges only (NaN or infinity would reach the
-    training silently); returns the config as the run directory records it."""
-    config = json.loads((out / "manifest.json").read_text())["config"]
+    training silently)."""
     for section, values in config.items():
         for name, value in values.items():
             if _as_number(value):
@@ -604,35 +634,46 @@ def accepted_values_are_sane(out: Path) -> dict:
     return config
 
 
-@fuzz_settings(120)
-@given(option=st.sampled_from(OPTIONS), value=ODD_TEXT, joined=st.booleans())
-def test_option_values(option, value, joined, good_input):
+#: the sections whose options change what ingest does: tried through a real ingest; the others stop at the
+#: input check (a missing input), which comes after every option was checked
+INGEST_SECTIONS = ("ingest", "store")
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: f"{o[0]}.{o[1].name}")
+def test_option_values(option, good_input):
     section, f = option
     flag = f"--{section}-{f.name.replace('_', '-')}"
-    if f.name in ("scheduler", "dashboard"):
-        value = value.replace("\n", "")
-    with example_dir() as work:
-        out = work / "run"
-        args = [f"{flag}={value}"] if joined else [flag, value]
-        cwd = os.getcwd()
-        os.chdir(work)  # a relative --ingest-tmp-dir lands here
-        try:
-            code, err = run_cli(["run", str(good_input), "--out", str(out), "--until", "ingest", "--quiet", *args])
-        finally:
-            os.chdir(cwd)
-        assert "Traceback" not in err, err
-        assert code in (0, 2), (code, err)
-        if code == 0:
-            accepted_values_are_sane(out)
-            return
-        lines = [line for line in err.strip().splitlines() if line.strip()]
-        if lines and lines[-1].startswith("scgnn-scale run: error:"):  # argparse: usage, then the error
-            return
-        assert len(lines) == 1 and lines[0].startswith("scgnn-scale: error: "), err
-        assert f"{section}.{f.name}" in lines[0] or flag in lines[0] or \
-            any(a in lines[0] for a in ("--device", "--memory-limit", "--orientation", "--scheduler",
-                                        "--dashboard", "--label-key", "--ingest-tmp-dir")), lines[0]
-        assert not finished_stages(out)
+
+    @fuzz_settings(OPTION_EXAMPLES)
+    @given(value=ODD_TEXT, joined=st.booleans())
+    def examples(value, joined):
+        with example_dir() as work:
+            out = work / "run"
+            inp = good_input if section in INGEST_SECTIONS else work / "absent.csv"
+            args = [f"{flag}={value}"] if joined else [flag, value]
+            cwd = os.getcwd()
+            os.chdir(work)  # a relative --ingest-tmp-dir lands here
+            try:
+                code, err = run_cli(["run", str(inp), "--out", str(out), "--until", "ingest", "--quiet", *args])
+            finally:
+                os.chdir(cwd)
+            assert "Traceback" not in err, err
+            assert code in (0, 2), (code, err)
+            lines = [line for line in err.strip().splitlines() if line.strip()]
+            if code == 2 and lines and lines[-1].startswith("scgnn-scale run: error:"):
+                return  # argparse's usage and error (a value it takes for a flag)
+            accepted = code == 0 or lines == [f"scgnn-scale: error: {inp}: input file not found"]
+            if accepted:
+                sane_config(build_config({section: {f.name: value}}).to_dict())
+                if code == 0:
+                    sane_config(json.loads((out / "manifest.json").read_text())["config"])
+                return
+            assert len(lines) == 1 and lines[0].startswith("scgnn-scale: error: "), err
+            assert f"{section}.{f.name}" in lines[0] or any(
+                a in lines[0] for a in (flag, "--device", "--memory-limit", "--label-key")), lines[0]
+            assert not finished_stages(out)
+
+    examples()
 
 
 TOML_VALUES = st.one_of(
@@ -679,7 +720,7 @@ def test_config_files(entries, garbage, good_input):
         assert "Traceback" not in err, err
         assert code in (0, 2), (code, err)
         if code == 0:
-            config = accepted_values_are_sane(work / "run")
+            config = sane_config(json.loads((work / "run" / "manifest.json").read_text())["config"])
             if garbage is None:  # nothing was converted silently into a value of another kind
                 for (section, f), value in entries:
                     if f is None:
