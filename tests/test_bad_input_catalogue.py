@@ -590,6 +590,17 @@ def test_an_h5ad_under_a_text_name_is_read_as_an_h5ad(tmp_path, capsys, name):
     assert (manifest["stages"]["ingest"]["info"]["n_cells"], manifest["stages"]["ingest"]["info"]["n_genes"]) == (4, 3)
 
 
+def test_a_tab_separated_txt_of_one_column_in_r_layout(tmp_path):
+    """Not a bad input: R's write.table of one cell (a header of one name, so no tab in it) is split on the tabs of
+    its rows."""
+    inp = write_csv(tmp_path / "counts.txt", "c0\ng0\t5\ng1\t0\ng2\t2\n")
+    out = tmp_path / "run"
+    assert main(["run", str(inp), "--out", str(out), "--until", "ingest", "--quiet",
+                 "--orientation", "genes-x-cells"]) == 0
+    info = json.loads((out / "manifest.json").read_text())["stages"]["ingest"]["info"]
+    assert (info["n_cells"], info["n_genes"], info["nnz"]) == (1, 3, 2)
+
+
 def test_a_dashboard_host_that_does_not_resolve_is_one_line():
     """Not through ``run`` (the cluster starts with the first stage that uses Dask): the embedded cluster that
     cannot serve its dashboard at a syntactically valid address is an InputError naming the option."""
@@ -603,3 +614,12 @@ def test_a_dashboard_host_that_does_not_resolve_is_one_line():
                                          "cannot serve its dashboard there"):
         holder.get()
     holder.close()
+
+
+def test_an_in_memory_anndata_of_complex_values_is_refused():
+    """The Python API's door (scgnn_scale.run / tl.scgnn on an AnnData) refuses what the files' door refuses."""
+    from scgnn_scale.errors import InputError
+    from scgnn_scale.readers import open_input
+
+    with pytest.raises(InputError, match=r"input AnnData: X holds complex values \(complex64\)"):
+        open_input(ad.AnnData(X.astype(np.complex64)))

@@ -111,19 +111,20 @@ class DelimitedReader(InputReader):
             first = fh.readline()
             if not first.strip():
                 raise InputError(f"{self.name}: empty matrix (the file is empty)")
+            lines = []
+            for line in fh:
+                if line.strip():
+                    lines.append(line)
+                if len(lines) >= _ORIENTATION_SAMPLE_ROWS:
+                    break
             if base.endswith((".tsv", ".tab")):
                 self.sep = "\t"
             elif base.endswith(".csv"):
                 self.sep = ","
-            else:
-                self.sep = "\t" if "\t" in first else ","
+            else:  # a header of one name (R's layout, one column) shows no tab: the first row does
+                self.sep = "\t" if "\t" in first or (lines and "\t" in lines[0]) else ","
             header = next(csv.reader([first], delimiter=self.sep))
-            sample = []
-            for line in fh:
-                if line.strip():
-                    sample.append(next(csv.reader([line], delimiter=self.sep)))
-                if len(sample) >= _ORIENTATION_SAMPLE_ROWS:
-                    break
+            sample = [next(csv.reader([line], delimiter=self.sep)) for line in lines]
         if not sample:
             raise InputError(f"{self.name}: empty matrix (a header but no data rows)")
         width = len(sample[0])
