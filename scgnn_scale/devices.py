@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InputError
+from .errors import InputError, shown
 
 #: the devices the package trains on: 'cpu', 'cuda' or 'cuda:N'
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
@@ -18,6 +18,7 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     match = _DEVICE.fullmatch(str(name).strip())
+    name = shown(name)
     if match is None or (match[1] == "cpu" and match[2] not in (None, "0")):
         raise InputError(f"--device {name}: not a device this package runs on ('auto', 'cpu', 'cuda' or 'cuda:N')")
     if match[1] == "cuda":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import InputError
+from .errors import InputError, shown
 from .memory import MemoryPlan
 
 log = logging.getLogger("scgnn_scale")
@@ -33,7 +33,7 @@ class ClientHolder:
             try:
                 self._client = Client(self.cfg.scheduler, timeout="20s")
             except (OSError, TimeoutError, ValueError) as exc:  # ValueError: an address Dask cannot parse
-                raise InputError(f"--scheduler {self.cfg.scheduler}: cannot connect ({exc})") from None
+                raise InputError(f"--scheduler {shown(self.cfg.scheduler)}: cannot connect ({exc})") from None
             log.info("dask: connected to %s", self.cfg.scheduler)
         else:
             n = self.cfg.n_workers or os.cpu_count() or 1
@@ -57,8 +57,9 @@ class ClientHolder:
                 if not self.cfg.dashboard:
                     raise
                 # e.g. a host name that does not resolve, or a port in use or not allowed
-                raise InputError(f"--runtime-dashboard {self.cfg.dashboard}: the embedded cluster cannot serve its "
-                                 f"dashboard there ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+                why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                raise InputError(f"--runtime-dashboard {shown(self.cfg.dashboard)}: the embedded cluster cannot serve "
+                                 f"its dashboard there ({why})") from None
             self._client = Client(self._cluster)
             log.info("dask: embedded LocalCluster with %d worker(s)%s", n,
                      f", dashboard at {self._client.dashboard_link}" if self.cfg.dashboard else "")

@@ -7,6 +7,13 @@ import errno
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT})
 
 
+def shown(text) -> str:
+    """A user's value as a message shows it: as typed when printable, else quoted with its escapes (a newline or
+    another control character would break the one-line error)."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
 class InputError(Exception):
     """Bad input, bad option or a run directory that cannot be used. The message names the file and the problem."""
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from .base import canonical
 
 #: entries buffered in memory before they are written out (48 MB at 12 bytes an entry)
@@ -26,7 +26,7 @@ class Spool:
         try:
             self.dir = tempfile.mkdtemp(prefix="scgnn-spool-", dir=tmp_dir or None)
         except OSError as exc:
-            where = tmp_dir or tempfile.gettempdir()
+            where = shown(tmp_dir or tempfile.gettempdir())
             raise InputError(f"{where}: cannot create the temporary files of the input there (ingest.tmp_dir, "
                              f"--ingest-tmp-dir): {exc.strerror or exc}") from None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (bucket ids, records)
