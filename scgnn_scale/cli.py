@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import sys
@@ -11,7 +10,7 @@ import textwrap
 from typing import Any
 
 from .config import config_fields
-from .errors import InputError
+from .errors import ENVIRONMENT_ERRNOS, InputError
 
 # short flags for the options people set most; every option also has --SECTION-OPTION
 _ALIASES = {
@@ -289,7 +288,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 #: OS errors that the machine causes (full disk, permissions, read-only or missing quota), shown as one line
-_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+_ENVIRONMENT_ERRORS = ENVIRONMENT_ERRNOS
 
 
 def main(argv: list[str] | None = None) -> int:

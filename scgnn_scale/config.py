@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -234,7 +237,7 @@ class ImputeConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     seed: int = _f(0, "seed of every random choice; the same seed on the same machine gives the same clusters")
-    device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = _f("auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     gpus: int = _f(1, "processes that train the autoencoders data-parallel (DistributedDataParallel), one per GPU "
                       "(cuda:0 .. cuda:N-1); with --device cpu, N CPU processes over gloo. Launched by torchrun, "
                       "torchrun's ranks are used instead")
@@ -310,7 +313,19 @@ def changed_options(old: dict[str, dict[str, Any]], new: RunConfig) -> list[tupl
     return out
 
 
+#: the largest integer an option may hold (what numpy's int64 indices and sizes hold)
+_INT_LIMIT = 2**63 - 1
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b"
+
+
 def _coerce(section: str, name: str, value: Any, kind: type) -> Any:
+    """``value`` (a flag's text, a TOML value or a Python value) as the option's type, or an InputError.
+
+    A TOML ``true`` is no number, a list or table is no text, and a number must be finite: nothing is
+    converted silently into a value the option was not given."""
     where = f"{section}.{name}"
     try:
         if kind is bool:
@@ -320,12 +335,27 @@ def _coerce(section: str, name: str, value: Any, kind: type) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
+            if not (_is_bool(value) or (isinstance(value, int | float) and value in (0, 1))):
+                raise TypeError(value)
             return bool(value)
+        if kind is str:
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
+            if not isinstance(value, str):
+                raise TypeError(value)
+            return value
+        if _is_bool(value):
+            raise TypeError(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError):
+        result = kind(value)
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"config option {where}: {value!r} is not a valid {kind.__name__}") from None
+    if kind is float and not math.isfinite(result):
+        raise InputError(f"config option {where}: {value!r} is not a finite number")
+    if kind is int and abs(result) > _INT_LIMIT:
+        raise InputError(f"config option {where}: {value!r} is too large (at most {_INT_LIMIT})")
+    return result
 
 
 def config_fields():
@@ -383,6 +413,53 @@ def _check_bounds(option: str, value: Any) -> None:
         raise InputError(f"config option {option}: {value!r} is out of range (must be {wanted})")
 
 
+def parse_fanouts(text: str) -> list[int]:
+    """``gae.fanouts``: ``"10,10"`` -> ``[10, 10]`` (one fan-out per GCN layer, from the targets outward; -1: all)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"config option gae.fanouts {text!r}: expected comma-separated integers such as "
+                         "'10,10'") from None
+    if len(values) != 2 or any(v == 0 or v < -1 for v in values):
+        raise InputError(f"config option gae.fanouts {text!r}: expected two positive fan-outs (or -1 for all), "
+                         "e.g. '10,10'")
+    return values
+
+
+#: the address schemes of Dask's comm backends (distributed.comm.registry)
+_DASK_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]@]+):(?P<port>\d{1,5})")
+_LISTEN = re.compile(r"(?:(?P<host>[^\s:,/]*):)?(?P<port>\d{1,5})")
+
+
+def _check_scheduler(address: str) -> None:
+    """``runtime.scheduler``: empty, or a Dask address such as ``tcp://10.0.0.5:8786`` (checked before work;
+    whether it answers is known when the first stage connects)."""
+    if not address:
+        return
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    if scheme not in _DASK_SCHEMES:
+        raise InputError(f"config option runtime.scheduler {address!r}: unknown address scheme {scheme!r} (one of "
+                         f"{', '.join(_DASK_SCHEMES)}, e.g. tcp://10.0.0.5:8786)")
+    if scheme == "inproc":
+        return
+    match = _HOST_PORT.fullmatch(rest)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise InputError(f"config option runtime.scheduler {address!r}: not a scheduler address (HOST:PORT, e.g. "
+                         "tcp://10.0.0.5:8786)")
+
+
+def _check_dashboard(address: str) -> None:
+    """``runtime.dashboard``: empty, or where the dashboard listens (``HOST:PORT``, ``:PORT`` or ``PORT``)."""
+    for part in address.split(",") if address else ():
+        match = _LISTEN.fullmatch(part.strip())
+        if match is None or int(match["port"]) > 65535:
+            raise InputError(f"config option runtime.dashboard {address!r}: not an address to listen on (HOST:PORT, "
+                             "e.g. 127.0.0.1:8787)")
+
+
 def build_config(overrides: dict[str, dict[str, Any]] | None = None, base: RunConfig | None = None) -> RunConfig:
     """Apply ``{section: {option: value}}`` on top of ``base`` (the defaults), checking names, types, choices."""
     base = base or RunConfig()
@@ -408,6 +485,9 @@ def build_config(overrides: dict[str, dict[str, Any]] | None = None, base: RunCo
     unknown_sections = set(overrides or {}) - set(SECTIONS)
     if unknown_sections:
         raise InputError(f"unknown config section(s): {', '.join(sorted(unknown_sections))}")
+    parse_fanouts(sections["gae"].fanouts)
+    _check_scheduler(sections["runtime"].scheduler)
+    _check_dashboard(sections["runtime"].dashboard)
     ltmg = sections["ltmg"]
     if ltmg.k_max < ltmg.k_min:
         raise InputError(f"config options ltmg.k_min {ltmg.k_min} and ltmg.k_max {ltmg.k_max}: k_max must be at "

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from .errors import InputError
+import re
+
+from .errors import InputError, shown
+
+#: the devices the package trains on: 'cpu', 'cuda' or 'cuda:N'
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
 
 
 def resolve_device(name: str):
+    """``runtime.device`` as a torch device; one that is not 'auto', 'cpu', 'cuda' or an existing 'cuda:N' is an
+    :class:`InputError` (checked when the run starts, before any work)."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is visible to torch (torch {torch.__version__})")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name}: not a torch device name") from None
+    match = _DEVICE.fullmatch(str(name).strip())
+    name = shown(name)
+    if match is None or (match[1] == "cpu" and match[2] not in (None, "0")):
+        raise InputError(f"--device {name}: not a device this package runs on ('auto', 'cpu', 'cuda' or 'cuda:N')")
+    if match[1] == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is visible to torch (torch {torch.__version__})")
+        if match[2] is not None and int(match[2]) >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    return torch.device(match[0])

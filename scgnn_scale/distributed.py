@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from .errors import InputError
+from .errors import InputError, shown
 from .memory import MemoryPlan
 
 log = logging.getLogger("scgnn_scale")
@@ -38,8 +38,8 @@ class ClientHolder:
         if self.cfg.scheduler:
             try:
                 self._client = Client(self.cfg.scheduler, timeout="20s")
-            except (OSError, TimeoutError) as exc:
-                raise InputError(f"--scheduler {self.cfg.scheduler}: cannot connect ({exc})") from None
+            except (OSError, TimeoutError, ValueError) as exc:  # ValueError: an address Dask cannot parse
+                raise InputError(f"--scheduler {shown(self.cfg.scheduler)}: cannot connect ({exc})") from None
             log.info("dask: connected to %s", self.cfg.scheduler)
             self._watchdog = threading.Thread(target=self._watch_workers, name="scgnn-worker-watchdog", daemon=True)
             self._watchdog.start()
@@ -59,7 +59,15 @@ class ClientHolder:
             limit = self.memory.dask_worker_limit(n, self.cfg.worker_processes)
             if limit is not None:
                 kwargs["memory_limit"] = limit
-            self._cluster = LocalCluster(**kwargs)
+            try:
+                self._cluster = LocalCluster(**kwargs)
+            except (RuntimeError, OSError, ValueError) as exc:
+                if not self.cfg.dashboard:
+                    raise
+                # e.g. a host name that does not resolve, or a port in use or not allowed
+                why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                raise InputError(f"--runtime-dashboard {shown(self.cfg.dashboard)}: the embedded cluster cannot serve "
+                                 f"its dashboard there ({why})") from None
             self._client = Client(self._cluster)
             log.info("dask: embedded LocalCluster with %d worker(s)%s", n,
                      f", dashboard at {self._client.dashboard_link}" if self.cfg.dashboard else "")

@@ -49,22 +49,11 @@ import time
 import numpy as np
 import torch
 
-from .config import GAEConfig
+from .config import GAEConfig, parse_fanouts
 from .errors import InputError
 from .nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits, propagate
 from .nn.optim import adam
 from .nn.sampling import CSRGraph, sample_blocks, sample_neighbors, sorted_unique
-
-
-def parse_fanouts(text: str) -> list[int]:
-    """``"10,10"`` -> ``[10, 10]`` (one fan-out per GCN layer, from the targets outward; -1: all)."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"gae.fanouts {text!r}: expected comma-separated integers such as '10,10'") from None
-    if len(values) != 2 or any(v == 0 or v < -1 for v in values):
-        raise InputError(f"gae.fanouts {text!r}: expected two positive fan-outs (or -1 for all), e.g. '10,10'")
-    return values
 
 
 def standardize_columns(x: np.ndarray, block_rows: int = 65536) -> np.ndarray:

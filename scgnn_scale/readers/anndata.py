@@ -22,6 +22,15 @@ from .tenx import MATRIX_FILES
 ZARR_METADATA = ("zarr.json", ".zgroup", ".zattrs")
 
 
+def check_counts_dtype(name: str, dtype) -> None:
+    """X must hold numbers (booleans, integers or floats): complex values or text are an InputError, not a cast."""
+    if dtype is None or np.dtype(dtype).kind in "biuf":
+        return
+    what = {"c": "complex", "S": "byte-string", "U": "string", "O": "object", "V": "compound", "M": "date",
+            "m": "time-delta"}.get(np.dtype(dtype).kind, str(np.dtype(dtype)))
+    raise InputError(f"{name}: X holds {what} values ({np.dtype(dtype)}); expected counts (integers or floats)")
+
+
 class AnnDataObjectReader(InputReader):
     """An in-memory (or backed) :class:`anndata.AnnData`; ``X`` sliced by rows."""
 
@@ -31,6 +40,7 @@ class AnnDataObjectReader(InputReader):
         super().__init__(source_name(adata), **opts)
         if adata.X is None:
             raise InputError(f"{self.name}: the AnnData has no X matrix")
+        check_counts_dtype(self.name, getattr(adata.X, "dtype", None))
         self.adata = adata
 
     def _load_names(self):
@@ -78,6 +88,7 @@ class AnnDataStoreReader(InputReader):
             self.shape = tuple(int(s) for s in X.shape)
         if len(self.shape) != 2:
             raise InputError(f"{name}: X is not a 2-d matrix (shape {self.shape})")
+        check_counts_dtype(name, getattr(X["data"] if self.sparse and "data" in X else X, "dtype", None))
         self._spool: Spool | None = None
 
     def _frame_index(self, key: str):

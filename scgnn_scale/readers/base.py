@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputError
+from ..errors import ENVIRONMENT_ERRNOS, InputError
 
 # exceptions that mean "this file cannot be read as what it claims to be" (corrupt, truncated, malformed)
 _READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError, zlib.error,
@@ -37,10 +37,18 @@ def read_errors(name: str, what: str):
         yield
     except InputError:
         raise
+    except OSError as exc:
+        if exc.errno in ENVIRONMENT_ERRNOS:
+            raise  # a full disk or a permission: the machine, not the file (the CLI names the path)
+        _raise_unreadable(name, what, exc)
     except _READ_ERRORS as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{name}: {what} (corrupt, truncated or not in the expected format): "
-                         f"{type(exc).__name__}: {detail[:300]}") from exc
+        _raise_unreadable(name, what, exc)
+
+
+def _raise_unreadable(name: str, what: str, exc: BaseException):
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise InputError(f"{name}: {what} (corrupt, truncated or not in the expected format): "
+                     f"{type(exc).__name__}: {detail[:300]}") from exc
 
 
 def unique_names(values, what: str, name: str) -> pd.Index:
@@ -82,6 +90,12 @@ def canonical(block: sp.csr_matrix) -> sp.csr_matrix:
     return block
 
 
+def _beyond_float32_is_inf():
+    """Values beyond float32's range become inf quietly while read (ingest then names the first one; numpy's
+    overflow warning would be a second line on the user's terminal)."""
+    return np.errstate(over="ignore")
+
+
 def is_group(node) -> bool:
     return hasattr(node, "keys") and not hasattr(node, "dtype")
 
@@ -101,7 +115,7 @@ class InputReader:
     # names and shape -------------------------------------------------------------------------
     @cached_property
     def _names(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        with read_errors(self.name, "cannot read the cell and gene names"):
+        with read_errors(self.name, "cannot read the cell and gene names"), _beyond_float32_is_inf():
             obs, var = self._load_names()
         return obs, var
 
@@ -137,7 +151,7 @@ class InputReader:
         _ = self._names
         blocks = self._blocks()
         while True:
-            with read_errors(self.name, "cannot read the matrix"):
+            with read_errors(self.name, "cannot read the matrix"), _beyond_float32_is_inf():
                 try:
                     item = next(blocks)
                 except StopIteration:

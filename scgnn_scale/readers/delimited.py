@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .base import InputReader, read_errors, unique_names
+from .hdf5 import HDF5_MAGIC
 from .location import Location
 from .registry import Format
 from .spool import Spool
@@ -110,19 +111,20 @@ class DelimitedReader(InputReader):
             first = fh.readline()
             if not first.strip():
                 raise InputError(f"{self.name}: empty matrix (the file is empty)")
+            lines = []
+            for line in fh:
+                if line.strip():
+                    lines.append(line)
+                if len(lines) >= _ORIENTATION_SAMPLE_ROWS:
+                    break
             if base.endswith((".tsv", ".tab")):
                 self.sep = "\t"
             elif base.endswith(".csv"):
                 self.sep = ","
-            else:
-                self.sep = "\t" if "\t" in first else ","
+            else:  # a header of one name (R's layout, one column) shows no tab: the first row does
+                self.sep = "\t" if "\t" in first or (lines and "\t" in lines[0]) else ","
             header = next(csv.reader([first], delimiter=self.sep))
-            sample = []
-            for line in fh:
-                if line.strip():
-                    sample.append(next(csv.reader([line], delimiter=self.sep)))
-                if len(sample) >= _ORIENTATION_SAMPLE_ROWS:
-                    break
+            sample = [next(csv.reader([line], delimiter=self.sep)) for line in lines]
         if not sample:
             raise InputError(f"{self.name}: empty matrix (a header but no data rows)")
         width = len(sample[0])
@@ -213,8 +215,14 @@ class DelimitedReader(InputReader):
 
 
 def is_delimited(loc: Location) -> bool:
-    """A file named ``.csv``/``.tsv``/``.txt``/``.tab``, optionally ``.gz``."""
-    return not loc.isdir() and loc.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt", ".tab"))
+    """A file named ``.csv``/``.tsv``/``.txt``/``.tab``, optionally ``.gz``, that is not an HDF5 file (an h5ad or
+    a 10x .h5 saved under such a name is read as what it is)."""
+    if loc.isdir() or not loc.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt", ".tab")):
+        return False
+    try:
+        return loc.head(8) != HDF5_MAGIC
+    except OSError:
+        return True  # unreadable: the CSV reader names the problem
 
 
 def open_delimited(loc: Location, *, orientation: str, **opts) -> DelimitedReader:

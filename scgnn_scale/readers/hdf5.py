@@ -10,7 +10,7 @@ from .location import Location
 from .registry import Format
 from .tenx import TenxH5Reader
 
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def open_hdf5(loc: Location, *, anndata_only: bool, **opts) -> InputReader:
@@ -63,7 +63,7 @@ def is_hdf5(loc: Location) -> bool:
         magic = loc.head(8)
     except OSError:
         magic = b""
-    return magic == _HDF5_MAGIC
+    return magic == HDF5_MAGIC
 
 
 def open_h5ad(loc: Location, *, orientation: str, **opts) -> InputReader:

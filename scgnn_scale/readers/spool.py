@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import InputError, shown
 from .base import canonical
 
 #: entries buffered in memory before they are written out (48 MB at 12 bytes an entry)
@@ -22,7 +23,12 @@ class Spool:
 
     def __init__(self, block_rows: int, tmp_dir: str | None = None):
         self.block_rows = block_rows
-        self.dir = tempfile.mkdtemp(prefix="scgnn-spool-", dir=tmp_dir or None)
+        try:
+            self.dir = tempfile.mkdtemp(prefix="scgnn-spool-", dir=tmp_dir or None)
+        except OSError as exc:
+            where = shown(tmp_dir or tempfile.gettempdir())
+            raise InputError(f"{where}: cannot create the temporary files of the input there (ingest.tmp_dir, "
+                             f"--ingest-tmp-dir): {exc.strerror or exc}") from None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (bucket ids, records)
         self._pending_entries = 0
         self.n_entries = 0

@@ -74,7 +74,8 @@ def check_block_values(block: sp.csr_matrix, start: int, obs_names, var_names, n
     gene = int(block.indices[k])
     value = data[k]
     problem = "NaN (missing)" if np.isnan(value) else ("infinite" if np.isinf(value) else "negative")
-    raise InputError(f"{name}: {problem} value {float(value):g} at cell {obs_names[start + row]!r} (row {start + row}), "
+    shown = f"{float(value):g}" + (" (or beyond float32's range, 3.4e38)" if np.isinf(value) else "")
+    raise InputError(f"{name}: {problem} value {shown} at cell {obs_names[start + row]!r} (row {start + row}), "
                      f"gene {var_names[gene]!r} (column {gene}); counts must be finite and non-negative")
 
 
