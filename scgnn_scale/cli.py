@@ -307,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"scgnn-scale: error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        # zarr's crc32c codec: a chunk changed after it was written, with its file's time put back
+        if args.debug or "checksum do not match" not in str(exc):
+            raise
+        where = getattr(args, "out", None) or getattr(args, "run_dir", None) or "the run"
+        print(f"scgnn-scale: error: {where}: a chunk failed its checksum while it was read; 'scgnn-scale verify "
+              f"{where}' names it, and the same command then redoes the stage that made it", file=sys.stderr)
+        return 2
     except OSError as exc:
         if args.debug or exc.errno not in _ENVIRONMENT_ERRORS:
             raise

@@ -167,6 +167,15 @@ class IntegrityRecord:
         for rel in [r for r in self.files if r.startswith(prefix)]:
             self.files[dst_dir.rstrip("/") + "/" + rel[len(prefix):]] = self.files.pop(rel)
 
+    def mark_damaged(self, damaged: list[Damage]) -> None:
+        """Make the quick check read these files again (their recorded time is cleared), so the next run
+        finds what a full check found, even in a file whose time was put back."""
+        for d in damaged:
+            if d.path in self.files:
+                self.files[d.path][1] = 0
+        if damaged:
+            self.save()
+
     def accept_rechecked(self) -> None:
         """Keep the new times of files whose time moved but whose checksum held (a copied or restored run),
         so the next quick check reads them no more."""

@@ -19,6 +19,7 @@ def verify_run(run_dir: str | Path, *, full: bool = True, progress: bool = False
     t0 = time.perf_counter()
     with progress_bar(total, "verify", "B", quiet=not progress, unit_scale=True) as bar:
         damaged, counts = record.check(full=full, progress=bar.update)
+    record.mark_damaged(damaged)  # the next run's quick check then sees them and redoes their stages
     return {"damaged": damaged, **counts, "seconds": time.perf_counter() - t0, "sealed": record.present,
             "run_dir": str(store.root), "full": full}
 

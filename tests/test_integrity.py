@@ -139,6 +139,18 @@ def test_a_change_with_its_time_put_back_is_found_by_verify_and_by_reading(finis
     assert "layers/imputed chunk" in capsys.readouterr().out
     with pytest.raises(ValueError, match="checksum"):
         zarr.open_array(run / "adata.zarr/layers/imputed", mode="r")[:]
+    # verify marked it: the quick check of the next run, export or evaluate now finds it too
+    assert main(["verify", str(run), "--quick", "--quiet"]) == 1
+    assert main(["evaluate", str(run)]) == 2
+    assert "layers/imputed chunk" in capsys.readouterr().err
+
+
+def test_a_checksum_error_while_reading_is_one_line(finished, tmp_path, capsys, monkeypatch):
+    run = _copy(finished, tmp_path)
+    _damage(_first_chunk(run, "adata.zarr/obs/scgnn_cluster/codes"), "flip", keep_time=True)
+    assert main(["evaluate", str(run)]) == 2  # the quick check trusts the time; the read does not
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "failed its checksum" in err[0] and "scgnn-scale verify" in err[0], err
 
 
 def test_run_redoes_the_damaged_stage_and_those_after_it(finished, tiny_input, tmp_path, caplog):
