@@ -5,7 +5,8 @@ Dask worker (same Python executable, so the same environment), waits for them, a
 with ``runtime.scheduler`` set to that scheduler: the Dask work (preprocessing passes, LTMG gene blocks,
 cluster autoencoders) runs in the jobs, the rest (reading the input, the feature and graph autoencoders)
 in this process. The jobs are cancelled when the run ends, fails or is interrupted (SIGTERM included);
-if this process is killed outright, each worker exits 60 s after losing the scheduler and its job ends.
+if this process is killed outright, each worker stops when its connection to the scheduler breaks, and
+its job ends with it.
 
 Workers open the run directory and the input themselves: both must lie on a filesystem that the
 compute nodes see under the same path (trivially true on one node). dask-jobqueue is an optional

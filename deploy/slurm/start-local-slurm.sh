@@ -61,8 +61,10 @@ stop() {
   [ -f "$conf" ] && ctld_port="$(sed -n 's/^SlurmctldPort=//p' "$conf")"
   ctld="$(alive_pid "$run/slurmctld.pid")"
   if [ -n "$ctld" ] && [ -f "$conf" ]; then
-    # cancel every job first, so that slurmd ends their processes itself
-    scancel --quiet --partition "$partition" 2>/dev/null || true
+    # cancel every job of this cluster first, so that slurmd ends their processes itself
+    p="$(squeue -h -o %i 2>/dev/null)" || p=""
+    # shellcheck disable=SC2086  # one job id a word
+    [ -n "$p" ] && scancel --quiet $p 2>/dev/null || true
     for i in $(seq 60); do
       [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
       sleep 0.5
