@@ -64,9 +64,28 @@ def _wide_help(prog: str) -> argparse.HelpFormatter:
     return argparse.HelpFormatter(prog, max_help_position=36, width=min(shutil.get_terminal_size((120, 24)).columns, 120))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """INPUT, --out and every option of ``run`` (shared by ``run`` and ``slurm``)."""
     from .pipeline import STAGE_NAMES
 
+    p.add_argument("input", help="input: .h5ad, AnnData .zarr, 10x directory (matrix.mtx[.gz]), 10x .h5, "
+                                 ".csv/.tsv[.gz]; local path or fsspec URL")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds this run)")
+    p.add_argument("--config", help="TOML file with [section] tables of the options below")
+    p.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out to hold a run of another input or config (reuses what still matches)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the cells x genes intermediate reconstructions when the run ends (same as "
+                        "--runtime-keep-work true)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    _add_verbosity_flags(p)
+    _add_config_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scgnn-scale",
         description="scGNN (single-cell graph neural network) clustering and imputation, out-of-core, "
@@ -76,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               scgnn-scale simulate --cells 3000 --genes 2000 --types 6 example.h5ad
               scgnn-scale run example.h5ad --out demo_run --label-key label
+              scgnn-scale slurm example.h5ad --out demo_run --label-key label --jobs 4 --queue batch
               scgnn-scale evaluate demo_run --label-key label
               scgnn-scale export demo_run --format csv --to demo_csv
               scgnn-scale verify demo_run
@@ -96,21 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run scGNN: ingest, preprocess, LTMG, feature AE, cell graph, graph AE, "
                                    "clusters, iterations with cluster AEs, imputation. Finished stages are "
                                    "skipped, so rerunning the same command resumes a killed run.")
-    p.add_argument("input", help="input: .h5ad, AnnData .zarr, 10x directory (matrix.mtx[.gz]), 10x .h5, "
-                                 ".csv/.tsv[.gz]; local path or fsspec URL")
-    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds this run)")
-    p.add_argument("--config", help="TOML file with [section] tables of the options below")
-    p.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow --out to hold a run of another input or config (reuses what still matches)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--keep-work", action="store_true",
-                   help="keep the cells x genes intermediate reconstructions when the run ends (same as "
-                        "--runtime-keep-work true)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the full traceback of an error")
-    _add_verbosity_flags(p)
-    _add_config_flags(p)
+    _add_run_args(p)
+
+    p = sub.add_parser("slurm", help="'run' with its Dask work in SLURM jobs (needs scgnn-scale[slurm])",
+                       usage="%(prog)s INPUT --out RUN_DIR [--jobs N] [--cores C] [--memory SIZE] "
+                             "[--walltime T] [--queue PARTITION] [run options]",
+                       formatter_class=_wide_help,
+                       description="The same run as 'scgnn-scale run', with a Dask scheduler in this process "
+                                   "and its workers in SLURM batch jobs (dask-jobqueue's SLURMCluster, one "
+                                   "worker per job, started with this Python). The preprocessing passes, LTMG "
+                                   "fits and cluster autoencoders run in the jobs; the feature and graph "
+                                   "autoencoders in this process. The jobs are cancelled when the run ends. "
+                                   "RUN_DIR and INPUT must be on a filesystem the compute nodes see under the "
+                                   "same path.")
+    g = p.add_argument_group("SLURM worker jobs")
+    g.add_argument("--jobs", type=int, default=2, help="worker jobs to submit (default 2)")
+    g.add_argument("--cores", type=int, default=1, help="cores (Dask worker threads) per job (default 1)")
+    g.add_argument("--memory", default="4GiB", help="memory per job, its Dask worker's limit (default 4GiB)")
+    g.add_argument("--walltime", default="01:00:00", help="time limit per job (default 01:00:00)")
+    g.add_argument("--queue", "--partition", dest="queue", metavar="PARTITION",
+                   help="partition of the jobs (default: the cluster's default partition)")
+    g.add_argument("--account", help="account charged for the jobs (sbatch -A)")
+    g.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
+                   help="another #SBATCH directive for the jobs, e.g. --job-extra=--constraint=skylake "
+                        "(repeatable)")
+    g.add_argument("--interface", metavar="IFACE",
+                   help="network interface of the scheduler and workers, e.g. ib0, or lo on a single node "
+                        "(default: Dask's choice)")
+    g.add_argument("--log-directory", metavar="DIR",
+                   help="where the jobs write their output (default: RUN_DIR.slurm-logs beside RUN_DIR)")
+    g.add_argument("--worker-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="wait this long for the workers: then go on with those that joined, or fail if none "
+                        "did (default 300)")
+    _add_run_args(p)
 
     p = sub.add_parser("simulate", help="write a synthetic atlas with planted cell types (the built-in example)",
                        description="Simulate negative-binomial counts with dropout and planted cell types, "
@@ -216,15 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_config(args: argparse.Namespace):
+    from .config import load_config
+
+    overrides = _overrides(args)
+    if args.keep_work:
+        overrides.setdefault("runtime", {})["keep_work"] = True
+    return load_config(args.config, overrides)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from .config import load_config
         from .pipeline import run
 
-        overrides = _overrides(args)
-        if args.keep_work:
-            overrides.setdefault("runtime", {})["keep_work"] = True
-        config = load_config(args.config, overrides)
+        config = _run_config(args)
         from .data_parallel import launched_by_torchrun
 
         if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
@@ -233,6 +276,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             return serve_torchrun_rank(config.runtime.device)  # rank 0 runs the pipeline, the others train with it
         run(args.input, args.out, config=config, until=args.until, overwrite=args.overwrite, quiet=args.quiet)
         return 0  # the run logs its summary
+    if args.command == "slurm":
+        from .slurm import SlurmOptions, run_on_slurm
+
+        options = SlurmOptions(jobs=args.jobs, cores=args.cores, memory=args.memory, walltime=args.walltime,
+                               queue=args.queue, account=args.account, job_extra=tuple(args.job_extra),
+                               interface=args.interface, log_directory=args.log_directory,
+                               worker_timeout=args.worker_timeout)
+        run_on_slurm(args.input, args.out, config=_run_config(args), options=options, until=args.until,
+                     overwrite=args.overwrite, quiet=args.quiet)
+        return 0
     if args.command == "simulate":
         from .simulate import simulate_atlas
 
