@@ -306,6 +306,13 @@ def test_h5ad_fewer_cell_names_than_rows(tmp_path, capsys):
     refuse(capsys, inp, "obs/var have 2 x 3 names but X is 4 x 3")
 
 
+def test_h5ad_csc_data_shorter_than_its_column_pointer(tmp_path, capsys):
+    # found by tests/test_fuzz.py: a CSC X whose data array lacks its last entry was read without a word
+    inp = write_h5ad(tmp_path / "counts.h5ad", layout="csc",
+                     edit=lambda f: _replace(f["X"], "data", f["X"]["data"][:-1]))
+    refuse(capsys, inp, "corrupt sparse matrix (indptr points past the end of data)")
+
+
 def test_h5ad_unknown_sparse_encoding(tmp_path, capsys):
     inp = write_h5ad(tmp_path / "counts.h5ad", edit=lambda f: f["X"].attrs.__setitem__("encoding-type", "coo_matrix"))
     refuse(capsys, inp, "X has encoding 'coo_matrix'")

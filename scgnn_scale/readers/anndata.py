@@ -149,8 +149,12 @@ class AnnDataStoreReader(InputReader):
             rows = np.asarray(self.X["indices"][lo:hi], dtype=np.int64)
             if len(rows) and (rows.min() < 0 or rows.max() >= n_obs):
                 raise InputError(f"{self.name}: corrupt sparse matrix (a row index is outside 0..{n_obs - 1})")
+            values = np.asarray(self.X["data"][lo:hi], dtype=np.float32)
+            if len(rows) != hi - lo or len(values) != hi - lo:  # indices or data shorter than indptr says
+                raise InputError(f"{self.name}: corrupt sparse matrix (indptr points past the end of "
+                                 f"{'data' if len(values) != hi - lo else 'indices'})")
             cols = np.repeat(np.arange(col, end, dtype=np.int64), np.diff(indptr[col:end + 1]))
-            spool.add(rows, cols, np.asarray(self.X["data"][lo:hi], dtype=np.float32))
+            spool.add(rows, cols, values)
             col = end
         yield from spool.blocks(n_obs, n_vars)
 
