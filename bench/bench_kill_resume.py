@@ -15,8 +15,11 @@ Without ``--input`` the built-in example is simulated first (``scgnn-scale simul
 3. **Trials**: each starts the command in a fresh DIR/trial_NN/run as its own session (process group), sends
    SIGKILL to the whole group at a time drawn uniformly from (0, T) (``random.Random(--seed)``, every time drawn
    before the first trial), checks that no process of the group (nor any process it had started) is left, then
-   does the same for each further kill (``--kills-per-trial``; an invocation that ends before its kill time
-   simply finishes), and finally reruns the same command to completion. Recorded per kill: the time, the stage
+   does the same for each further kill (``--kills-per-trial``), and finally reruns the same command to
+   completion. When the trial's first invocation ends before its kill time (the machine got faster than during
+   the reference), the trial starts again in an empty RUN_DIR with a kill time drawn from (0, the duration it
+   just had), at most ``--max-redraws`` times (recorded as ``unlanded``); a later invocation that ends before
+   its kill time (a resumed run is shorter than T) simply finishes. Recorded per kill: the time, the stage
    running (from the killed invocation's part of RUN_DIR/run.log: ``startup`` before the run's log began,
    ``STAGE`` while a stage ran, ``after STAGE`` between stages or at the end), the stages the manifest records as
    finished and what ``staging/`` held; per trial: the resume's exit code and time, and the comparison.
@@ -253,9 +256,18 @@ def trial(i: int, kills: list[float], cmd_for, env: dict, args, compare_runs, re
     run_dir = tdir / "run"
     cmd = cmd_for(run_dir)
     record: dict = {"trial": i, "kills": []}
+    redraw = random.Random(f"{args.seed}-redraw-{i}")
     for k, at in enumerate(kills):
         offset = log_size(run_dir)
         inv = invoke(cmd, env, tdir / f"invocation_{k}.log", kill_at=at)
+        while k == 0 and not inv["killed"] and inv["returncode"] == 0 and len(record.setdefault(
+                "unlanded", [])) < args.max_redraws:
+            # the run ended before its kill time (it went faster than the reference): start it again and
+            # kill it at a time drawn from (0, the duration it just had)
+            record["unlanded"].append({"kill_time_s": round(at, 3), "finished_after_s": inv["seconds"]})
+            shutil.rmtree(run_dir)
+            at = redraw.uniform(0, inv["seconds"])
+            inv = invoke(cmd, env, tdir / f"invocation_{k}.log", kill_at=at)
         entry = {"kill_time_s": round(at, 3), **inv}
         if inv["killed"]:
             entry["stage"], entry["last_log"] = stage_at_kill(log_messages(run_dir, offset))
@@ -296,6 +308,9 @@ def trial(i: int, kills: list[float], cmd_for, env: dict, args, compare_runs, re
 
 def row(r: dict) -> str:
     kills = "; ".join(f"{e['kill_time_s']:.1f}s {e['stage']}" for e in r["kills"])
+    if r.get("unlanded"):
+        ended = ", ".join(f"{u['finished_after_s']:.1f} s" for u in r["unlanded"])
+        kills += f" (redrawn: ended before its kill at {ended})"
     c = r.get("compare", {})
     same_c = "-" if not c or "error" in c else ("yes" if c["clusters_equal"] else f"no (ARI {c['clusters_ari']:.4f})")
     same_i = "-" if not c or "error" in c else ("yes" if c["imputed_within_tol"] else "no")
@@ -322,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep every trial's run directory (default: failed ones)")
     ap.add_argument("--timeout-factor", type=float, default=5.0,
                     help="a resume running longer than this many T (plus 300 s) is killed and fails (default 5)")
+    ap.add_argument("--max-redraws", type=int, default=3,
+                    help="a trial's first invocation that ends before its kill time is started again with a time "
+                         "drawn from (0, its duration), at most this many times (default 3; 0: never)")
     ap.add_argument("--json", type=Path, help="also write the JSON object to this file")
     ap.add_argument("run_options", nargs="*", help="'scgnn-scale run' options after -- (replace the defaults)")
     args = ap.parse_args(argv)
@@ -402,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "trials": len(trials),
         "kills": sum(len(r["kills"]) for r in trials),
         "kills_landed": sum(e["killed"] for r in trials for e in r["kills"]),
+        "redrawn": sum(len(r.get("unlanded", [])) for r in trials),
         "resumed_ok": len(ok_resume),
         "same_clusters": sum(r["compare"]["clusters_equal"] for r in compared),
         "same_imputed_within_tol": sum(r["compare"]["imputed_within_tol"] for r in compared),
@@ -433,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in trials:
         note(row(r))
     n = result["counts"]
-    note(f"{n['trials']} trials, {n['kills_landed']} of {n['kills']} kills landed: resumed ok {n['resumed_ok']}, "
+    note(f"{n['trials']} trials, {n['kills_landed']} of {n['kills']} kills landed ({n['redrawn']} redrawn): "
+         f"resumed ok {n['resumed_ok']}, "
          f"same clusters {n['same_clusters']}, same imputed {n['same_imputed_within_tol']} "
          f"(bitwise {n['imputed_bitwise_equal']}), every result bitwise {n['all_results_bitwise_equal']}, "
          f"failed {n['failed']}" + ("" if control_ok else "; the CONTROL run differs from the reference"))
