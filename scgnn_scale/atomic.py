@@ -37,7 +37,17 @@ def _json_default(obj: Any):
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
+def _dumps(data: Any) -> str:
+    return json.dumps(data, indent=1, sort_keys=True, default=_json_default)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """``data`` as indented JSON (numpy scalars and arrays as numbers and lists), atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_json_default))
+        tmp.write_text(_dumps(data))
+
+
+def as_stored(data: Any) -> Any:
+    """``data`` as :func:`write_json` stores it and ``json.loads`` reads it back: mapping keys sorted, numpy
+    scalars and arrays as Python numbers and lists, tuples as lists."""
+    return json.loads(_dumps(data))

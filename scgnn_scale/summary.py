@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import as_stored
 from .keys import CLUSTER_COLUMN, KEYS
 from .store import RunStore
 
@@ -93,11 +94,15 @@ def uns_summary(store: RunStore, metrics: dict) -> dict:
     Every part is a mapping (``adata.uns['scgnn']['config']['graph']['k']``); ``metrics`` scores the
     final clusters (after the iterations), ``stage_metrics`` what each stage reported when it ran.
     """
-    stages = _in_stage_order(store.manifest["stages"])
+    # the manifest as stored, not the records this process made: a stage recorded by an earlier invocation
+    # (a run resumed after a kill) comes back from manifest.json with sorted keys, so without this its tables
+    # (loss histories, the iteration history) had their columns in another order than in a run of one process
+    manifest = as_stored({"stages": store.manifest["stages"], "config": store.manifest["config"]})
+    stages = _in_stage_order(manifest["stages"])
     infos = {s: dict(e.get("info", {})) for s, e in stages.items()}
     history = infos.get("iterate", {}).pop("history", None)
     summary = {
-        "config": store.manifest["config"],
+        "config": manifest["config"],
         "versions": package_versions(),
         "timings": {s: e["seconds"] for s, e in stages.items()},
         "stages": infos,
