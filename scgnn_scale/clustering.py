@@ -40,8 +40,8 @@ toy, 3 seeds of GAE and clustering; (b) PCA-50 of log1p counts on those plus mou
 and worm neuron, 2 seeds. Sets with many classes (pollen, bladder, worm) prefer higher resolutions,
 so 0.3 is the compromise. The scanpy default scores 0.543 on the 7 sets of (b).
 
-On a CUDA device with cugraph importable, Louvain/Leiden run in cuGraph (**untested here: no GPU
-with cugraph was available; the CPU path is the tested one**).
+With ``cluster.gpu = true`` on a CUDA device with cugraph importable, Louvain/Leiden run in cuGraph
+(**off by default and untested here: no GPU with cugraph was available; the CPU path is the tested one**).
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ class ClusterConfig:
     embedding_k: int = _f(15, "neighbours of the KNN graph of the GAE embedding (cluster.graph 'embedding')")
     n_iterations: int = _f(-1, "Leiden iterations (-1: until no improvement)")
     kmeans_max_cells: int = _f(50000, "LouvainK: full KMeans up to this many cells, MiniBatchKMeans beyond")
-    gpu: bool = _f(True, "use cuGraph's Louvain/Leiden when a CUDA device and cugraph are present")
+    gpu: bool = _f(False, "use cuGraph's Louvain/Leiden when a CUDA device and cugraph are present (off by default: "
+                    "that path has not run on a GPU here yet; igraph/leidenalg is the tested one)")
 
 
 @dataclass(frozen=True)
