@@ -125,8 +125,9 @@ def input_array(ctx) -> tuple[str, object]:
         return KEYS.recon, store.open_array(KEYS.recon)
     recon = feature_reconstruction(store, store.model_path(FEATURE_MODEL), FIRST_PASS.feature_embedding, device)
     if recon is None:
-        raise InputError(f"{store.root}: impute.input={choice} needs the feature autoencoder's model and "
-                         "embedding, which the run does not hold (the feature stage writes them)")
+        raise InputError(f"{store.root}: impute.input={choice} needs {KEYS.recon}, or the feature autoencoder's "
+                         f"model (models/{FEATURE_MODEL}.pt) and embedding ({FIRST_PASS.feature_embedding}), which "
+                         "the run does not hold (the feature stage writes them)")
     ctx.log.info("impute: input %s computed from the saved feature autoencoder and %s", KEYS.recon,
                  FIRST_PASS.feature_embedding)
     return KEYS.recon, recon
