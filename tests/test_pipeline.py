@@ -222,7 +222,7 @@ def test_keep_work_keeps_the_reconstructions_and_gives_the_results_of_a_run_with
     store = RunStore.open(out)
     assert store.has("work/recon") and store.has("work/recon_final")
     n_genes = read_run(out).n_vars
-    assert sorted(_cells_by_genes_arrays(out, n_genes)) == ["work.zarr/work/recon", "work.zarr/work/recon_final"]
+    assert sorted(_cells_by_genes_arrays(out, n_genes)) == ["work.zarr/recon", "work.zarr/recon_final"]
     kept, lean = read_run(out), read_run(full_run)
     np.testing.assert_array_equal(kept.obs["scgnn_cluster"].to_numpy(), lean.obs["scgnn_cluster"].to_numpy())
     np.testing.assert_allclose(kept.obsm["X_scgnn"], lean.obsm["X_scgnn"], rtol=1e-4, atol=1e-5)
