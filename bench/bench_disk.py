@@ -65,7 +65,8 @@ def tree_rss(root: psutil.Process) -> int:
 def measure(cmd: list[str], run_dir: Path, interval: float = 1.0) -> dict:
     """Run ``cmd``, sampling ``run_dir``; the per-stage disk record (see the module docstring)."""
     stages: dict[str, dict] = {}
-    state = {"stage": "start", "log_offset": 0}
+    log = run_dir / "run.log"  # a rerun appends to it: follow this invocation's lines only
+    state = {"stage": "start", "log_offset": log.stat().st_size if log.is_file() else 0}
     peak = {"bytes": 0, "stage": None, "rss": 0}
     t_start = time.perf_counter()
 
@@ -77,7 +78,6 @@ def measure(cmd: list[str], run_dir: Path, interval: float = 1.0) -> dict:
 
     def follow_log() -> None:
         """The stage boundaries the run logged since the last look (``RUN/run.log``)."""
-        log = run_dir / "run.log"
         if not log.is_file():
             return
         with open(log, errors="replace") as f:
