@@ -77,8 +77,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="allow --out to hold a run of another input or config (reuses what still matches)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--keep-work", action="store_true",
-                   help="keep the cells x genes intermediate reconstructions when the run ends (same as "
-                        "--runtime-keep-work true)")
+                   help="store the cells x genes reconstructions that iterate and impute read, and keep them "
+                        "when the run ends (4 bytes per cell and gene each; without it they are computed from "
+                        "the saved models as read; same as --runtime-keep-work true)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
     _add_verbosity_flags(p)

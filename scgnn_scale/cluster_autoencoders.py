@@ -1,11 +1,13 @@
 """Cluster autoencoders (docs/METHOD.md step 7): one autoencoder per cluster, trained on its cells only.
 
-A streamed pass lays the rows of each cluster out in their own scratch array (cell order kept);
-each cluster is one job that reads its array from the store and writes its reconstruction to its
-own output array, so no two jobs ever write the same chunk and nothing cells x genes passes through
-the scheduler (jobs get paths and return a few numbers). A second streamed pass puts the outputs
-back in cell order. Jobs run where a :class:`JobExecutor` puts them: Dask tasks, or one after another
-here on a GPU.
+The rows the cluster AEs learn are the previous feature AE's reconstruction, ``decoder(embedding)``
+(:mod:`scgnn_scale.reconstruction`): a streamed pass lays the rows of the *embedding* of each
+cluster out in their own scratch array (cell order kept; latent floats a cell, not one per gene);
+each cluster is one job that decodes its rows, trains, and saves its model, so nothing cells x genes
+is written and nothing passes through the scheduler (jobs get paths and return a few numbers). The
+outputs in cell order (``X_t``, the iteration's feature AE input) are computed again from the saved
+models whenever they are read. Jobs run where a :class:`JobExecutor` puts them: Dask tasks, or one
+after another here on a GPU.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import numpy as np
 import zarr
 
 from .keys import KEYS
-from .loader import BackgroundWriter, in_background, iter_row_blocks
+from .loader import BackgroundWriter, iter_row_blocks
 from .memory import release_freed_memory
+from .reconstruction import ClusterOutputs, DecodedRows
 from .store import Staging
 
-#: never committed: the clusters' rows and outputs, removed once the outputs are back in cell order
+#: never committed: the clusters' rows of the embedding, removed once the cluster AEs are trained
 _SCRATCH = "iterate_scratch"
 
 
@@ -87,74 +90,36 @@ def scatter_rows(source, labels: np.ndarray, targets: list, *, block_rows: int) 
             raise AssertionError(f"cluster {c}: {written[c]} rows laid out, expected {targets[c].shape[0]}")
 
 
-class _SequentialReader:
-    """Hands out consecutive rows of an array, reading whole chunks once."""
-
-    def __init__(self, array):
-        self.array = array
-        self.chunk = int(array.chunks[0])
-        self.next_row = 0
-        self.buffer = np.empty((0,) + tuple(array.shape[1:]), dtype=array.dtype)
-
-    def take(self, k: int) -> np.ndarray:
-        if len(self.buffer) < k:
-            need = k - len(self.buffer)
-            stop = min(self.array.shape[0], self.next_row + math.ceil(need / self.chunk) * self.chunk)
-            fresh = np.asarray(self.array[self.next_row:stop])
-            self.next_row = stop
-            self.buffer = np.concatenate([self.buffer, fresh]) if len(self.buffer) else fresh
-        rows, self.buffer = self.buffer[:k], self.buffer[k:]
-        return rows
-
-
-def gather_rows(sources: list, labels: np.ndarray, target, *, block_rows: int) -> None:
-    """Inverse of :func:`scatter_rows`: put the clusters' rows back in cell order into ``target``."""
-    readers = [_SequentialReader(s) for s in sources]
-    n = target.shape[0]
-
-    def assemble(stopped):
-        for a in range(0, n, block_rows):
-            if stopped():
-                return
-            b = min(n, a + block_rows)
-            block_labels = labels[a:b]
-            block = np.empty((b - a,) + tuple(target.shape[1:]), dtype=target.dtype)
-            for c in np.unique(block_labels):
-                mask = block_labels == c
-                block[mask] = readers[c].take(int(np.count_nonzero(mask)))
-            yield a, b, block
-
-    # reading and assembling run one block ahead on one thread, compressing one behind on another
-    with BackgroundWriter(depth=2) as writer:
-        for a, b, block in in_background(assemble, 1):
-            writer.submit(target.__setitem__, slice(a, b), block)
-
-
 def cluster_seed(seed: int, iteration: int, cluster: int) -> int:
     """The seed of one cluster AE: depends only on the run seed, the iteration and the cluster."""
     return int(np.random.SeedSequence([int(seed), int(iteration), int(cluster)]).generate_state(1)[0] % 2**31)
 
 
-def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarray, out_key: str, model_in,
-                             iteration: int, executor: JobExecutor | None = None) -> dict:
-    """Train one AE per cluster on its rows of ``source_key``; write the reassembled output to ``out_key``.
+def cluster_model(iteration: int, cluster: int) -> str:
+    """The saved model name of one cluster AE (``RunStore.model_path``), removed once its iteration commits."""
+    return f"{CLUSTER_MODELS.replace('*', str(iteration), 1).replace('*', str(cluster))}"
+
+
+#: glob of the cluster AEs' saved models (iteration, cluster)
+CLUSTER_MODELS = "iterate_cluster_*_*"
+
+
+def run_cluster_autoencoders(ctx, *, source: DecodedRows, labels: np.ndarray, model_in, iteration: int,
+                             executor: JobExecutor | None = None) -> dict:
+    """Train one AE per cluster on its rows of ``source``; their outputs in cell order as ``outputs``.
 
     Parameters
     ----------
     ctx
         Stage context (``config.iterate``, ``config.feature``, Dask client, device).
-    staging
-        Where ``out_key`` is written.
-    source_key
-        N x G reconstruction the cluster AEs learn (committed).
+    source
+        N x G reconstruction the cluster AEs learn, computed from a saved model and its embedding.
     labels
         ``(N,)`` cluster of each cell.
-    out_key
-        N x G output key: each cell's row from its cluster's AE, in cell order.
     model_in
         Saved feature AE to start every cluster AE from, or None for fresh networks.
     iteration
-        Iteration number (seeds).
+        Iteration number (seeds, model names).
     executor
         Where the cluster AEs train (:func:`choose_executor`'s choice when None).
 
@@ -162,42 +127,46 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
     -------
     dict
         Per-cluster results (cells, steps, losses, seconds), ``loss_mean``, ``executor``, ``seconds``
-        (of the layout by cluster, the training and writing, and the gather back to cell order).
+        (of the layout of the embedding by cluster and of the training), ``outputs`` (a
+        :class:`~scgnn_scale.reconstruction.ClusterOutputs`: each cell's row through its cluster's
+        AE, computed as it is read) and ``models`` (the saved cluster AEs' names).
     """
     cfg, fcfg = ctx.config.iterate, ctx.config.feature
-    source = ctx.store.open_array(source_key)
-    n, g = int(source.shape[0]), int(source.shape[1])
+    n, g = source.shape
     labels = dense_labels(labels)
     if labels.shape != (n,):
         raise ValueError(f"{len(labels)} labels for {n} cells")
     sizes = np.bincount(labels)
     n_clusters = len(sizes)
     memory = ctx.runtime.memory
-    chunk_c = cluster_chunk_rows(n_clusters, g, buffer_mb=memory.scatter_mb(cfg.scatter_buffer_mb),
+    latent = int(source.embedding.shape[1])
+    chunk_c = cluster_chunk_rows(n_clusters, latent, buffer_mb=memory.scatter_mb(cfg.scatter_buffer_mb),
                                  chunk_rows=ctx.store.store_config.chunk_rows)
     executor = executor or choose_executor(ctx)
     # loaders running at once: one per Dask worker (the --memory-limit share is divided among them)
     loaders = 1 if executor.name == "local" else (ctx.config.runtime.n_workers or os.cpu_count() or 1)
     loader_mb = memory.loader_mb(cfg.cluster_memory_budget_mb, parts=loaders)
     block_rows = ctx.store.store_config.chunk_rows
+    models = [cluster_model(iteration, c) for c in range(n_clusters)]
 
-    scratch = Staging(ctx.store, _SCRATCH)  # never committed: removed once the outputs are back in cell order
+    # the clusters' rows of the embedding (latent floats a cell, not genes): each job decodes its own
+    scratch = Staging(ctx.store, _SCRATCH)  # never committed: removed once the cluster AEs are trained
     phases, t0 = {}, time.perf_counter()
     try:
-        inputs, outputs = [], []
+        inputs = []
         for c in range(n_clusters):
-            shape, chunks = (int(sizes[c]), g), (int(min(chunk_c, max(1, sizes[c]))), g)
-            inputs.append(scratch.create_matrix(_cluster_key(c, "input"), shape, np.float32, chunks=chunks))
-            outputs.append(scratch.create_matrix(_cluster_key(c, "output"), shape, np.float32, chunks=chunks))
-        scatter_rows(source, labels, inputs, block_rows=block_rows)
+            shape, chunks = (int(sizes[c]), latent), (int(min(chunk_c, max(1, sizes[c]))), latent)
+            inputs.append(scratch.create_matrix(_cluster_key(c, "embedding"), shape, np.float32, chunks=chunks))
+        scatter_rows(source.embedding, labels, inputs, block_rows=block_rows)
         phases["layout"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
 
         jobs = []
         for c in range(n_clusters):
             jobs.append({
                 "cluster": c, "config": ctx.config,
-                "input": scratch.path_of(_cluster_key(c, "input")),
-                "output": scratch.path_of(_cluster_key(c, "output")),
+                "input": scratch.path_of(_cluster_key(c, "embedding")),
+                "decoder": source.model_path,
+                "output": str(ctx.store.model_path(models[c])),
                 "model_in": str(model_in) if model_in is not None else None,
                 "seed": cluster_seed(ctx.config.runtime.seed, iteration, c),
                 "steps": cluster_steps(int(sizes[c]), fcfg.batch_size, cfg.cluster_steps, cfg.cluster_max_epochs),
@@ -208,22 +177,16 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
             results = sorted(executor.run(train_cluster_autoencoder, jobs, bar.update), key=lambda r: r["cluster"])
         finally:
             bar.close()
-        phases["train_and_write"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
+        phases["train_and_write"] = round(time.perf_counter() - t0, 3)
         release_freed_memory()  # the cluster AEs' buffers, before the feature AE allocates its own
-        for c in range(n_clusters):  # inputs are no longer needed: free the disk before the gather
-            shutil.rmtree(scratch.path_of(_cluster_key(c, "input")), ignore_errors=True)
-
-        out = staging.create_matrix(out_key, (n, g), np.float32)
-        gather_rows(outputs, labels, out, block_rows=block_rows)
     finally:
         shutil.rmtree(scratch.root, ignore_errors=True)
-    phases["gather"] = round(time.perf_counter() - t0, 3)
-    ctx.log.info("iterate: %d cluster autoencoders: cells laid out by cluster in %.1f s, trained and written "
-                 "in %.1f s (%s), put back in cell order in %.1f s", n_clusters, phases["layout"],
-                 phases["train_and_write"], executor.name, phases["gather"])
+    outputs = ClusterOutputs(source, labels, [ctx.store.model_path(m) for m in models], source.device)
+    ctx.log.info("iterate: %d cluster autoencoders: embedding laid out by cluster in %.1f s, trained in %.1f s "
+                 "(%s)", n_clusters, phases["layout"], phases["train_and_write"], executor.name)
     losses = [r["loss_last"] for r in results if r.get("loss_last") is not None]
     weights = [r["n_cells"] for r in results if r.get("loss_last") is not None]
-    return {"clusters": results, "executor": executor.name, "seconds": phases,
+    return {"clusters": results, "executor": executor.name, "seconds": phases, "outputs": outputs, "models": models,
             "loss_mean": float(np.average(losses, weights=weights)) if losses else float("nan")}
 
 
@@ -304,20 +267,20 @@ def choose_executor(ctx) -> JobExecutor:
 
 
 def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
-    """One cluster AE (a Dask task): read the cluster's rows, train, write its reconstruction.
+    """One cluster AE (a Dask task): decode the cluster's rows, train, save the model.
 
     ``job`` holds paths and small values only (a task builds what it needs, the device included):
-    ``cluster``, ``config``, ``input`` and ``output``
-    (zarr array paths: the cluster's rows and where its reconstruction goes), ``model_in`` (feature
-    AE to start from, or None), ``seed``, ``steps``, ``memory_budget_mb`` (its loader's, after
-    ``--memory-limit``).
+    ``cluster``, ``config``, ``input`` (zarr path of the cluster's rows of the embedding), ``decoder``
+    (the feature AE that decodes them into the rows to learn), ``output`` (where the model is saved),
+    ``model_in`` (feature AE to start from, or None), ``seed``, ``steps``, ``memory_budget_mb`` (its
+    loader's, after ``--memory-limit``).
     """
     import torch
 
     from .devices import resolve_device
     from .nn.autoencoder import DenseAutoencoder
     from .nn.optim import adam
-    from .train import TrainPlan, fit_autoencoder, load_model, write_outputs
+    from .train import TrainPlan, fit_autoencoder, load_model, save_model, write_outputs
 
     config = job["config"]
     cfg, fcfg = config.iterate, config.feature
@@ -325,9 +288,8 @@ def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    x = zarr.open_array(job["input"], mode="r", zarr_format=3)
-    out = zarr.open_array(job["output"], mode="r+", zarr_format=3)
     device = resolve_device(config.runtime.device)
+    x = DecodedRows(job["decoder"], job["input"], device)
     torch.manual_seed(job["seed"])
     if job["model_in"]:
         model, _ = load_model(job["model_in"], device)
@@ -338,7 +300,8 @@ def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
                      l1=fcfg.l1, seed=job["seed"], memory_budget_mb=job["memory_budget_mb"],
                      buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks)
     info = fit_autoencoder(model, optimizer, [x], plan, name=f"cluster {job['cluster']} AE")
-    written = write_outputs(model, x, recon=out)
+    save_model(job["output"], model)
+    written = write_outputs(model, x)  # the error over the cluster's rows; the outputs are computed when read
     return {"cluster": job["cluster"], "n_cells": int(x.shape[0]), "steps": info["steps"],
             "loss_first": info["loss_first"], "loss_last": info["loss_last"], "recon_mse": written["recon_mse"],
             "seconds": round(time.perf_counter() - t0, 3)}

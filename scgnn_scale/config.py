@@ -253,9 +253,11 @@ class RuntimeConfig:
                                 "`if __name__ == '__main__'` guard")
     memory_limit: str = _f("", "memory for the whole run, e.g. '4GiB': caps what the loaders hold instead of "
                             "streaming and the Dask workers' memory (empty: the configured budgets and Dask's default)")
-    keep_work: bool = _f(False, "keep the cells x genes reconstructions (work/recon, work/recon_final; 2 x 4 bytes "
-                         "per cell and gene on disk) when the run ends; without them a later change of cluster, "
-                         "iterate or impute options first writes work/recon again from the saved feature model")
+    keep_work: bool = _f(False, "store the feature autoencoder's cells x genes reconstructions (work/recon, "
+                         "work/recon_final; 4 bytes per cell and gene each, and one more per iteration while it "
+                         "runs) and keep them when the run ends; without it iterate and impute compute them from "
+                         "the saved models and 128-d embeddings as they read them, and nothing cells x genes is "
+                         "stored under work/")
 
 
 SECTIONS: dict[str, type] = {

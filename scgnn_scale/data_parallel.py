@@ -59,8 +59,11 @@ def rank_rows(n: int, chunk_rows: int, rank: int, world: int, rows: np.ndarray |
     return pool[rank::world]
 
 
-def _array_location(array) -> str:
-    """Where a zarr array lives, for another process to open it."""
+def _array_location(array):
+    """Where a zarr array lives, for another process to open it; an array computed as it is read
+    (:mod:`scgnn_scale.reconstruction`) travels as itself (it pickles as paths)."""
+    if hasattr(array, "on"):
+        return array
     root = getattr(array.store, "root", None)
     if root is None:
         raise ValueError(f"data-parallel training reads arrays from a local store, not {type(array.store).__name__}")
@@ -69,7 +72,7 @@ def _array_location(array) -> str:
 
 @dataclasses.dataclass
 class _FitJob:
-    arrays: list[str]
+    arrays: list  # zarr paths, or arrays computed as they are read
     plan: Any  # train.TrainPlan
     model_shape: dict
     model_state: dict
@@ -211,7 +214,8 @@ def _fit_on_rank(job: _FitJob, rank: int, world: int, *, model=None, optimizer=N
     from .train import fit_autoencoder, silent_progress
 
     if arrays is None:
-        arrays = [zarr.open_array(p, mode="r", zarr_format=3) for p in job.arrays]
+        arrays = [p.on(device) if hasattr(p, "on") else zarr.open_array(p, mode="r", zarr_format=3)
+                  for p in job.arrays]
     if model is None:
         model = DenseAutoencoder(**job.model_shape)
         model.load_state_dict(job.model_state)

@@ -20,7 +20,7 @@ from .config import RunConfig
 from .context import StageContext
 from .errors import InputError
 from .fingerprint import describe_change, input_identity, input_record
-from .keys import INTERMEDIATE_RECONS, KEYS
+from .keys import FEATURE_MODEL, INTERMEDIATE_RECONS, ITERATE_MODELS, ITERATED, KEYS
 from .memory import peak_rss_mb, release_freed_memory
 from .results import publish
 from .runtime import Runtime
@@ -138,7 +138,7 @@ def run(
             order = list(STAGES)
             last = order.index(until) if until else len(order) - 1
             _redo_damaged(store)
-            _restore_removed_reconstructions(store, config, order[: last + 1], hashes, source, runtime)
+            _check_reconstruction_models(store, config, order[: last + 1], hashes)
             for i, stage in enumerate(order[: last + 1]):
                 if store.stage_done(stage, hashes[stage]):
                     log.info("%s: already done, skipped", stage)
@@ -211,39 +211,29 @@ def _check_options_against_cells(store: RunStore, config: RunConfig) -> None:
                          f"{n} are left after preprocessing (lower --graph-k)")
 
 
-def _restore_removed_reconstructions(store: RunStore, config: RunConfig, stages: list[str], hashes: dict,
-                                     source: Any, runtime: Runtime) -> None:
-    """Bring back what a stage to be (re)done needs from the reconstructions a finished run removed.
+def _check_reconstruction_models(store: RunStore, config: RunConfig, stages: list[str], hashes: dict) -> None:
+    """Redo what made the saved models that a stage to be (re)done computes its reconstruction from.
 
-    ``work/recon`` is the saved feature autoencoder applied to X: one inference pass writes it again
-    (no retraining), so changing a clustering or imputation option costs no feature stage. Only
-    without the saved model is the feature stage redone. ``work/recon_final`` (impute.input 'final')
-    comes from the iteration, which is then redone.
+    ``iterate`` and ``impute`` read the feature autoencoder's reconstruction as ``decoder(embedding)``
+    (:mod:`scgnn_scale.reconstruction`), so changing a clustering or imputation option costs no
+    feature stage while ``models/feature_ae.pt`` is there (or ``work/recon``, kept by
+    ``runtime.keep_work``); without it the feature stage is redone. ``impute.input`` 'final' needs
+    the last iteration's model (or ``work/recon_final``); without it the iteration is redone.
     """
     todo = [s for s in stages if not store.stage_done(s, hashes[s])]
     if ("impute" in todo and config.impute.input == "final" and "iterate" not in todo
-            and not store.has(KEYS.final_recon)):
-        log.info("%s was removed when the run ended (runtime.keep_work keeps it): redoing the iteration",
-                 KEYS.final_recon)
+            and not store.has(KEYS.final_recon) and store.has(ITERATED.feature_embedding)
+            and not store.model_paths(ITERATE_MODELS)):
+        log.info("the last iteration's feature model is missing (impute.input final reads its reconstruction): "
+                 "redoing the iteration")
         store.forget_stages(["iterate", "impute"])
         todo = [s for s in stages if not store.stage_done(s, hashes[s])]
-    needs_recon = "iterate" in todo or ("impute" in todo and config.impute.input == "recon")
-    if not needs_recon or not store.stage_done("feature", hashes["feature"]) or store.has(INTERMEDIATE_RECONS[0]):
-        return
-    from .stages import feature
-
-    ctx = StageContext(store=store, config=config, stage="feature", chain_hash=hashes["feature"], runtime=runtime,
-                       input=source)
-    store.current_stage = "feature"
-    rewritten = feature.rewrite_reconstruction(ctx)
-    store.current_stage = None
-    if rewritten:
-        log.info("%s was removed when the run ended: written again from the saved feature autoencoder",
-                 INTERMEDIATE_RECONS[0])
-        return
-    log.info("%s was removed when the run ended and the feature autoencoder's model is missing: redoing from "
-             "the feature stage", INTERMEDIATE_RECONS[0])
-    store.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index("feature"):]))
+    needs_first = "iterate" in todo or ("impute" in todo and config.impute.input in ("recon", "final"))
+    if (needs_first and store.stage_done("feature", hashes["feature"]) and not store.has(KEYS.recon)
+            and not store.model_path(FEATURE_MODEL).is_file()):
+        log.info("the feature autoencoder's model is missing (iterate and impute read its reconstruction): "
+                 "redoing from the feature stage")
+        store.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index("feature"):]))
 
 
 def _redo_damaged(store: RunStore) -> None:
@@ -279,7 +269,8 @@ def _redo_damaged(store: RunStore) -> None:
 
 
 def _remove_intermediates(store: RunStore) -> None:
-    """Remove the cells x genes reconstructions once the last stage has finished (disk, not memory)."""
+    """Remove the cells x genes reconstructions an earlier run with ``runtime.keep_work`` stored, once the last
+    stage has finished (disk, not memory)."""
     removed, size = [], 0
     for key in INTERMEDIATE_RECONS:
         if store.has(key):

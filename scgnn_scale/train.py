@@ -335,13 +335,15 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
                     embedding_key: str | None, recon_key: str | None, gamma: float, alpha: float, l1: float,
                     min_steps: int, max_epochs: int, max_steps: int, cell_weight: np.ndarray | None = None,
                     seed: int | None = None, resume: bool = False, desc: str = "training",
-                    recon_dtype=np.float32) -> dict:
+                    recon_dtype=np.float32, x_array=None) -> dict:
     """Build or load an autoencoder, train it on ``x_key`` (+ ``trs_key``), save it, write its outputs.
 
     The body the feature, iterate and impute stages share. Inputs staged in ``staging`` are read
     from there, others from the store; ``steps`` None takes :func:`training_steps` of the schedule;
     ``resume`` continues from this stage's checkpoint (saved every ``feature.checkpoint_minutes``;
-    each save is announced as the context's event ``"checkpoint"``).
+    each save is announced as the context's event ``"checkpoint"``). ``x_array`` is read instead of
+    ``x_key`` (which then only names it): a reconstruction computed as it is read
+    (:mod:`scgnn_scale.reconstruction`).
     """
     import torch
 
@@ -350,7 +352,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
 
     fcfg = ctx.config.feature
     seed = ctx.config.runtime.seed if seed is None else int(seed)
-    x = staging.open_array(x_key)
+    x = staging.open_array(x_key) if x_array is None else x_array
     n, g = int(x.shape[0]), int(x.shape[1])
     if n == 0 or g == 0:
         raise InputError(f"{ctx.store.root}: '{x_key}' is empty ({n} x {g}); nothing to train on")
@@ -414,7 +416,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
 
 
 def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int | None, model_in, model_out,
-                  embedding_key: str | None, recon_key: str | None, seed: int | None = None) -> dict:
+                  embedding_key: str | None, recon_key: str | None, seed: int | None = None, x_array=None) -> dict:
     """Train the feature autoencoder on ``x_key`` and write its embedding and reconstruction.
 
     Parameters
@@ -437,6 +439,8 @@ def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int |
         Output keys for the N x latent embedding and the N x G reconstruction (None: skipped).
     seed
         Seed of the weights and the minibatch order (default ``runtime.seed``).
+    x_array
+        Read instead of ``x_key`` (e.g. the cluster autoencoders' outputs, computed as they are read).
 
     Returns
     -------
@@ -448,4 +452,4 @@ def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int |
         ctx, staging, x_key=x_key, trs_key=trs_key, steps=steps, model_in=model_in, model_out=model_out,
         embedding_key=embedding_key, recon_key=recon_key, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=fcfg.l1,
         min_steps=fcfg.min_steps, max_epochs=fcfg.max_epochs, max_steps=fcfg.max_steps, seed=seed,
-        resume=ctx.stage == "feature", desc="feature autoencoder")
+        resume=ctx.stage == "feature", desc="feature autoencoder", x_array=x_array)

@@ -17,7 +17,7 @@ from scgnn_scale.stages import feature, iterate
 from scgnn_scale.testing import stage_context, store_with_matrix
 
 
-def tiny_config(**iterate_options):
+def tiny_config(keep_work=False, **iterate_options):
     return build_config({
         "store": {"chunk_rows": 32, "chunk_genes": 40},
         "feature": {"hidden": 48, "latent": 16, "batch_size": 64, "min_steps": 100, "max_epochs": 1, "l1": 0.01,
@@ -27,7 +27,7 @@ def tiny_config(**iterate_options):
         "cluster": {"method": "leiden"},
         "iterate": {"max_iterations": 3, "cluster_steps": 15, "cluster_executor": "local",
                     "scatter_buffer_mb": 1, **iterate_options},
-        "runtime": {"n_workers": 1, "device": "cpu"},
+        "runtime": {"n_workers": 1, "device": "cpu", "keep_work": keep_work},
     })
 
 
@@ -35,7 +35,7 @@ def _zarr(tmp_path, name, shape, chunks):
     return zarr.create_array(tmp_path / name, shape=shape, chunks=chunks, dtype=np.float32, zarr_format=3)
 
 
-def test_scatter_and_gather_round_trip(tmp_path):
+def test_scatter_lays_out_each_clusters_rows_in_cell_order(tmp_path):
     rng = np.random.default_rng(0)
     n, g, k = 301, 7, 5
     x = rng.random((n, g)).astype(np.float32)
@@ -52,9 +52,6 @@ def test_scatter_and_gather_round_trip(tmp_path):
     cae.scatter_rows(source, labels, targets, block_rows=40)
     for c in range(k):  # each cluster's rows, in cell order
         np.testing.assert_array_equal(targets[c][:], x[labels == c])
-    back = _zarr(tmp_path, "back", (n, g), (40, g))
-    cae.gather_rows(targets, labels, back, block_rows=40)
-    np.testing.assert_array_equal(back[:], x)
 
 
 def test_cluster_steps_schedule():
@@ -73,8 +70,14 @@ def feature_store(tmp_path_factory):
     return store, config, labels
 
 
+def _first_reconstruction(store):
+    from scgnn_scale.reconstruction import DecodedRows
+
+    return DecodedRows(store.root / "models" / "feature_ae.pt", store.path_of(FIRST_PASS.feature_embedding))
+
+
 @pytest.mark.parametrize("executor", ["dask", "local"])
-def test_cluster_autoencoder_tasks_write_disjoint_arrays(feature_store, executor):
+def test_cluster_autoencoder_tasks_write_disjoint_files(feature_store, executor):
     store, config, labels = feature_store
     config = dataclasses.replace(config, iterate=dataclasses.replace(config.iterate, cluster_executor=executor,
                                                                     cluster_steps=0, cluster_max_epochs=0))
@@ -92,39 +95,39 @@ def test_cluster_autoencoder_tasks_write_disjoint_arrays(feature_store, executor
     model_path = store.root / "models" / "feature_ae.pt"
     try:
         chosen = cae.choose_executor(ctx)
-        with store.staging("iterate_test") as st:
-            info = cae.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
-                                                out_key="work/iterate/test/x", model_in=model_path, iteration=1,
-                                                executor=Spy(chosen))
+        info = cae.run_cluster_autoencoders(ctx, source=_first_reconstruction(store), labels=labels,
+                                            model_in=model_path, iteration=1, executor=Spy(chosen))
     finally:
         ctx.runtime.close()
     jobs = seen["jobs"]
     assert chosen.name == executor and info["executor"] == executor and len(jobs) == 3
     outputs = [j["output"] for j in jobs]
     inputs = [j["input"] for j in jobs]
-    # one input and one output array per cluster; no two tasks share an array (so no chunk)
-    assert len(set(outputs)) == 3 and not set(outputs) & set(inputs)
-    assert all(not a.startswith(b + "/") for a in outputs for b in outputs if a != b)
+    # one input array (the cluster's embedding rows) and one model file per cluster; no two tasks share one
+    assert len(set(outputs)) == 3 and len(set(inputs)) == 3
+    assert all(not a.startswith(b + "/") for a in inputs for b in inputs if a != b)
     assert [r["n_cells"] for r in info["clusters"]] == np.bincount(labels).tolist()
-    # zero training steps: every cluster AE is the feature AE, so the reassembled output must be the
-    # feature AE's reconstruction of every row, in cell order
+    # zero training steps: every cluster AE is the feature AE, so the outputs in cell order must be the
+    # feature AE applied to its own reconstruction of every row
     model, _ = train.load_model(model_path, "cpu")
+    recon = _first_reconstruction(store)[:]
     with torch.no_grad():
-        expected = model(torch.from_numpy(store.open_array("work/recon")[:]))[0].numpy()
-    np.testing.assert_allclose(store.open_array("work/iterate/test/x")[:], expected, rtol=1e-5, atol=1e-6)
+        expected = model(torch.from_numpy(recon))[0].numpy()
+    np.testing.assert_allclose(info["outputs"][:], expected, rtol=1e-5, atol=1e-6)
+    for a in range(0, len(labels), 50):  # read in blocks, as the feature AE's loader does: the same rows
+        np.testing.assert_allclose(info["outputs"][a:a + 50], expected[a:a + 50], rtol=1e-5, atol=1e-6)
     assert not (store.root / "staging" / "iterate_scratch").exists()  # scratch arrays removed
+    assert not store.has("work/recon") and not store.has("work/iterate/test/x")  # nothing cells x genes stored
 
 
 def test_cluster_autoencoders_train_on_their_own_cluster(feature_store):
     """A trained cluster AE lowers the error on its own rows."""
     store, config, labels = feature_store
     ctx = stage_context(store, "iterate", config)
-    with store.staging("iterate_test") as st:
-        info = cae.run_cluster_autoencoders(ctx, st, source_key="work/recon", labels=labels,
-                                            out_key="work/iterate/test/x",
-                                            model_in=store.root / "models" / "feature_ae.pt", iteration=1)
+    info = cae.run_cluster_autoencoders(ctx, source=_first_reconstruction(store), labels=labels,
+                                        model_in=store.root / "models" / "feature_ae.pt", iteration=1)
     assert [r["steps"] for r in info["clusters"]] == [15, 15, 15]
-    out, src = store.open_array("work/iterate/test/x")[:], store.open_array("work/recon")[:]
+    out, src = info["outputs"][:], _first_reconstruction(store)[:]
     assert out.shape == src.shape and np.isfinite(out).all()
     model, _ = train.load_model(store.root / "models" / "feature_ae.pt", "cpu")
     with torch.no_grad():
@@ -157,14 +160,17 @@ def _observer(store, *, kill_at: tuple[str, int] | None = None):
             raise KeyboardInterrupt(f"killed at {name} {info}")
         if name == "iteration_committed":
             t = info["t"]
-            seen["recons"][iterate.iteration_key(t, "recon")] = store.open_array(iterate.iteration_key(t, "recon"))[:]
+            if store.has(iterate.iteration_key(t, "recon")):  # stored with runtime.keep_work only
+                seen["recons"][iterate.iteration_key(t, "recon")] = store.open_array(
+                    iterate.iteration_key(t, "recon"))[:]
             seen["graphs"][t] = store.read_elem(iterate.iteration_key(t, "graph")).toarray().astype(np.float64)
 
     return seen, on_event
 
 
 def test_iterate_writes_history_and_final_outputs(tmp_path):
-    config = tiny_config(max_iterations=2, ari_stop=1.1, graph_tol=0.0)  # run both iterations
+    # run both iterations; keep_work: the reconstructions are stored, so they can be compared here
+    config = tiny_config(keep_work=True, max_iterations=2, ari_stop=1.1, graph_tol=0.0)
     store, labels = _first_pass(tmp_path, config)
     before = store.open_array("obsm/X_scgnn_feature")[:]
     first_clusters = np.asarray(store.read_elem("obs/scgnn_cluster"))
@@ -200,7 +206,7 @@ def test_iterate_writes_history_and_final_outputs(tmp_path):
         assert peaks == sorted(peaks) and peaks[0] > 0  # the process's peak so far: never falls
         steps = [h[f"seconds_{k}"] for k in ("cluster_autoencoders", "feature", "graph", "gae", "cluster")]
         assert all(v > 0 for v in steps) and sum(steps) <= h["seconds"]
-        phases = [h[f"seconds_cluster_ae_{k}"] for k in ("layout", "train_and_write", "gather")]
+        phases = [h[f"seconds_cluster_ae_{k}"] for k in ("layout", "train_and_write")]
         assert all(v > 0 for v in phases) and sum(phases) <= h["seconds_cluster_autoencoders"]
     # the first comparison is against L0 itself (published code), larger than later graph changes
     assert history[0]["graph_change"] > history[1]["graph_change"]
@@ -236,7 +242,8 @@ def test_iterate_writes_history_and_final_outputs(tmp_path):
 
 
 def test_iterate_stops_when_clusters_agree(tmp_path):
-    config = tiny_config(max_iterations=4, ari_stop=-1.0)  # any ARI exceeds -1: stop after one iteration
+    # any ARI exceeds -1: stop after one iteration
+    config = tiny_config(keep_work=True, max_iterations=4, ari_stop=-1.0)
     store, _ = _first_pass(tmp_path, config)
     info = iterate.run(stage_context(store, "iterate", config))
     assert info["iterations"] == 1 and info["stopped"] == "clusters"
@@ -248,12 +255,14 @@ def test_iterate_stops_when_clusters_agree(tmp_path):
     assert not store.has(iterate.ITERATED.clusters)  # the first pass is the result again
 
 
-def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("keep_work", [True, False])
+def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path, keep_work):
+    """Without keep_work the resumed iteration recomputes R_1 from the model and embedding iteration 1 kept."""
     import shutil
 
     from scgnn_scale.store import RunStore
 
-    config = tiny_config(max_iterations=2, ari_stop=1.1, graph_tol=0.0)
+    config = tiny_config(keep_work=keep_work, max_iterations=2, ari_stop=1.1, graph_tol=0.0)
     store_a, _ = _first_pass(tmp_path, config, "a")
     shutil.copytree(store_a.root, tmp_path / "b")
     store_b = RunStore.open(tmp_path / "b")
@@ -274,8 +283,11 @@ def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(store_b.read_elem("obs/scgnn_cluster")),
                                   np.asarray(store_a.read_elem("obs/scgnn_cluster")))
     np.testing.assert_allclose(store_b.read_elem("obsm/X_scgnn"), store_a.read_elem("obsm/X_scgnn"), atol=1e-5)
-    np.testing.assert_allclose(store_b.open_array(KEYS.final_recon)[:], store_a.open_array(KEYS.final_recon)[:],
-                               atol=1e-5)
+    if keep_work:
+        np.testing.assert_allclose(store_b.open_array(KEYS.final_recon)[:], store_a.open_array(KEYS.final_recon)[:],
+                                   atol=1e-5)
+    else:
+        assert not store_b.has(KEYS.final_recon) and not store_b.has("work/recon")
     for h_full, h_res in zip(full["history"], resumed["history"], strict=True):
         assert h_res["ari_to_previous"] == pytest.approx(h_full["ari_to_previous"])
         assert h_res["graph_change"] == pytest.approx(h_full["graph_change"])
@@ -283,7 +295,7 @@ def test_killed_iterate_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
 
 def test_iterate_killed_before_keeping_its_last_reconstruction_keeps_it_on_resume(tmp_path):
     """R_T is renamed to work/recon_final after the finished checkpoint; a kill in between loses nothing."""
-    config = tiny_config(max_iterations=1)
+    config = tiny_config(keep_work=True, max_iterations=1)
     store, _ = _first_pass(tmp_path, config)
     seen, killed_after_checkpoint = _observer(store, kill_at=("finished", 1))
     with pytest.raises(KeyboardInterrupt):

@@ -133,22 +133,46 @@ def _stages_run(caplog, args) -> set[str]:
     return {m.split(":")[0] for m in (r.getMessage() for r in caplog.records) if m.endswith(": started")}
 
 
-def test_finished_run_removes_its_reconstructions_and_writes_them_again_when_needed(full_run, tiny_input, tmp_path,
-                                                                                    caplog):
+def _cells_by_genes_arrays(run_dir, n_genes) -> list[str]:
+    """The arrays under work.zarr (and its staging) with one column per gene."""
+    import zarr
+
+    found = []
+    for meta in (run_dir / "work.zarr").rglob("zarr.json"):
+        node = zarr.open(meta.parent, mode="r", zarr_format=3)
+        if isinstance(node, zarr.Array) and node.ndim == 2 and node.shape[1] == n_genes:
+            found.append(str(meta.parent.relative_to(run_dir)))
+    return found
+
+
+def test_finished_run_holds_no_reconstruction_and_recomputes_it_for_a_rerun(full_run, tiny_input, tmp_path,
+                                                                            caplog):
     inp, cfg = tiny_input
     assert not any(RunStore.open(full_run).has(key) for key in INTERMEDIATE_RECONS)
-    # other impute options on the finished run: work/recon is gone; it is written again from the saved
-    # feature autoencoder (no feature stage), and the imputation equals that of a run that kept it
+    assert _cells_by_genes_arrays(full_run, read_run(full_run).n_vars) == []
+    # other impute options on the finished run: its input is computed again from the saved feature
+    # autoencoder and the first pass's embedding (no feature stage), and the imputation equals that of a
+    # run that kept work/recon
     out = tmp_path / "rerun"
     shutil.copytree(full_run, out)
     ran = _stages_run(caplog, _run_args(inp, cfg, out, "--overwrite", "--impute-l1", "0.5"))
     assert ran == {"impute"}
-    assert any("written again from the saved feature autoencoder" in r.getMessage() for r in caplog.records)
+    assert any("computed from the saved feature autoencoder" in r.getMessage() for r in caplog.records)
     assert not RunStore.open(out).has("work/recon")
     kept = tmp_path / "kept"
     assert main(_run_args(inp, cfg, kept, "--keep-work", "--impute-l1", "0.5")) == 0
     np.testing.assert_allclose(read_run(out).layers["imputed"].compute(), read_run(kept).layers["imputed"].compute(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_missing_feature_model_redoes_the_feature_stage(full_run, tiny_input, tmp_path, caplog):
+    """Without models/feature_ae.pt the reconstruction cannot be computed: the feature stage is redone."""
+    inp, cfg = tiny_input
+    out = tmp_path / "nomodel"
+    shutil.copytree(full_run, out)
+    (out / "models" / "feature_ae.pt").unlink()
+    ran = _stages_run(caplog, _run_args(inp, cfg, out, "--overwrite", "--impute-l1", "0.5"))
+    assert ran == {"feature", "graph", "gae", "cluster", "iterate", "impute"}
 
 
 def test_other_cluster_resolution_redoes_only_the_clustering_and_after(full_run, tiny_input, tmp_path, caplog):
@@ -187,13 +211,26 @@ def test_redone_feature_stage_publishes_the_new_first_pass(full_run, tiny_input,
     assert store.has(ITERATED.clusters)  # stale, but iterate is not done: never published
 
 
-def test_keep_work_keeps_the_reconstructions_for_a_later_impute(tiny_input, tmp_path, caplog):
+def test_keep_work_keeps_the_reconstructions_and_gives_the_results_of_a_run_without(full_run, tiny_input, tmp_path,
+                                                                                    caplog):
+    """--keep-work stores work/recon and work/recon_final and reads them; a run without computes them from the
+    saved models as it reads them. Same computation: the same clusters, and the imputed values equal within
+    1e-4 (float32 sums in another order)."""
     inp, cfg = tiny_input
     out = tmp_path / "kept"
     assert main(_run_args(inp, cfg, out, "--keep-work")) == 0
-    assert RunStore.open(out).has("work/recon")
+    store = RunStore.open(out)
+    assert store.has("work/recon") and store.has("work/recon_final")
+    n_genes = read_run(out).n_vars
+    assert sorted(_cells_by_genes_arrays(out, n_genes)) == ["work.zarr/recon", "work.zarr/recon_final"]
+    kept, lean = read_run(out), read_run(full_run)
+    np.testing.assert_array_equal(kept.obs["scgnn_cluster"].to_numpy(), lean.obs["scgnn_cluster"].to_numpy())
+    np.testing.assert_allclose(kept.obsm["X_scgnn"], lean.obsm["X_scgnn"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(kept.layers["imputed"].compute(), lean.layers["imputed"].compute(), rtol=1e-4,
+                               atol=1e-4)
     assert _stages_run(caplog, _run_args(inp, cfg, out, "--keep-work", "--overwrite", "--impute-l1", "0.5")) == {
         "impute"}
+    assert not any("computed from" in r.getMessage() for r in caplog.records)  # read the kept work/recon
 
 
 def test_until_stops_after_the_stage(tiny_input, tmp_path):

@@ -7,10 +7,11 @@ feature autoencoder's initial weights and a fresh Adam) and trained ``EM_epochs`
 ("Store reconOri for imputation"), as input and target, with the final graph and clusters as
 regularisers; its output is the imputed matrix. Here:
 
-* **input and target** ``impute.input``: ``recon`` (default) is ``work/recon``, the feature
-  stage's reconstruction of ``X``, i.e. ``reconOri``; ``final`` is the last iteration's
-  feature-AE reconstruction, which iterate keeps at ``work/recon_final`` (the first pass's when
-  iterate ran no iteration);
+* **input and target** ``impute.input``: ``recon`` (default) is the feature stage's
+  reconstruction of ``X``, i.e. ``reconOri``; ``final`` is the last iteration's feature-AE
+  reconstruction (the first pass's when iterate ran no iteration). Both are computed from the
+  saved model and its embedding as they are read (:func:`input_array`), or read from
+  ``work/recon`` / ``work/recon_final`` where ``runtime.keep_work`` stored them;
   ``X`` is the preprocessed matrix itself (the paper's wording, "on the original X").
 * **network** the feature autoencoder's shape, seeded with ``runtime.seed`` as the feature AE
   is: the same initial weights as the published reset; fresh optimiser.
@@ -51,11 +52,14 @@ Writes ``layers/imputed`` (N x G, the reconstruction, block by block; float32, o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import InputError
-from ..keys import IMPUTE_MODEL, KEYS, ltmg_key
+from ..keys import FEATURE_MODEL, FIRST_PASS, IMPUTE_MODEL, ITERATE_MODELS, ITERATED, KEYS, ltmg_key
 from ..nn.losses import ORIGINAL_BATCH_CELLS, imputation_cell_weights
+from ..reconstruction import feature_reconstruction
 from ..train import train_and_write
 
 #: ``impute.input`` -> the store key the imputation AE reconstructs
@@ -88,24 +92,45 @@ def regulariser_weights(ctx, n_cells: int) -> tuple[np.ndarray, dict]:
     return weights, info
 
 
-def input_key(ctx) -> str:
-    """The store key the imputation AE reconstructs, from ``impute.input`` (see the module docstring).
+def input_array(ctx) -> tuple[str, object]:
+    """What the imputation AE reconstructs, from ``impute.input`` (see the module docstring): its name and
+    the array (stored, or computed from the saved feature model and its embedding as it is read).
 
-    ``final`` is the last feature-AE reconstruction the run holds: iterate's ``work/recon_final``,
-    or the feature stage's ``work/recon`` when iterate ran no iteration (it then removes any older
-    ``work/recon_final``).
+    ``recon`` is the first feature AE's reconstruction: ``work/recon`` when the run kept it
+    (``runtime.keep_work``), else ``decoder(embedding)`` of ``models/feature_ae.pt`` and the first
+    pass's embedding. ``final`` is the last feature-AE reconstruction the run holds: ``work/recon_final``,
+    or the last iteration's model applied to ``work/iterated/X_scgnn_feature``, or the first pass's
+    when iterate ran no iteration.
     """
     choice = ctx.config.impute.input
     if choice not in INPUT_KEYS:
         raise InputError(f"impute.input: '{choice}' is not one of {', '.join(INPUT_KEYS)}")
-    key = INPUT_KEYS[choice]
-    if choice == "final" and not ctx.store.has(key):
-        key = INPUT_KEYS["recon"]
-    if not ctx.store.has(key):
-        raise InputError(f"{ctx.store.root}: impute.input={choice} needs '{key}', which the run does not hold "
-                         "(the feature stage writes it)" if key != "X" else
-                         f"{ctx.store.root}: the run has no X; run preprocess first")
-    return key
+    store, device = ctx.store, ctx.runtime.device
+    if choice == "X":
+        if not store.has(KEYS.x):
+            raise InputError(f"{store.root}: the run has no X; run preprocess first")
+        return KEYS.x, store.open_array(KEYS.x)
+    if choice == "final" and store.has(KEYS.final_recon):
+        return KEYS.final_recon, store.open_array(KEYS.final_recon)
+    if choice == "final" and store.has(ITERATED.feature_embedding):
+        models = sorted(store.model_paths(ITERATE_MODELS), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        recon = feature_reconstruction(store, models[-1], ITERATED.feature_embedding, device) if models else None
+        if recon is None:
+            raise InputError(f"{store.root}: impute.input=final needs the last iteration's feature model "
+                             f"({ITERATE_MODELS}.pt in models/), which the run does not hold; redo iterate")
+        ctx.log.info("impute: input %s computed from %s and %s", KEYS.final_recon, Path(recon.model_path).name,
+                     ITERATED.feature_embedding)
+        return KEYS.final_recon, recon
+    if store.has(KEYS.recon):
+        return KEYS.recon, store.open_array(KEYS.recon)
+    recon = feature_reconstruction(store, store.model_path(FEATURE_MODEL), FIRST_PASS.feature_embedding, device)
+    if recon is None:
+        raise InputError(f"{store.root}: impute.input={choice} needs {KEYS.recon}, or the feature autoencoder's "
+                         f"model (models/{FEATURE_MODEL}.pt) and embedding ({FIRST_PASS.feature_embedding}), which "
+                         "the run does not hold (the feature stage writes them)")
+    ctx.log.info("impute: input %s computed from the saved feature autoencoder and %s", KEYS.recon,
+                 FIRST_PASS.feature_embedding)
+    return KEYS.recon, recon
 
 
 def run(ctx) -> dict:
@@ -113,10 +138,10 @@ def run(ctx) -> dict:
     fcfg, icfg = ctx.config.feature, ctx.config.impute
     n_cells = int(ctx.store.open_array(KEYS.x).shape[0])
     weights, weight_info = regulariser_weights(ctx, n_cells)
-    x_key = input_key(ctx)
+    x_key, x = input_array(ctx)
     with ctx.store.staging(ctx.stage) as st:
         info = train_and_write(
-            ctx, st, x_key=x_key, trs_key=ltmg_key(ctx.store, ctx.config) if icfg.use_ltmg else None, steps=None,
+            ctx, st, x_key=x_key, x_array=x, trs_key=ltmg_key(ctx.store, ctx.config) if icfg.use_ltmg else None, steps=None,
             model_in=None, model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None,
             recon_key=KEYS.imputed, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
             max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=weights, resume=True,

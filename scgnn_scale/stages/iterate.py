@@ -1,15 +1,17 @@
 """Stage ``iterate``: cluster autoencoders and the scGNN iteration to convergence (docs/METHOD.md steps 7-8).
 
 Iteration ``t = 1, 2, ...`` starts from the previous feature-autoencoder reconstruction ``R_(t-1)``
-(the feature stage's ``work/recon`` for t = 1) and the previous clusters ``c_(t-1)`` (the cluster
-stage's ``obs/scgnn_cluster`` for t = 1):
+(the feature stage's for t = 1) and the previous clusters ``c_(t-1)`` (the cluster stage's
+``obs/scgnn_cluster`` for t = 1). No cells x genes array is stored (:mod:`scgnn_scale.reconstruction`):
+``R_(t-1)`` is ``decoder_(t-1)(embedding_(t-1))``, computed from the saved model and the 128-d
+embedding as it is read, and ``X_t`` from the cluster AEs' saved models:
 
 1. **Cluster autoencoders** (:mod:`scgnn_scale.cluster_autoencoders`). One
    :class:`~scgnn_scale.nn.autoencoder.DenseAutoencoder` per cluster, trained only on that cluster's
    rows of ``R_(t-1)`` (the paper; the published code at HEAD trains them on all cells because a fix
    was reverted), loss ``cluster_gamma * SE + l1 * sum|w|`` (no LTMG term), started from the current
    feature AE's weights as the published code does (``model.load_state_dict(ptstatus)``;
-   ``iterate.cluster_init``). Their outputs, back in cell order, are ``X_t``, the next input.
+   ``iterate.cluster_init``). Their outputs, in cell order, are ``X_t``, the next input.
 2. **Feature AE, continued** from the previous iteration's saved model and optimiser
    (``feature.iter_steps`` steps, LTMG term per ``iterate.feature_ltmg``), then the cell graph,
    the graph autoencoder and the clusters ``c_t``, with the functions the first pass's stages use.
@@ -46,31 +48,32 @@ Store layout while running (all under ``work.zarr``)::
     work/first_pass/{X_scgnn_feature, graph, X_scgnn, cluster}
                                                      the first pass (feature, graph, gae, cluster
                                                      stages): L0 and c_0 come from here; only read
-    work/iterate/<t>/x                               X_t, removed once iteration t has committed
-    work/iterate/<t>/recon, feature, graph, gae, cluster, labels
+    work/iterate/<t>/feature, graph, gae, cluster, labels
+    work/iterate/<t>/recon                           R_t, only with runtime.keep_work
+    models/iterate_cluster_<t>_<c>.pt                cluster c's AE, removed once iteration t has committed
     models/iterate_feature_<t>.pt                    the feature AE (and optimiser) after iteration t
     work/iterated/{X_scgnn_feature, graph, X_scgnn, cluster}
                                                      after the stage: the last iteration's results
-    work/recon_final                                 after the stage: R_T, the last iteration's
-                                                     feature-AE reconstruction
+    work/recon_final                                 after the stage, only with runtime.keep_work: R_T,
+                                                     the last iteration's feature-AE reconstruction
 
 Each iteration is one staged commit (its steps read what the earlier steps staged), and the
 stage checkpoints (``ctx.save_checkpoint``) after every finished iteration: a killed run resumes
-at the last finished iteration, from the same stored reconstruction, clusters and model file,
+at the last finished iteration, from the same stored embedding, clusters and model file,
 with seeds that depend only on (seed, iteration, cluster), so it ends with the same result as an
 uninterrupted run. Iteration ``t - 1``'s arrays and model are removed once iteration ``t`` has
-committed. Disk: at most about three cells x genes arrays at a time (``R_(t-1)``, the cluster
-outputs or ``R_t``, and ``X_t``), and one (``work/recon_final``) once the stage has ended. The
+committed. Disk: no cells x genes array (with ``runtime.keep_work``: ``R_(t-1)`` and ``R_t``, and
+``work/recon_final`` once the stage has ended). The
 stage announces ``iteration_started`` and ``iteration_committed`` (with ``t``) and ``finished``
 through ``ctx.event``.
 
 Outputs: the last iteration's embedding, graph, graph embedding and clusters under
 ``work/iterated/`` (the pipeline publishes them as ``obsm/X_scgnn_feature``, ``obsp/scgnn_graph``,
 ``obsm/X_scgnn``, ``obs/scgnn_cluster``; the first pass stays where its stages wrote it); the info
-dict carries the per-iteration ``history`` (``uns/scgnn/history``). ``R_T`` is kept at
-``work/recon_final`` (moved there once the stage's checkpoint says finished) for
-``impute.input = "final"``; the default imputation input is the first pass's ``work/recon`` (the
-published ``reconOri``), which the feature stage wrote and iterate only reads. A run with no
+dict carries the per-iteration ``history`` (``uns/scgnn/history``). ``R_T`` (``impute.input =
+"final"``) is the last feature model, kept in ``models/``, applied to ``work/iterated/X_scgnn_feature``
+(with ``runtime.keep_work`` also stored at ``work/recon_final``); the default imputation input is the
+first pass's reconstruction (the published ``reconOri``). A run with no
 iteration (``max_iterations = 0``) or a rerun from scratch removes ``work/iterated`` and a
 ``work/recon_final`` left by an earlier config. ``work/iterate`` is removed when the stage ends;
 the last feature model stays in ``models/`` (its path is in the info dict).
@@ -84,12 +87,13 @@ import numpy as np
 
 from .. import convergence as cv
 from ..cell_graph import build_graph
-from ..cluster_autoencoders import dense_labels, run_cluster_autoencoders
+from ..cluster_autoencoders import CLUSTER_MODELS, dense_labels, run_cluster_autoencoders
 from ..clustering import as_categorical, cluster_cells
 from ..errors import InputError
 from ..graph_autoencoder import train_gae
 from ..keys import FIRST_PASS, ITERATE_MODELS, ITERATED, KEYS, iterate_model, ltmg_key
 from ..memory import peak_rss_mb
+from ..reconstruction import DecodedRows, feature_reconstruction
 from ..train import train_feature
 
 WORK = KEYS.iterate_work
@@ -105,8 +109,19 @@ def _model_path(ctx, t: int):
     return ctx.store.model_path(iterate_model(t))
 
 
-def _recon_key(t: int) -> str:
-    return KEYS.recon if t == 0 else iteration_key(t, "recon")
+def _embedding_key(t: int) -> str:
+    """The feature embedding after iteration ``t`` (the first pass's for 0)."""
+    return FIRST_PASS.feature_embedding if t == 0 else iteration_key(t, "feature")
+
+
+def _reconstruction(ctx, t: int) -> DecodedRows:
+    """``R_t``, the feature AE's reconstruction after iteration ``t``: ``decoder_t(embedding_t)``, computed
+    as it is read from the saved model and embedding (both kept until iteration ``t + 1`` has committed)."""
+    recon = feature_reconstruction(ctx.store, _model_path(ctx, t), _embedding_key(t), ctx.runtime.device)
+    if recon is None:
+        raise InputError(f"{ctx.store.root}: the run has no '{_model_path(ctx, t).name}' or '{_embedding_key(t)}' "
+                         "(the feature autoencoder's model and embedding); run the stages before iterate")
+    return recon
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -130,7 +145,7 @@ def run(ctx) -> dict:
         ctx.log.info("iterate: max_iterations is 0; the first pass's results stay")
         _forget_iterated(ctx.store)  # an earlier config's; the first pass is the result
         return {"iterations": 0, "stopped": "max_iterations", "history": []}
-    for key in (KEYS.recon, FIRST_PASS.graph, FIRST_PASS.clusters):
+    for key in (FIRST_PASS.feature_embedding, FIRST_PASS.graph, FIRST_PASS.clusters):
         if not ctx.store.has(key):
             raise InputError(f"{ctx.store.root}: the run has no '{key}' yet; run the stages before iterate")
 
@@ -240,13 +255,16 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
     # one commit per iteration: the steps read what the previous ones staged
     with ctx.store.staging(f"iterate_{t}") as st:
         cluster_info = run_cluster_autoencoders(
-            ctx, st, source_key=_recon_key(t - 1), labels=labels_prev, out_key=iteration_key(t, "x"),
+            ctx, source=_reconstruction(ctx, t - 1), labels=labels_prev,
             model_in=_model_path(ctx, t - 1) if cfg.cluster_init == "feature" else None, iteration=t)
         done("cluster_autoencoders")
+        # X_t, the cluster AEs' outputs, is computed again from their models as the feature AE reads it
         feature_info = train_feature(
-            ctx, st, x_key=iteration_key(t, "x"), trs_key=ltmg_key(ctx.store, ctx.config) if cfg.feature_ltmg else None,
+            ctx, st, x_key=iteration_key(t, "x"), x_array=cluster_info.pop("outputs"),
+            trs_key=ltmg_key(ctx.store, ctx.config) if cfg.feature_ltmg else None,
             steps=ctx.config.feature.iter_steps, model_in=_model_path(ctx, t - 1), model_out=_model_path(ctx, t),
-            embedding_key=iteration_key(t, "feature"), recon_key=iteration_key(t, "recon"), seed=seed + t)
+            embedding_key=iteration_key(t, "feature"),
+            recon_key=iteration_key(t, "recon") if ctx.config.runtime.keep_work else None, seed=seed + t)
         done("feature")
         build_graph(ctx, st, embedding_key=iteration_key(t, "feature"), graph_key=iteration_key(t, "graph"))
         done("graph")
@@ -258,7 +276,8 @@ def _run_iteration(ctx, t: int, labels_prev: np.ndarray) -> dict:
         done("cluster")
         labels = dense_labels(labels)
         st.write_elem(iteration_key(t, "labels"), labels)
-    ctx.store.delete(iteration_key(t, "x"))  # only this iteration's feature AE reads it
+    for name in cluster_info["models"]:  # only this iteration's feature AE reads them (X_t)
+        ctx.store.remove_model(name)
     return {"labels": labels, "feature": feature_info, "cluster_ae_loss": cluster_info["loss_mean"],
             "cluster_ae_seconds": cluster_info["seconds"], "cluster": cinfo, "peak_rss_mb_after": peaks,
             "seconds": seconds}
@@ -297,6 +316,8 @@ def _cleanup_iteration(ctx, t: int) -> None:
 
 def _cleanup_all(ctx, keep_model: int | None = None) -> None:
     ctx.store.delete(WORK)
+    for path in ctx.store.model_paths(CLUSTER_MODELS):  # an interrupted iteration's
+        path.unlink(missing_ok=True)
     for path in ctx.store.model_paths(ITERATE_MODELS):
         if keep_model is None or path != _model_path(ctx, keep_model):
             path.unlink(missing_ok=True)
@@ -323,12 +344,13 @@ def _commit_final(ctx, t: int, history: list[dict], stopped: str, truth) -> dict
 def _keep_final_recon(ctx, t: int) -> None:
     """Keep the last iteration's reconstruction ``R_T`` as ``work/recon_final`` (for impute.input "final").
 
-    A rename once the stage's checkpoint says finished: with the copy it replaces, the stage took 57 s
-    after a 1M-cell iteration's stopping decision on an H200; with the rename 20 s. Before the
-    checkpoint, a resumed run must still find it under ``work/iterate/<t>/recon`` for
-    :func:`_commit_final`.
+    Only with ``runtime.keep_work`` (otherwise impute computes it from the last model and
+    ``work/iterated/X_scgnn_feature``). A rename once the stage's checkpoint says finished: with the
+    copy it replaces, the stage took 57 s after a 1M-cell iteration's stopping decision on an H200;
+    with the rename 20 s.
     """
-    ctx.store.move(iteration_key(t, "recon"), KEYS.final_recon)
+    if ctx.config.runtime.keep_work:
+        ctx.store.move(iteration_key(t, "recon"), KEYS.final_recon)
 
 
 def _label_column(ctx) -> np.ndarray | None:
