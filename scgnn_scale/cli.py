@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .logs import set_verbosity
+    from .paths import redact
 
     set_verbosity(getattr(args, "log_level", None) or "info")
     try:
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         if args.debug:
             raise
-        print(f"scgnn-scale: error: {exc}", file=sys.stderr)
+        print(redact(f"scgnn-scale: error: {exc}"), file=sys.stderr)
         return 2
     except ValueError as exc:
         # zarr's crc32c codec: a chunk changed after it was written, with its file's time put back
@@ -373,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # the disk or the permissions, not a bug: finished stages are committed, the rerun resumes
         where = exc.filename or getattr(args, "out", None) or getattr(args, "to", None) or "scgnn-scale"
-        print(f"scgnn-scale: error: {where}: {exc.strerror or exc}; finished stages are kept, rerun the same "
-              "command once this is fixed", file=sys.stderr)
+        print(redact(f"scgnn-scale: error: {where}: {exc.strerror or exc}; finished stages are kept, rerun the same "
+              "command once this is fixed"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scgnn-scale: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ import zarr
 from .keys import KEYS
 from .loader import BackgroundWriter, in_background, iter_row_blocks
 from .memory import release_freed_memory
+from .paths import as_path, remove_tree
 from .store import Staging
 
 #: never committed: the clusters' rows and outputs, removed once the outputs are back in cell order
@@ -211,12 +211,12 @@ def run_cluster_autoencoders(ctx, staging, *, source_key: str, labels: np.ndarra
         phases["train_and_write"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
         release_freed_memory()  # the cluster AEs' buffers, before the feature AE allocates its own
         for c in range(n_clusters):  # inputs are no longer needed: free the disk before the gather
-            shutil.rmtree(scratch.path_of(_cluster_key(c, "input")), ignore_errors=True)
+            remove_tree(as_path(scratch.path_of(_cluster_key(c, "input"))))
 
         out = staging.create_matrix(out_key, (n, g), np.float32)
         gather_rows(outputs, labels, out, block_rows=block_rows)
     finally:
-        shutil.rmtree(scratch.root, ignore_errors=True)
+        remove_tree(scratch.root)
     phases["gather"] = round(time.perf_counter() - t0, 3)
     ctx.log.info("iterate: %d cluster autoencoders: cells laid out by cluster in %.1f s, trained and written "
                  "in %.1f s (%s), put back in cell order in %.1f s", n_clusters, phases["layout"],
