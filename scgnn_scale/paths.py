@@ -30,9 +30,10 @@ from types import SimpleNamespace
 
 from .errors import InputError, MissingDependencyError
 
-#: what fsspec's backend for a URL scheme needs (all but adlfs in the 'remote' extra)
-_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-             "abfss": "adlfs", "http": "aiohttp and requests", "https": "aiohttp and requests"}
+#: what fsspec's backend for a URL scheme needs: the 'remote' extra's packages, else the one named
+_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp and requests",
+             "https": "aiohttp and requests"}
+_OTHER_BACKENDS = {"az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 
 
 def is_url(text) -> bool:
@@ -57,10 +58,13 @@ def _filesystem(url: str):
     scheme = url.split("://", 1)[0].lower()
     try:
         fs, path = fsspec.core.url_to_fs(url)
-    except ImportError:
-        needs = _BACKENDS.get(scheme, "fsspec's backend for it")
-        raise MissingDependencyError(f"{redact(url)}: a run directory at {scheme}:// needs {needs}; install it with "
-                                     "pip install -e \".[remote]\" (or pip install 'scgnn-scale[remote]')") from None
+    except ImportError as exc:
+        if scheme in _BACKENDS:
+            how = f"{_BACKENDS[scheme]}; install it with pip install -e \".[remote]\""
+        else:
+            package = _OTHER_BACKENDS.get(scheme) or (getattr(exc, "name", None) or "fsspec's backend for it")
+            how = f"{package}; install it with pip install {package}"
+        raise MissingDependencyError(f"{redact(url)}: a run directory at {scheme}:// needs {how}") from None
     except ValueError:
         raise InputError(f"{redact(url)}: unknown URL scheme {scheme}:// (not a path, nor a URL fsspec can write: "
                          "s3, gs, az, file, ...)") from None
@@ -243,6 +247,27 @@ def replace_tree(src: Path | ObjectPath, dst: Path | ObjectPath) -> None:
             if batch:
                 src.fs.copy([f"{src.path}/{r}" for r in batch], [f"{dst.path}/{r}" for r in batch])
     remove_tree(src)
+
+
+def upload_tree(local: Path, target: ObjectPath) -> None:
+    """Put every file under the local directory ``local`` under ``target``, concurrently, metadata last."""
+    rels = walk_files(local)
+    for batch in ([r for r in rels if not r.endswith("zarr.json")], [r for r in rels if r.endswith("zarr.json")]):
+        if batch:
+            target.fs.put([str(local / r) for r in batch], [f"{target.path}/{r}" for r in batch])
+
+
+@contextlib.contextmanager
+def written_locally(target: ObjectPath):
+    """A local scratch directory (``<private temporary directory>/element``) whose files are uploaded under
+    ``target`` in one concurrent batch: for elements of many small arrays (a summary, a data frame), a request
+    each and in turn would take minutes."""
+    tmp = Path(tempfile.mkdtemp(prefix="scgnn-put-"))
+    try:
+        yield tmp / "element"
+        upload_tree(tmp / "element", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import zarr
 
 from .atomic import write_json
 from .errors import InputError
-from .paths import ObjectPath, as_path, remove_tree, replace_tree
+from .paths import ObjectPath, as_path, remove_tree, replace_tree, written_locally
 
 FORMAT_VERSION = 1
 _DICT_GROUPS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
@@ -123,11 +123,10 @@ class Staging:
     def write_elem(self, key: str, value: Any) -> None:
         """Write a small element (DataFrame, sparse matrix, dense array, dict) in AnnData encoding."""
         self._register(key)
-        _, write_elem = _anndata_io()
         parent, _, name = key.rpartition("/")
         group = self.group.require_group(parent) if parent else self.group
-        write_elem(group, name, value,
-                   dataset_kwargs={"compressors": compressors(self.store.store_config.compression_level)})
+        _write_elem(group, self.root / key, name, value,
+                    dataset_kwargs={"compressors": compressors(self.store.store_config.compression_level)})
 
     def drop(self, key: str) -> None:
         """Remove ``key`` from the store on commit: an output this run of the stage does not make."""
@@ -160,6 +159,17 @@ class Staging:
             self.store.delete(key)
         self.store._seal(self.created, owner=self.store.current_stage or self.stage)
         remove_tree(self.root)
+
+
+def _write_elem(group: zarr.Group, where, name: str, value: Any, **kwargs) -> None:
+    """anndata's ``write_elem(group, name, value)``; on an object store written into a local scratch group and
+    uploaded under ``where`` (the element's own path) in one batch."""
+    _, write_elem = _anndata_io()
+    if not isinstance(where, ObjectPath):
+        write_elem(group, name, value, **kwargs)
+        return
+    with written_locally(where) as local:
+        write_elem(zarr.open_group(str(local.parent), mode="a", zarr_format=3), local.name, value, **kwargs)
 
 
 def _summary_text(value: Any) -> str:
@@ -584,11 +594,10 @@ class RunStore:
         digest = hashlib.sha256(json.dumps(summary, sort_keys=True, default=_summary_text).encode()).hexdigest()
         if self.manifest.get("uns_digest") == digest and self.has("uns/scgnn"):
             return
-        _, write_elem = _anndata_io()
         uns = zarr.open_group(str(self.adata_path / "uns"), mode="a", zarr_format=3)
         if "scgnn" in uns:
             del uns["scgnn"]
-        write_elem(uns, "scgnn", summary)
+        _write_elem(uns, self.adata_path / "uns" / "scgnn", "scgnn", summary)
         self.manifest["uns_digest"] = digest
         self._save_manifest()
 
