@@ -23,7 +23,7 @@ import threading
 import time
 
 from .errors import InputError
-from .paths import ObjectPath, redact
+from .paths import ObjectPath, redact, store_error
 
 log = logging.getLogger("scgnn_scale")
 
@@ -31,22 +31,6 @@ LEASE_SECONDS = 90.0
 HEARTBEAT_SECONDS = 15.0
 #: how long a starting run waits before reading its lease back (another writer's PUT lands by then)
 SETTLE_SECONDS = 0.5
-
-
-def store_error(root: ObjectPath, exc: BaseException, doing: str) -> InputError:
-    """One line for what the store said: no bucket, no credentials, access denied, no endpoint."""
-    name = type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else name
-    if "NoCredentials" in name or "credentials" in text.lower():
-        why = ("no credentials found (set them as the store's library reads them: AWS_ACCESS_KEY_ID/"
-               "AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role; GOOGLE_APPLICATION_CREDENTIALS; ...)")
-    elif isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
-        why = f"the bucket {root.parts[0] if root.parts else root.url} does not exist"
-    elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
-        why = f"access denied ({text})"
-    else:
-        why = f"{name}: {text}"
-    return InputError(redact(f"{root}: cannot {doing}: {why}"))
 
 
 def check_out_prefix(root: ObjectPath, lock_name: str) -> None:

@@ -56,6 +56,10 @@ def _filesystem(url: str):
     import fsspec
 
     scheme = url.split("://", 1)[0].lower()
+    if _USERINFO.search(url) or "?" in url or "#" in url:
+        raise InputError(f"{redact(url)}: a run directory's URL names the bucket and prefix only; credentials and "
+                         "options come from the store's own chain (environment, ~/.aws, fsspec's configuration), "
+                         "never from the URL")
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:
@@ -69,6 +73,41 @@ def _filesystem(url: str):
         raise InputError(f"{redact(url)}: unknown URL scheme {scheme}:// (not a path, nor a URL fsspec can write: "
                          "s3, gs, az, file, ...)") from None
     return fs, path.rstrip("/")
+
+
+def store_error(where, exc: BaseException, doing: str) -> InputError:
+    """One line for what an object store said: no bucket, no credentials, access denied, anything else."""
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else name
+    parts = [p for p in str(where).split("://", 1)[-1].split("/") if p]
+    if "NoCredentials" in name or "credentials" in text.lower():
+        why = ("no credentials found (give them as the store's library reads them: AWS_ACCESS_KEY_ID and "
+               "AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role; GOOGLE_APPLICATION_CREDENTIALS; ...)")
+    elif isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
+        why = f"the bucket {parts[0] if parts else where} does not exist"
+    elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        why = f"access denied ({text})"
+    else:
+        why = f"{name}: {text}"
+    return InputError(redact(f"{where}: cannot {doing}: {why}"))
+
+
+def _guarded(method):
+    """Let a missing file be FileNotFoundError, as for a Path; say any other error of the store in one line
+    (the store library's errors, botocore's say, have no common base)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self.fs.invalidate_cache(self.path)  # another client (zarr's) may have written it since it was listed
+        try:
+            return method(self, *args, **kwargs)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, InputError):
+            raise
+        except Exception as exc:
+            raise store_error(self, exc, "write" if method.__name__ in ("write_bytes", "unlink") else "read") from None
+
+    return wrapper
 
 
 class ObjectPath:
@@ -125,20 +164,22 @@ class ObjectPath:
         return self.path[len(other.path):].lstrip("/")
 
     # -- queries ---------------------------------------------------------------------------------
+    @_guarded
     def exists(self) -> bool:
         return self.fs.exists(self.path)
 
+    @_guarded
     def is_file(self) -> bool:
         return self.fs.isfile(self.path)
 
+    @_guarded
     def is_dir(self) -> bool:
         return self.fs.isdir(self.path)
 
+    @_guarded
     def iterdir(self):
-        for p in self.fs.ls(self.path, detail=False):
-            name = p.rstrip("/").rsplit("/", 1)[-1]
-            if name:
-                yield self / name
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+        return iter([self / name for name in names if name])
 
     def glob(self, pattern: str):
         return [self / name for name in sorted(p.name for p in self.iterdir()) if fnmatch.fnmatch(name, pattern)]
@@ -146,20 +187,17 @@ class ObjectPath:
     def rglob(self, pattern: str):
         return [self / f[len(self.path):] for f in self.fs.find(self.path) if fnmatch.fnmatch(f.rsplit("/", 1)[-1], pattern)]
 
+    @_guarded
     def stat(self):
         """``st_size``, and as ``st_mtime_ns`` the object's version: its ETag, else its time (never a clock)."""
-        try:
-            info = self.fs.info(self.path)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise FileNotFoundError(str(exc)) from None
-        return _stat_of(info)
+        return _stat_of(self.fs.info(self.path))
 
     # -- content ---------------------------------------------------------------------------------
+    @_guarded
     def open(self, mode: str = "rb", **kwargs):
         return self.fs.open(self.path, mode, **kwargs)
 
+    @_guarded
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self.path)
 
@@ -169,6 +207,7 @@ class ObjectPath:
         except FileNotFoundError:
             raise FileNotFoundError(2, "No such file", self.url) from None
 
+    @_guarded
     def write_bytes(self, data: bytes) -> None:
         self.fs.pipe_file(self.path, data)
 
@@ -178,6 +217,7 @@ class ObjectPath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Prefixes need no creating; a missing bucket shows at the first write."""
 
+    @_guarded
     def unlink(self, missing_ok: bool = False) -> None:
         try:
             self.fs.rm_file(self.path)
@@ -202,6 +242,7 @@ def listing(top: Path | ObjectPath) -> dict[str, SimpleNamespace] | None:
     directory, whose files are stat'ed one by one as before."""
     if isinstance(top, Path):
         return None
+    top.fs.invalidate_cache(top.path)
     found = top.fs.find(top.path, detail=True)
     return {name[len(top.path):].lstrip("/"): _stat_of(info) for name, info in found.items()}
 
