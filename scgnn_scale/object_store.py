@@ -1,9 +1,10 @@
 """What a run directory on an object store needs besides paths (:mod:`scgnn_scale.paths`): the checks of
 ``--out`` and the lock that keeps a second run off the same prefix.
 
-The lock is a **lease**: ``RUN_DIR/.lock`` holds the holder's name, a random token and the time of its last
-heartbeat, rewritten every :data:`HEARTBEAT_SECONDS` while the run lives. A lease not renewed for
-:data:`LEASE_SECONDS` is stale and may be taken, as is one whose holder is a dead process on this host (a
+The lock is a **lease**: ``RUN_DIR/.lock`` holds the holder's name, a random token, the length of its lease
+(:data:`LEASE_SECONDS`, or the environment's ``SCGNN_LEASE_SECONDS``) and the time of its last heartbeat,
+rewritten every sixth of the lease while the run lives. A lease not renewed for its length is stale and may
+be taken, as is one whose holder is a dead process on this host (a
 killed run is resumed at once on the machine it ran on; a pre-empted VM's successor waits out the lease).
 Conditional writes (S3's ``If-None-Match``, GCS's generation match) would close the last race, two runs
 starting within the same second, but each store spells them differently and fsspec exposes none of them;
@@ -28,7 +29,6 @@ from .paths import ObjectPath, redact, store_error
 log = logging.getLogger("scgnn_scale")
 
 LEASE_SECONDS = 90.0
-HEARTBEAT_SECONDS = 15.0
 #: how long a starting run waits before reading its lease back (another writer's PUT lands by then)
 SETTLE_SECONDS = 0.5
 
@@ -73,8 +73,20 @@ def _alive_here(entry: dict) -> bool:
     return True
 
 
+def lease_seconds() -> float:
+    """How long this process's lease lasts unrenewed: ``SCGNN_LEASE_SECONDS`` (e.g. shorter, so that a
+    pre-empted VM's successor starts sooner), else :data:`LEASE_SECONDS`."""
+    try:
+        return max(float(os.environ.get("SCGNN_LEASE_SECONDS", LEASE_SECONDS)), 1.0)
+    except ValueError:
+        raise InputError(f"SCGNN_LEASE_SECONDS={os.environ['SCGNN_LEASE_SECONDS']!r}: not a number of seconds") from None
+
+
 def _live(entry: dict | None) -> bool:
-    return bool(entry) and time.time() - float(entry.get("heartbeat", 0)) < LEASE_SECONDS and _alive_here(entry)
+    if not entry:
+        return False
+    age = time.time() - float(entry.get("heartbeat", 0))
+    return age < float(entry.get("lease_s", LEASE_SECONDS)) and _alive_here(entry)
 
 
 def lease_holder(lock: ObjectPath) -> str | None:
@@ -90,8 +102,9 @@ def lease_holder(lock: ObjectPath) -> str | None:
 def lease(lock: ObjectPath):
     """Hold the lease at ``lock`` for the life of the block, renewing it in a background thread."""
     root = lock.parent
+    seconds = lease_seconds()
     mine = {"holder": f"pid {os.getpid()} on {socket.gethostname()}", "host": socket.gethostname(),
-            "pid": os.getpid(), "token": secrets.token_hex(8)}
+            "pid": os.getpid(), "token": secrets.token_hex(8), "lease_s": seconds}
 
     def write() -> None:
         lock.write_bytes(json.dumps({**mine, "heartbeat": time.time()}).encode())
@@ -99,7 +112,7 @@ def lease(lock: ObjectPath):
     def refuse(entry: dict) -> InputError:
         return InputError(f"{root}: another scgnn-scale run is using this directory "
                           f"({entry.get('holder', 'another process')}); wait for it to end (or its lease of "
-                          f"{LEASE_SECONDS:.0f} s to lapse) or choose another --out")
+                          f"{float(entry.get('lease_s', LEASE_SECONDS)):g} s to lapse) or choose another --out")
 
     try:
         entry = _read(lock)
@@ -117,7 +130,7 @@ def lease(lock: ObjectPath):
     stop = threading.Event()
 
     def renew() -> None:
-        while not stop.wait(HEARTBEAT_SECONDS):
+        while not stop.wait(seconds / 6):
             try:
                 write()
             except Exception as exc:  # the next beat tries again; the lease lapses only after several

@@ -57,6 +57,21 @@ def planted():
     return planted_counts()
 
 
+#: run a command in its own mount namespace with an empty /tmp: a Dask worker started so cannot read what the
+#: client keeps under /tmp (the tests' run directories), as on a cluster without a shared disk (needs root)
+PRIVATE_TMP = ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$@"',
+               "private-tmp")
+
+
+def private_tmp_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run([*PRIVATE_TMP, "true"], capture_output=True).returncode == 0
+
+
 class DaskProcesses:
     """A ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (tests marked ``cluster``).
 
@@ -64,13 +79,16 @@ class DaskProcesses:
     a new worker process when its worker dies). :meth:`stop` ends every process it started.
     """
 
-    def __init__(self, log_path: Path, n_workers: int = 2, *, nanny: bool = False):
+    def __init__(self, log_path: Path, n_workers: int = 2, *, nanny: bool = False, worker_prefix=()):
+        """``worker_prefix``: a command the workers are started under (:data:`PRIVATE_TMP`: without the
+        client's /tmp, so a worker handed a local path of the client's fails)."""
         import subprocess
         import sys
 
         from distributed import Client
 
         self._subprocess = subprocess
+        self._worker_prefix = tuple(worker_prefix)
         self.log = open(log_path, "wb")
         self.procs: list = []
         port = free_port()
@@ -82,15 +100,15 @@ class DaskProcesses:
             wport = free_port()
             proc = self._start(sys.executable, "worker", self.address, "--nworkers", "1", "--nthreads", "1",
                                "--nanny" if nanny else "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-                               "--worker-port", str(wport), "--name", f"w{i}")
+                               "--worker-port", str(wport), "--name", f"w{i}", prefix=self._worker_prefix)
             self.procs.append(proc)
             self.workers[f"tcp://127.0.0.1:{wport}"] = proc
         if n_workers:
             with Client(self.address, timeout="30s") as client:
                 client.wait_for_workers(n_workers, timeout=60)
 
-    def _start(self, python, *args):
-        return self._subprocess.Popen([python, "-m", "dask", *args], stdout=self.log,
+    def _start(self, python, *args, prefix=()):
+        return self._subprocess.Popen([*prefix, python, "-m", "dask", *args], stdout=self.log,
                                       stderr=self._subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
