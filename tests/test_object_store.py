@@ -178,8 +178,8 @@ def _one_line_error(capsys) -> str:
 
 def test_a_missing_bucket_or_a_bad_url_is_one_line(tiny, s3_server, capsys):
     assert main(_args(tiny["local_input"], tiny["cfg"], "s3://no-such-bucket/run")) == 2
-    assert "s3://no-such-bucket/run: cannot use it as --out: the bucket no-such-bucket does not exist" in \
-        _one_line_error(capsys)
+    line = _one_line_error(capsys)
+    assert "s3://no-such-bucket/run: cannot" in line and "the bucket no-such-bucket does not exist" in line
     assert main(_args(tiny["local_input"], tiny["cfg"], "nosuchscheme://b/run")) == 2
     assert "nosuchscheme://b/run: unknown URL scheme nosuchscheme://" in _one_line_error(capsys)
     fs = s3_server.filesystem()
@@ -204,7 +204,7 @@ def test_no_credentials_is_one_line(tiny, s3_server, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "s3://nocreds/run: cannot" in lines[0] and "no credentials" in lines[0], lines
+    assert len(lines) == 1 and "s3://nocreds/run" in lines[0] and "no credentials found" in lines[0], lines
 
 
 def test_the_secret_key_and_secrets_in_urls_are_never_shown_or_kept(tiny, s3_run, s3_server, capsys, caplog):
