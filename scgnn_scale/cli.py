@@ -70,7 +70,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("input", help="input: .h5ad, AnnData .zarr, 10x directory (matrix.mtx[.gz]), 10x .h5, "
                                  ".csv/.tsv[.gz]; local path or fsspec URL")
-    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds this run)")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds this run): a path or an "
+                   "fsspec URL such as s3://bucket/prefix, gs://..., az://...")
     p.add_argument("--config", help="TOML file with [section] tables of the options below")
     p.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     p.add_argument("--overwrite", action="store_true",

@@ -124,9 +124,9 @@ class IntegrityRecord:
         self.present = True
 
     # -- sealing ---------------------------------------------------------------------------------
-    def _entry(self, rel: str, owner: str) -> list:
+    def _entry(self, rel: str, owner: str, st=None) -> list:
         path = self.root / rel
-        st = path.stat()
+        st = st or path.stat()
         meta = path.name == "zarr.json" or rel.startswith("models/")
         crc = None if not meta and _self_checked(self.root, rel) else _crc_file(path)
         return [st.st_size, st.st_mtime_ns, owner, crc]
@@ -143,10 +143,11 @@ class IntegrityRecord:
                 self.files[rel_dir] = self._entry(rel_dir, owner)
                 n += 1
                 continue
-            for inner in walk_files(top):
+            listed = listing(top)  # an object store: sizes and ETags in one listing, not a request an object
+            for inner in walk_files(top) if listed is None else listed:
                 rel = f"{rel_dir}/{inner}"
                 if not rel.startswith(UNSEALED):
-                    self.files[rel] = self._entry(rel, owner)
+                    self.files[rel] = self._entry(rel, owner, None if listed is None else listed[inner])
                     n += 1
         return n
 

@@ -22,7 +22,7 @@ from .errors import InputError
 from .fingerprint import describe_change, input_identity, input_record
 from .keys import INTERMEDIATE_RECONS, KEYS
 from .memory import peak_rss_mb, release_freed_memory
-from .paths import LogMirror, as_path, is_url, redact
+from .paths import LogMirror, as_path, is_url, listing, redact
 from .results import publish
 from .runtime import Runtime
 from .store import RunStore, run_lock
@@ -300,7 +300,9 @@ def _remove_intermediates(store: RunStore) -> None:
     for key in INTERMEDIATE_RECONS:
         if store.has(key):
             path = as_path(store.path_of(key))
-            size += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            listed = listing(path)  # an object store: one listing, not two requests an object
+            size += (sum(st.st_size for st in listed.values()) if listed is not None
+                     else sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
             store.delete(key)
             removed.append(key)
     if removed:
