@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .paths import ObjectPath, atomic_path
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success its content is flushed to disk and renamed over
-    ``path``. On an error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+__all__ = ["atomic_path", "write_json", "as_stored"]
 
 
 def _json_default(obj: Any):
@@ -41,7 +27,7 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, indent=1, sort_keys=True, default=_json_default)
 
 
-def write_json(path: str | Path, data: Any) -> None:
+def write_json(path: str | Path | ObjectPath, data: Any) -> None:
     """``data`` as indented JSON (numpy scalars and arrays as numbers and lists), atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(_dumps(data))

@@ -70,7 +70,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("input", help="input: .h5ad, AnnData .zarr, 10x directory (matrix.mtx[.gz]), 10x .h5, "
                                  ".csv/.tsv[.gz]; local path or fsspec URL")
-    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds this run)")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds this run): a path or an "
+                   "fsspec URL such as s3://bucket/prefix, gs://..., az://...")
     p.add_argument("--config", help="TOML file with [section] tables of the options below")
     p.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     p.add_argument("--overwrite", action="store_true",
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .logs import set_verbosity
+    from .paths import redact
 
     set_verbosity(getattr(args, "log_level", None) or "info")
     try:
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         if args.debug:
             raise
-        print(f"scgnn-scale: error: {exc}", file=sys.stderr)
+        print(redact(f"scgnn-scale: error: {exc}"), file=sys.stderr)
         return 2
     except ValueError as exc:
         # zarr's crc32c codec: a chunk changed after it was written, with its file's time put back
@@ -374,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # the disk or the permissions, not a bug: finished stages are committed, the rerun resumes
         where = exc.filename or getattr(args, "out", None) or getattr(args, "to", None) or "scgnn-scale"
-        print(f"scgnn-scale: error: {where}: {exc.strerror or exc}; finished stages are kept, rerun the same "
-              "command once this is fixed", file=sys.stderr)
+        print(redact(f"scgnn-scale: error: {where}: {exc.strerror or exc}; finished stages are kept, rerun the same "
+              "command once this is fixed"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scgnn-scale: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ import zarr
 from .keys import KEYS
 from .loader import BackgroundWriter, iter_row_blocks
 from .memory import release_freed_memory
+from .paths import remove_tree
 from .reconstruction import ClusterOutputs, DecodedRows
 from .store import Staging
 
@@ -180,7 +180,7 @@ def run_cluster_autoencoders(ctx, *, source: DecodedRows, labels: np.ndarray, mo
         phases["train_and_write"] = round(time.perf_counter() - t0, 3)
         release_freed_memory()  # the cluster AEs' buffers, before the feature AE allocates its own
     finally:
-        shutil.rmtree(scratch.root, ignore_errors=True)
+        remove_tree(scratch.root)
     outputs = ClusterOutputs(source, labels, [ctx.store.model_path(m) for m in models], source.device)
     ctx.log.info("iterate: %d cluster autoencoders: embedding laid out by cluster in %.1f s, trained in %.1f s "
                  "(%s)", n_clusters, phases["layout"], phases["train_and_write"], executor.name)

@@ -7,8 +7,6 @@ numbers (``scgnn-scale evaluate RUN_DIR --label-key label``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -108,7 +106,7 @@ def evaluate_run(run_dir, label_key: str = "label", *, labels_file=None, seed: i
                          "--label-key, give a file of labels with --labels FILE, or rerun 'scgnn-scale run' with "
                          "--label-key <column> (no stage is redone) so the input's labels are carried into the run")
     metrics = score_clusters(store, obs, label_key, seed=seed)
-    write_json(Path(run_dir) / "metrics.json", metrics)
+    write_json(store.root / "metrics.json", metrics)
     return metrics
 
 

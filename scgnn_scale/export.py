@@ -103,7 +103,7 @@ def _export_h5ad(store: RunStore, to: Path, *, overwrite: bool, block_rows: int,
     from anndata.io import write_elem
 
     _check_target_file(to, overwrite)
-    root = zarr.open_group(store.adata_path, mode="r", zarr_format=3)
+    root = zarr.open_group(str(store.adata_path), mode="r", zarr_format=3)
     with atomic_path(to) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"

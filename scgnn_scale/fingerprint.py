@@ -71,7 +71,9 @@ def input_identity(source: Any, known: dict | None = None) -> dict:
             return {"content": known["content"], "suffix": kind}
         return {"content": content_digest(p, files), "suffix": kind}
     if isinstance(source, str):
-        return {"url": source, **_remote_stat(source)}
+        from .paths import redact
+
+        return {"url": redact(source), **_remote_stat(source)}
     shape = getattr(source, "shape", None)
     if shape is None:
         raise InputError(f"input of type {type(source).__name__} is neither a path nor an AnnData")

@@ -20,7 +20,6 @@ A damaged file names its array (the store key) and its chunk, and the stage that
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import google_crc32c
 
 from .atomic import write_json
+from .paths import ObjectPath, listing, walk_files
 
 RECORD_NAME = "integrity.json"
 #: what the record covers, relative to the run directory
@@ -71,46 +71,46 @@ def _chunk_start(parts) -> int | None:
     return i if parts[i] == "c" and i > 0 else None
 
 
-def _crc_file(path: Path) -> int:
+def _crc_file(path: Path | ObjectPath) -> int:
     crc = 0
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:
         while block := fh.read(1 << 24):
             crc = google_crc32c.extend(crc, block)
     return crc
 
 
-def _self_checked(path: Path) -> bool:
+def _self_checked(root: Path | ObjectPath, rel: str) -> bool:
     """Whether a chunk ends in its own CRC-32C: its array's codecs hold ``crc32c``."""
-    return _array_has_crc(str(_array_dir(path)))
-
-
-def _array_dir(path: Path) -> Path:
-    i = _chunk_start(path.parts)
-    return Path(*path.parts[:i]) if i is not None else path.parent
+    parts = rel.split("/")
+    i = _chunk_start(parts)
+    return _array_has_crc(root / "/".join(parts[:i] if i is not None else parts[:-1]))
 
 
 _CRC_ARRAYS: dict[str, bool] = {}
 
 
-def _array_has_crc(array_dir: str) -> bool:
-    if array_dir not in _CRC_ARRAYS:
+def _array_has_crc(array_dir: Path | ObjectPath) -> bool:
+    if str(array_dir) not in _CRC_ARRAYS:
         try:
-            meta = json.loads((Path(array_dir) / "zarr.json").read_text())
+            meta = json.loads((array_dir / "zarr.json").read_text())
         except (OSError, ValueError):
             return False  # unknown: the record's own CRC is used instead
-        _CRC_ARRAYS[array_dir] = any(c.get("name") == "crc32c" for c in meta.get("codecs", []))
-    return _CRC_ARRAYS[array_dir]
+        _CRC_ARRAYS[str(array_dir)] = any(c.get("name") == "crc32c" for c in meta.get("codecs", []))
+    return _CRC_ARRAYS[str(array_dir)]
 
 
-def _chunk_crc_ok(path: Path) -> bool:
+def _chunk_crc_ok(path: Path | ObjectPath) -> bool:
     data = path.read_bytes()
     return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
 
 
 class IntegrityRecord:
-    """``RUN_DIR/integrity.json``: ``{relative path: [size, mtime_ns, owner, crc32c or null]}``."""
+    """``RUN_DIR/integrity.json``: ``{relative path: [size, mtime_ns, owner, crc32c or null]}``.
 
-    def __init__(self, root: Path):
+    On an object store the second field is the object's version (its ETag, see
+    :meth:`scgnn_scale.paths.ObjectPath.stat`), compared for equality just as a time is."""
+
+    def __init__(self, root: Path | ObjectPath):
         self.root = root
         self.path = root / RECORD_NAME
         try:
@@ -124,11 +124,11 @@ class IntegrityRecord:
         self.present = True
 
     # -- sealing ---------------------------------------------------------------------------------
-    def _entry(self, rel: str, owner: str) -> list:
+    def _entry(self, rel: str, owner: str, st=None) -> list:
         path = self.root / rel
-        st = path.stat()
+        st = st or path.stat()
         meta = path.name == "zarr.json" or rel.startswith("models/")
-        crc = None if not meta and _self_checked(path) else _crc_file(path)
+        crc = None if not meta and _self_checked(self.root, rel) else _crc_file(path)
         return [st.st_size, st.st_mtime_ns, owner, crc]
 
     def seal(self, rel_dirs: Iterable[str], owner: str) -> int:
@@ -143,12 +143,12 @@ class IntegrityRecord:
                 self.files[rel_dir] = self._entry(rel_dir, owner)
                 n += 1
                 continue
-            for dirpath, _, names in os.walk(top):
-                for name in names:
-                    rel = os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/")
-                    if not rel.startswith(UNSEALED):
-                        self.files[rel] = self._entry(rel, owner)
-                        n += 1
+            listed = listing(top)  # an object store: sizes and ETags in one listing, not a request an object
+            for inner in walk_files(top) if listed is None else listed:
+                rel = f"{rel_dir}/{inner}"
+                if not rel.startswith(UNSEALED):
+                    self.files[rel] = self._entry(rel, owner, None if listed is None else listed[inner])
+                    n += 1
         return n
 
     def refresh(self, rel: str) -> None:
@@ -195,6 +195,7 @@ class IntegrityRecord:
         wanted = set(owners) if owners is not None else None
         self.rechecked: dict[str, int] = {}
         damaged, read, arrays, n = [], 0, set(), 0
+        listed = listing(self.root) if self.files else None  # an object store: one listing, not a request a file
         for rel, (size, mtime_ns, owner, crc) in self.files.items():
             if wanted is not None and owner not in wanted:
                 continue
@@ -204,8 +205,8 @@ class IntegrityRecord:
             path = self.root / rel
             problem = None
             try:
-                st = path.stat()
-            except FileNotFoundError:
+                st = path.stat() if listed is None else listed[rel]
+            except (FileNotFoundError, KeyError):
                 problem = "is missing"
             else:
                 if st.st_size != size:

@@ -22,6 +22,7 @@ from .errors import InputError
 from .fingerprint import describe_change, input_identity, input_record
 from .keys import FEATURE_MODEL, INTERMEDIATE_RECONS, ITERATE_MODELS, ITERATED, KEYS
 from .memory import peak_rss_mb, release_freed_memory
+from .paths import LogMirror, as_path, is_url, listing, redact
 from .results import publish
 from .runtime import Runtime
 from .store import RunStore, run_lock
@@ -53,14 +54,22 @@ def chain_hashes(config: RunConfig, identity: dict) -> dict[str, str]:
     return hashes
 
 
-def _setup_logging(store: RunStore) -> logging.Handler:
-    handler = logging.FileHandler(store.log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+class _RedactingFormatter(logging.Formatter):
+    """The run log never holds a URL's password or signed query (see :func:`scgnn_scale.paths.redact`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def _setup_logging(store: RunStore) -> tuple[logging.Handler, LogMirror]:
+    mirror = LogMirror(store.log_path)  # run.log itself on disk; a local copy uploaded for an object store
+    handler = logging.FileHandler(mirror.local)
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     log.addHandler(handler)
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)  # the run log keeps every stage's record whatever the console shows
-    return handler
+    return handler, mirror
 
 
 def _run_identity(identity: dict, config: RunConfig) -> dict:
@@ -125,16 +134,17 @@ def run(
     known = (RunStore.read_manifest(out) or {}).get("input")
     identity = input_identity(source, known=known)  # reuses the run's hash of an unchanged input
     hashes = chain_hashes(config, identity)
-    _refuse_out_inside_input(source, Path(out))
+    if not is_url(str(out)):
+        _refuse_out_inside_input(source, Path(as_path(out)))
     with run_lock(out):  # one run per directory; released however this process ends
         if not overwrite:
-            _refuse_other_run(Path(out), identity, config, hashes, source)
+            _refuse_other_run(as_path(out), identity, config, hashes, source)
         store = RunStore.create(out, identity=_run_identity(identity, config), config=config, overwrite=overwrite)
         store.record_input(input_record(source, identity))
-        handler = _setup_logging(store)
+        handler, mirror = _setup_logging(store)
         t_start = time.perf_counter()
         try:
-            log.info("run %s -> %s", source if isinstance(source, str | os.PathLike) else identity, store.root)
+            log.info("run %s -> %s", redact(source) if isinstance(source, str | os.PathLike) else identity, store.root)
             order = list(STAGES)
             last = order.index(until) if until else len(order) - 1
             _redo_damaged(store)
@@ -165,6 +175,8 @@ def run(
                 release_freed_memory()
                 store.record_stage(stage, hashes[stage], seconds, info)
                 log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
+                handler.flush()
+                mirror.sync()
             publish(store)
             if order[last] == order[-1] and not config.runtime.keep_work:
                 _remove_intermediates(store)
@@ -183,6 +195,10 @@ def run(
             runtime.close()
             log.removeHandler(handler)
             handler.close()
+            try:
+                mirror.close()
+            except Exception as exc:  # the results are committed; only the log's last lines are not uploaded
+                log.warning("run.log: not uploaded to %s (%s)", store.root, redact(f"{type(exc).__name__}: {exc}"))
         return store
 
 
@@ -274,8 +290,10 @@ def _remove_intermediates(store: RunStore) -> None:
     removed, size = [], 0
     for key in INTERMEDIATE_RECONS:
         if store.has(key):
-            path = Path(store.path_of(key))
-            size += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            path = as_path(store.path_of(key))
+            listed = listing(path)  # an object store: one listing, not two requests an object
+            size += (sum(st.st_size for st in listed.values()) if listed is not None
+                     else sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
             store.delete(key)
             removed.append(key)
     if removed:
@@ -300,8 +318,8 @@ def read_run(run_dir: str | Path, *, lazy: bool = True):
     if not store.has(KEYS.x):
         raise InputError(f"{run_dir}: the run has not finished preprocessing yet; nothing to read")
     if not lazy:
-        return anndata.read_zarr(store.adata_path)
-    root = zarr.open_group(store.adata_path, mode="r", zarr_format=3)
+        return anndata.read_zarr(str(store.adata_path))
+    root = zarr.open_group(str(store.adata_path), mode="r", zarr_format=3)
     X = da.from_zarr(root["X"])
     layers = {k: da.from_zarr(root["layers"][k]) for k in root["layers"].array_keys()}
     obs = store.read_elem(KEYS.obs)

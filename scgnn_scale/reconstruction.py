@@ -12,9 +12,9 @@ opens them again, ``on(device)`` puts the models on its own device).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+
+from .paths import as_path
 
 
 def _rows(key, n: int) -> slice:
@@ -138,6 +138,6 @@ class ClusterOutputs:
 def feature_reconstruction(store, model_path, embedding_key: str, device) -> DecodedRows | None:
     """The reconstruction of the feature autoencoder ``model_path`` from its embedding in ``store``;
     None when the model or the embedding is missing (the stage that made them must be redone)."""
-    if not Path(model_path).is_file() or not store.has(embedding_key):
+    if not as_path(model_path).is_file() or not store.has(embedding_key):
         return None
     return DecodedRows(model_path, store.path_of(embedding_key), device)

@@ -29,6 +29,7 @@ from . import plots
 from .atomic import atomic_path
 from .errors import InputError
 from .keys import CLUSTER_COLUMN, KEYS
+from .paths import as_path
 from .store import RunStore
 
 log = logging.getLogger("scgnn_scale")
@@ -358,7 +359,7 @@ def build_report(store: RunStore, *, max_cells: int = REPORT_CELLS, projection: 
 
 def report_path(run_dir: str | Path) -> Path:
     """Where a run's report is written by default: ``RUN_DIR/report/index.html``."""
-    return Path(run_dir) / "report" / "index.html"
+    return as_path(run_dir) / "report" / "index.html"
 
 
 def write_report(run_dir: str | Path | RunStore, to: str | Path | None = None, *, max_cells: int = REPORT_CELLS,
@@ -367,7 +368,7 @@ def write_report(run_dir: str | Path | RunStore, to: str | Path | None = None, *
     directory gets ``index.html`` inside; an existing file only with ``overwrite``); returns the file's path.
     Reads at most ``max_cells`` cells of any cells x d array."""
     store = run_dir if isinstance(run_dir, RunStore) else RunStore.open(run_dir)
-    path = Path(to) if to is not None else report_path(store.root)
+    path = as_path(to) if to is not None else report_path(store.root)
     if path.is_dir():
         path = path / "index.html"
     if to is not None and path.exists() and not overwrite:

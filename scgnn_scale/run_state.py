@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .paths import as_path
 from .report import report_path
 from .store import RunStore, lock_holder
 
@@ -75,7 +76,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
     """The state of ``run_dir`` as a mapping (what ``inspect`` prints)."""
     from .pipeline import STAGE_NAMES
 
-    root = Path(run_dir)
+    root = as_path(run_dir)
     if not root.is_dir():
         raise InputError(f"{root}: not a scgnn-scale run directory (no such directory)")
     store = RunStore.open(root, check=False)  # a directory without a manifest is refused here; damage is shown

@@ -222,7 +222,7 @@ def run_on_slurm(source: Any, out: str | os.PathLike, *, config=None, options: S
     if "://" not in str(out):
         from .store import check_out_dir
 
-        check_out_dir(Path(out))
+        check_out_dir(out)
     for cmd in ("sbatch", "squeue", "scancel"):
         if shutil.which(cmd) is None:
             raise InputError(f"{cmd}: not found; 'scgnn-scale slurm' runs where SLURM's commands are on the PATH")

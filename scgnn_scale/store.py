@@ -23,7 +23,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import zarr
 
 from .atomic import write_json
 from .errors import InputError
+from .paths import ObjectPath, as_path, remove_tree, replace_tree, written_locally
 
 FORMAT_VERSION = 1
 _DICT_GROUPS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
@@ -72,9 +72,9 @@ class Staging:
         self.stage = stage
         self.root = store.root / "staging" / stage
         if self.root.exists():
-            shutil.rmtree(self.root)  # left by a killed attempt
+            remove_tree(self.root)  # left by a killed attempt
         self.root.mkdir(parents=True)
-        self.group = zarr.open_group(self.root, mode="w", zarr_format=3)
+        self.group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
         self.created: list[str] = []
         self.dropped: list[str] = []
 
@@ -123,11 +123,10 @@ class Staging:
     def write_elem(self, key: str, value: Any) -> None:
         """Write a small element (DataFrame, sparse matrix, dense array, dict) in AnnData encoding."""
         self._register(key)
-        _, write_elem = _anndata_io()
         parent, _, name = key.rpartition("/")
         group = self.group.require_group(parent) if parent else self.group
-        write_elem(group, name, value,
-                   dataset_kwargs={"compressors": compressors(self.store.store_config.compression_level)})
+        _write_elem(group, self.root / key, name, value,
+                    dataset_kwargs={"compressors": compressors(self.store.store_config.compression_level)})
 
     def drop(self, key: str) -> None:
         """Remove ``key`` from the store on commit: an output this run of the stage does not make."""
@@ -159,7 +158,18 @@ class Staging:
         for key in self.dropped:
             self.store.delete(key)
         self.store._seal(self.created, owner=self.store.current_stage or self.stage)
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)
+
+
+def _write_elem(group: zarr.Group, where, name: str, value: Any, **kwargs) -> None:
+    """anndata's ``write_elem(group, name, value)``; on an object store written into a local scratch group and
+    uploaded under ``where`` (the element's own path) in one batch."""
+    _, write_elem = _anndata_io()
+    if not isinstance(where, ObjectPath):
+        write_elem(group, name, value, **kwargs)
+        return
+    with written_locally(where) as local:
+        write_elem(zarr.open_group(str(local.parent), mode="a", zarr_format=3), local.name, value, **kwargs)
 
 
 def _summary_text(value: Any) -> str:
@@ -170,8 +180,13 @@ def _summary_text(value: Any) -> str:
 LOCK_NAME = ".lock"
 
 
-def check_out_dir(root: Path) -> None:
+def check_out_dir(root: Path | ObjectPath) -> None:
     """``--out`` must be absent, an empty directory or a run directory: nothing else is ever written into."""
+    root = as_path(root)
+    if isinstance(root, ObjectPath):
+        from .object_store import check_out_prefix
+
+        return check_out_prefix(root, LOCK_NAME)
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: --out exists and is not a directory")
     if (root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir())
@@ -189,8 +204,14 @@ def run_lock(root: str | Path):
     import fcntl
     import socket
 
-    root = Path(root)
+    root = as_path(root)
     check_out_dir(root)
+    if isinstance(root, ObjectPath):
+        from .object_store import lease
+
+        with lease(root / LOCK_NAME):
+            yield
+        return
     try:
         root.mkdir(parents=True, exist_ok=True)
         fh = open(root / LOCK_NAME, "a+")
@@ -222,6 +243,11 @@ def lock_holder(root: str | Path) -> str | None:
     """
     import fcntl
 
+    root = as_path(root)
+    if isinstance(root, ObjectPath):
+        from .object_store import lease_holder
+
+        return lease_holder(root / LOCK_NAME)
     try:
         fh = open(Path(root) / LOCK_NAME)
     except FileNotFoundError:
@@ -239,7 +265,7 @@ class RunStore:
     """One run directory. Open with :meth:`open` (existing) or :meth:`create` (new or resumed)."""
 
     def __init__(self, root: str | Path, store_config=None):
-        self.root = Path(root).absolute()  # Dask workers get paths from it, and their working directory differs
+        self.root = as_path(root).absolute()  # Dask workers get paths from it, and their working directory differs
         self.adata_path = self.root / "adata.zarr"
         self.work_path = self.root / "work.zarr"
         self.manifest_path = self.root / "manifest.json"
@@ -262,7 +288,7 @@ class RunStore:
         An existing run of a different input or config is refused unless ``overwrite``; then the
         stages whose config chain still matches are kept and the rest is redone.
         """
-        root = Path(root)
+        root = as_path(root)
         check_out_dir(root)
         store = cls(root, store_config=config.store)
         if store.manifest_path.is_file():
@@ -298,14 +324,14 @@ class RunStore:
     def read_manifest(root: str | Path) -> dict | None:
         """The manifest of ``root`` without opening the run (None when absent or unreadable)."""
         try:
-            return json.loads((Path(root) / "manifest.json").read_text())
+            return json.loads((as_path(root) / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
     @classmethod
     def open(cls, root: str | Path, *, check: bool = True) -> RunStore:
         """An existing run, to read. ``check``: refuse it when a kept file is damaged (the quick check)."""
-        root = Path(root)
+        root = as_path(root)
         if not (root / "manifest.json").is_file():
             raise InputError(f"{root}: not a scgnn-scale run directory (no manifest.json)")
         store = cls(root)
@@ -316,13 +342,13 @@ class RunStore:
         return store
 
     def _init_layout(self) -> None:
-        root = zarr.open_group(self.adata_path, mode="a", zarr_format=3)
+        root = zarr.open_group(str(self.adata_path), mode="a", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
                            "scgnn-scale-format": FORMAT_VERSION})
         for name in _DICT_GROUPS:
             g = root.require_group(name)
             g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        zarr.open_group(self.work_path, mode="a", zarr_format=3)
+        zarr.open_group(str(self.work_path), mode="a", zarr_format=3)
 
     # -- manifest --------------------------------------------------------------------------------
     @property
@@ -395,19 +421,15 @@ class RunStore:
             return self.work_path, key[len(WORK_PREFIX):]
         return self.adata_path, key
 
-    def _move_into_place(self, src: Path, key: str) -> None:
+    def _move_into_place(self, src: Path | ObjectPath, key: str) -> None:
         base, rel = self._base_for(key)
-        dst = base / rel
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        replace_tree(src, base / rel)
         parts = rel.split("/")
         if len(parts) == 2 and parts[0] in ("obs", "var"):
             self._add_column_to_frame(parts[0], parts[1])
 
     def _add_column_to_frame(self, frame: str, column: str) -> None:
-        g = zarr.open_group(self.adata_path / frame, mode="r+", zarr_format=3)
+        g = zarr.open_group(str(self.adata_path / frame), mode="r+", zarr_format=3)
         order = list(g.attrs.get("column-order", []))
         if column not in order:
             g.attrs["column-order"] = order + [column]
@@ -466,11 +488,11 @@ class RunStore:
         path = base / rel
         parts = rel.split("/")
         if len(parts) == 2 and parts[0] in ("obs", "var") and base == self.adata_path and path.exists():
-            g = zarr.open_group(self.adata_path / parts[0], mode="r+", zarr_format=3)
+            g = zarr.open_group(str(self.adata_path / parts[0]), mode="r+", zarr_format=3)
             g.attrs["column-order"] = [c for c in g.attrs.get("column-order", []) if c != parts[1]]
             self.integrity.refresh(f"adata.zarr/{parts[0]}/zarr.json")
         if path.exists():
-            shutil.rmtree(path)
+            remove_tree(path)
         if self.integrity.files:
             self.integrity.forget(self._rel(key))
             self.integrity.save()
@@ -483,7 +505,7 @@ class RunStore:
         """
         if not (src_key.startswith(WORK_PREFIX) and dst_key.startswith(WORK_PREFIX)):
             raise ValueError(f"move is for working elements (work/...): {src_key!r} -> {dst_key!r}")
-        src = Path(self.path_of(src_key))
+        src = as_path(self.path_of(src_key))
         if not src.exists():
             return False
         self._move_into_place(src, dst_key)
@@ -492,11 +514,11 @@ class RunStore:
         return True
 
     # -- model files -----------------------------------------------------------------------------
-    def model_path(self, name: str) -> Path:
+    def model_path(self, name: str) -> Path | ObjectPath:
         """Where the model ``name`` (e.g. 'feature_ae') is saved: ``RUN_DIR/models/<name>.pt``."""
         return self.root / "models" / f"{name}.pt"
 
-    def model_paths(self, pattern: str) -> list[Path]:
+    def model_paths(self, pattern: str) -> list[Path | ObjectPath]:
         """Saved models whose name matches the glob ``pattern``."""
         return sorted((self.root / "models").glob(f"{pattern}.pt"))
 
@@ -554,7 +576,7 @@ class RunStore:
         if not (self.adata_path / "raw" / "X" / "zarr.json").is_file():
             return None
         read_elem, _ = _anndata_io()
-        raw = zarr.open_group(self.adata_path / "raw", mode="r", zarr_format=3)
+        raw = zarr.open_group(str(self.adata_path / "raw"), mode="r", zarr_format=3)
         if lazy:
             from anndata.experimental import read_elem_lazy
 
@@ -572,11 +594,10 @@ class RunStore:
         digest = hashlib.sha256(json.dumps(summary, sort_keys=True, default=_summary_text).encode()).hexdigest()
         if self.manifest.get("uns_digest") == digest and self.has("uns/scgnn"):
             return
-        _, write_elem = _anndata_io()
-        uns = zarr.open_group(self.adata_path / "uns", mode="a", zarr_format=3)
+        uns = zarr.open_group(str(self.adata_path / "uns"), mode="a", zarr_format=3)
         if "scgnn" in uns:
             del uns["scgnn"]
-        write_elem(uns, "scgnn", summary)
+        _write_elem(uns, self.adata_path / "uns" / "scgnn", "scgnn", summary)
         self.manifest["uns_digest"] = digest
         self._save_manifest()
 

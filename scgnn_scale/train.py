@@ -40,6 +40,7 @@ import numpy as np
 from .atomic import atomic_path
 from .errors import InputError
 from .loader import BackgroundWriter, MinibatchLoader, iter_row_blocks
+from .paths import as_path
 from .progress import progress_bar
 
 _LOG_EVERY = 50  # steps between loss records
@@ -91,7 +92,7 @@ def save_model(path: str | Path, model, optimizer=None, **extra: Any) -> Path:
         state["optimizer"] = optimizer.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    return Path(path)
+    return as_path(path)
 
 
 def load_model(path: str | Path, device) -> tuple[Any, dict]:
@@ -100,11 +101,12 @@ def load_model(path: str | Path, device) -> tuple[Any, dict]:
 
     from .nn.autoencoder import DenseAutoencoder
 
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise InputError(f"{path}: model file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as fh:  # a local file or an fsspec one (a run on an object store)
+            state = torch.load(fh, map_location="cpu", weights_only=True)
         model = DenseAutoencoder(**state["shape"])
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -319,9 +321,10 @@ def _resume(ctx, model, optimizer) -> int:
     import torch
 
     state = ctx.load_checkpoint()
-    if not state or not Path(state.get("path", "")).is_file():
+    if not state or not as_path(state.get("path", "")).is_file():
         return 0
-    saved = torch.load(state["path"], map_location="cpu", weights_only=True)
+    with as_path(state["path"]).open("rb") as fh:
+        saved = torch.load(fh, map_location="cpu", weights_only=True)
     if saved.get("shape") != model.shape_dict():
         return 0
     model.load_state_dict(saved["model"])
@@ -381,7 +384,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
 
     start, checkpoint = 0, None
     if resume and model_out is not None:
-        ckpt_path = Path(str(model_out) + ".ckpt")
+        ckpt_path = as_path(str(model_out) + ".ckpt")
         start = min(_resume(ctx, model, optimizer), total)
 
         def checkpoint(step: int) -> None:
@@ -402,7 +405,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
             save_model(model_out, model, optimizer, steps=total)
             info["model"] = str(model_out)
             if checkpoint is not None:
-                Path(str(model_out) + ".ckpt").unlink(missing_ok=True)
+                as_path(str(model_out) + ".ckpt").unlink(missing_ok=True)
 
         emb_arr = staging.create_matrix(embedding_key, (n, model.latent), np.float32) if embedding_key else None
         recon_arr = staging.create_matrix(recon_key, (n, g), recon_dtype) if recon_key else None

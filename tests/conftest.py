@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,21 @@ def planted():
     return planted_counts()
 
 
+#: run a command in its own mount namespace with an empty /tmp: a Dask worker started so cannot read what the
+#: client keeps under /tmp (the tests' run directories), as on a cluster without a shared disk (needs root)
+PRIVATE_TMP = ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$@"',
+               "private-tmp")
+
+
+def private_tmp_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run([*PRIVATE_TMP, "true"], capture_output=True).returncode == 0
+
+
 class DaskProcesses:
     """A ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (tests marked ``cluster``).
 
@@ -63,13 +79,16 @@ class DaskProcesses:
     a new worker process when its worker dies). :meth:`stop` ends every process it started.
     """
 
-    def __init__(self, log_path: Path, n_workers: int = 2, *, nanny: bool = False):
+    def __init__(self, log_path: Path, n_workers: int = 2, *, nanny: bool = False, worker_prefix=()):
+        """``worker_prefix``: a command the workers are started under (:data:`PRIVATE_TMP`: without the
+        client's /tmp, so a worker handed a local path of the client's fails)."""
         import subprocess
         import sys
 
         from distributed import Client
 
         self._subprocess = subprocess
+        self._worker_prefix = tuple(worker_prefix)
         self.log = open(log_path, "wb")
         self.procs: list = []
         port = free_port()
@@ -81,15 +100,15 @@ class DaskProcesses:
             wport = free_port()
             proc = self._start(sys.executable, "worker", self.address, "--nworkers", "1", "--nthreads", "1",
                                "--nanny" if nanny else "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-                               "--worker-port", str(wport), "--name", f"w{i}")
+                               "--worker-port", str(wport), "--name", f"w{i}", prefix=self._worker_prefix)
             self.procs.append(proc)
             self.workers[f"tcp://127.0.0.1:{wport}"] = proc
         if n_workers:
             with Client(self.address, timeout="30s") as client:
                 client.wait_for_workers(n_workers, timeout=60)
 
-    def _start(self, python, *args):
-        return self._subprocess.Popen([python, "-m", "dask", *args], stdout=self.log,
+    def _start(self, python, *args, prefix=()):
+        return self._subprocess.Popen([*prefix, python, "-m", "dask", *args], stdout=self.log,
                                       stderr=self._subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
@@ -113,3 +132,84 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: the secret key the tests give the S3 client: no log, manifest, report, error or uns/scgnn/config may hold it
+S3_SECRET = "scgnn-test-secret-4Zq8vW"
+
+
+class S3Server:
+    """moto's S3 server (``python -m moto.server``) on 127.0.0.1 and the environment that points the AWS
+    credential chain at it; every process started with :attr:`env` (a CLI run, a Dask worker) finds it."""
+
+    def __init__(self, log_path: Path):
+        import subprocess
+        import sys
+        import urllib.request
+
+        self._subprocess = subprocess
+        self.endpoint = f"http://127.0.0.1:{free_port()}"
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                      self.endpoint.rsplit(":", 1)[1]], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start (see {log_path})") from None
+                time.sleep(0.2)
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "scgnn-test-key",
+                    "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                    # no ~/.aws of the machine, and never the instance metadata address (not loopback)
+                    "AWS_SHARED_CREDENTIALS_FILE": str(log_path.parent / "no-credentials"),
+                    "AWS_CONFIG_FILE": str(log_path.parent / "no-config"), "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key=self.env["AWS_ACCESS_KEY_ID"], secret=S3_SECRET)
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket ``name`` (empty); its URL."""
+        fs = self.filesystem()
+        if not fs.exists(name):
+            fs.mkdir(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except self._subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3 API server on 127.0.0.1 for the session, with the process environment pointing at it (restored
+    after); s3fs's cached filesystems are dropped on both sides so none talks to another endpoint."""
+    pytest.importorskip("moto.server", reason="moto[server] comes with the dev extra: pip install -e '.[dev]'")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs comes with the dev extra: pip install -e '.[dev]'")
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield server
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

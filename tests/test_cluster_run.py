@@ -1,5 +1,6 @@
 """The whole method on a real Dask cluster (a scheduler and two workers started as processes on 127.0.0.1):
-the same results as the embedded cluster, workers killed mid-stage, and no worker left."""
+the same results as the embedded cluster, workers killed mid-stage, and no worker left; with RUN_DIR on an
+S3 API server (moto's, on 127.0.0.1) and workers that cannot see the client's disk, no shared disk at all."""
 
 import os
 import signal
@@ -8,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import DaskProcesses, planted_adata
+from conftest import PRIVATE_TMP, DaskProcesses, planted_adata, private_tmp_works
 
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
@@ -87,12 +88,47 @@ def test_every_distributed_stage_runs_on_the_workers_with_the_embedded_results(t
     _same_results(read_run(out), embedded)
 
 
-def test_workers_killed_during_ltmg_and_the_cluster_autoencoders(tiny, embedded, tmp_path):
+def _on_s3(tiny, s3_server, name: str) -> tuple:
+    """The input uploaded to s3://<name>/tiny.h5ad, RUN_DIR s3://<name>/run, and the workers' command prefix
+    that hides the client's /tmp from them."""
+    if not private_tmp_works():
+        pytest.skip("hiding the client's /tmp from the workers needs unshare --mount (root)")
+    s3_server.bucket(name)
+    s3_server.filesystem().put_file(str(tiny[0]), f"{name}/tiny.h5ad")
+    return (f"s3://{name}/tiny.h5ad", tiny[1]), f"s3://{name}/run", PRIVATE_TMP
+
+
+def test_every_distributed_stage_reads_and_writes_the_run_on_s3_itself(tiny, embedded, tmp_path, s3_server):
+    """No shared disk: the input and RUN_DIR on the S3 server, the workers without the client's /tmp (a local
+    path handed to a worker would fail there); the workers open the store's URLs with their own credentials
+    (the environment's AWS chain, as on a real cluster)."""
+    source, out, prefix = _on_s3(tiny, s3_server, "cluster-run")
+    cluster = DaskProcesses(tmp_path / "dask.log", 2, worker_prefix=prefix)
+    try:
+        assert main(_args(source, out, "--scheduler", cluster.address)) == 0
+        from distributed import Client
+
+        with Client(cluster.address, timeout="30s") as client:
+            ran = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+            seen = client.run(lambda: sorted(os.listdir("/tmp")))  # each worker's own, empty but for Dask's
+    finally:
+        cluster.stop()
+    assert {"filter_and_stats", "fit_block", "label_rows", "train_cluster_autoencoder"} <= ran, ran
+    assert all(not any(name.startswith("pytest-of") for name in names) for names in seen.values()), seen
+    assert RunStore.open(out).stage_info("iterate")["iterations"] == 1
+    _same_results(read_run(out), embedded)
+
+
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_workers_killed_during_ltmg_and_the_cluster_autoencoders(tiny, embedded, tmp_path, where, request):
     from distributed import Client
 
-    cluster = DaskProcesses(tmp_path / "dask.log", 2, nanny=True)  # nannies start a new worker process
+    out, prefix = tmp_path / "run", ()
+    if where == "s3":
+        tiny, out, prefix = _on_s3(tiny, request.getfixturevalue("s3_server"), "cluster-kill")
+    # nannies start a new worker process
+    cluster = DaskProcesses(tmp_path / "dask.log", 2, nanny=True, worker_prefix=prefix)
     outcome, killed = {}, []
-    out = tmp_path / "run"
     runner = threading.Thread(target=lambda: outcome.setdefault("code", main(_args(tiny, out, "--scheduler",
                                                                                     cluster.address))))
     try:

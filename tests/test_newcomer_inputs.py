@@ -153,7 +153,7 @@ def test_http_input(http_dir, tmp_path, capsys):
         assert "Traceback" not in err
         lines = [line for line in err.splitlines() if line.startswith("scgnn-scale: error:")]
         assert lines == [f"scgnn-scale: error: {url}: reading http:// inputs needs aiohttp and requests; "
-                         "install them with pip install 'scgnn-scale[remote]'"]
+                         "install them with pip install -e \".[remote]\""]
 
 
 @pytest.mark.parametrize("url,package", [("s3://bucket/a.h5ad", "s3fs"), ("gs://bucket/a.h5ad", "gcsfs")])
@@ -162,7 +162,7 @@ def test_cloud_input_without_its_package(url, package):
         pytest.skip(f"{package} is installed")
     with pytest.raises(InputError, match=re.escape(f"{url}: reading {url.split(':')[0]}:// inputs needs "
                                                    f"{package}; install them with pip install "
-                                                   "'scgnn-scale[remote]'")):
+                                                   "-e \".[remote]\"")):
         open_input(url)
 
 

@@ -35,7 +35,7 @@ class Location:
                 needs = _REMOTE_PACKAGES.get(scheme)
                 if needs:
                     raise MissingDependencyError(f"{self.text}: reading {scheme}:// inputs needs {needs}; install "
-                                                 "them with pip install 'scgnn-scale[remote]'") from None
+                                                 "them with pip install -e \".[remote]\"") from None
                 raise MissingDependencyError(f"{self.text}: reading {scheme}:// inputs needs a package that is "
                                              f"not installed ({str(exc).splitlines()[0] if str(exc) else exc!r})"
                                              ) from None

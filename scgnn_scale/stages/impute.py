@@ -52,13 +52,12 @@ Writes ``layers/imputed`` (N x G, the reconstruction, block by block; float32, o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ..errors import InputError
 from ..keys import FEATURE_MODEL, FIRST_PASS, IMPUTE_MODEL, ITERATE_MODELS, ITERATED, KEYS, ltmg_key
 from ..nn.losses import ORIGINAL_BATCH_CELLS, imputation_cell_weights
+from ..paths import as_path
 from ..reconstruction import feature_reconstruction
 from ..train import train_and_write
 
@@ -118,7 +117,7 @@ def input_array(ctx) -> tuple[str, object]:
         if recon is None:
             raise InputError(f"{store.root}: impute.input=final needs the last iteration's feature model "
                              f"({ITERATE_MODELS}.pt in models/), which the run does not hold; redo iterate")
-        ctx.log.info("impute: input %s computed from %s and %s", KEYS.final_recon, Path(recon.model_path).name,
+        ctx.log.info("impute: input %s computed from %s and %s", KEYS.final_recon, as_path(recon.model_path).name,
                      ITERATED.feature_embedding)
         return KEYS.final_recon, recon
     if store.has(KEYS.recon):
