@@ -111,7 +111,7 @@ def summarise(tag: str) -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
-    print(f"| set | half | seeds | CPU-s whole run | " + " | ".join(STAGES) + " | iterations | ARI | first-pass ARI |")
+    print("| set | half | seeds | CPU-s whole run | " + " | ".join(STAGES) + " | iterations | ARI | first-pass ARI |")
     print("|---" * (len(STAGES) + 7) + "|")
     for name, rs in by_set.items():
         cpu = [r["cpu_seconds"] for r in rs]

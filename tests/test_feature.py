@@ -186,3 +186,27 @@ def test_fit_on_one_clusters_rows(tmp_path):
                                  plan, rows=rows)
     assert info["batch_size"] == len(rows) and info["reference_cells"] == len(rows)
     assert info["batches_per_epoch"] == 1 and info["steps_run"] == 4
+
+
+def test_the_autoencoder_stops_on_a_loss_plateau_and_loses_nothing(tmp_path):
+    config = small_config()
+    store, _, _ = planted_store(tmp_path, config)
+    arrays = [store.open_array("X"), store.open_array("layers/ltmg")]
+
+    def fit(plateau_tol):
+        torch.manual_seed(0)
+        model = DenseAutoencoder(200, 32, 8)
+        plan = TrainPlan(steps=1500, batch_size=64, gamma=0.1, alpha=0.9, l1=1.0, seed=0, memory_budget_mb=0,
+                         plateau_tol=plateau_tol)
+        return train.fit_autoencoder(model, torch.optim.Adam(model.parameters(), lr=1e-3), arrays, plan)
+
+    fixed, early = fit(0.0), fit(0.01)
+    assert fixed["steps_total"] == 1500 and not fixed["stopped_on_plateau"]
+    assert early["stopped_on_plateau"] and early["steps_total"] < 1500 and early["steps_total"] % 50 == 0
+    # the windows it stopped on: the last one fell by less than 1% of the one before, the earlier ones did not
+    losses = [h["loss"] for h in early["loss_history"]]
+    assert (losses[-2] - losses[-1]) / losses[-2] < 0.01
+    assert all((a - b) / a >= 0.01 for a, b in zip(losses[:-2], losses[1:-1], strict=True))
+    # the same run up to there (the same seed and batches), so what the fixed count adds after it is small
+    assert fixed["loss_history"][len(losses) - 1]["loss"] == pytest.approx(losses[-1], rel=1e-5)
+    assert fixed["loss_last"] > 0.9 * early["loss_last"]
