@@ -285,7 +285,7 @@ def train_gae(ctx, staging, *, embedding_key: str, graph_key: str, out_key: str)
 
         graph = CSRGraph.from_scipy(staging.read_elem(graph_key))
         # one thread fewer than the cores, as the autoencoders: at 8,000 cells on the 2-core VM, busy with other
-        # work, 200 epochs took 64.5 CPU-s with two threads, whose OpenMP waits spin, and about 15 with one
+        # work, 200 epochs took 64.5 CPU-s with two threads, whose OpenMP waits spin, and 6-7 with one
         with cpu_threads(ctx.runtime.device, ctx.config.gae.torch_threads):
             # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
             z, info = fit_gae(np.asarray(staging.read_elem(embedding_key), dtype=np.float32), graph,
