@@ -1,12 +1,15 @@
-"""Run a command and report wall seconds and the peak resident memory of its whole process tree.
+"""Run a command and report wall seconds, CPU seconds and the peak resident memory of its whole process tree.
 
 Used by the bench scripts: ``python bench/measure.py -- scgnn-scale run ...`` prints JSON.
-The tree (the command, Dask workers, their children) is sampled every 0.1 s with psutil.
+The tree (the command, Dask workers, their children) is sampled every 0.1 s with psutil. CPU seconds
+(user + system) are the kernel's count for the command and every descendant it waited for
+(``RUSAGE_CHILDREN`` before and after), so processes that end between two samples are counted too.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import threading
@@ -16,7 +19,8 @@ import psutil
 
 
 def run_measured(cmd: list[str], **popen_kw) -> dict:
-    """Run ``cmd``; return {seconds, peak_rss_mb, returncode}. Raises if it fails."""
+    """Run ``cmd``; return {seconds, cpu_seconds, peak_rss_mb, returncode}. Raises if it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, **popen_kw)
     peak = 0
@@ -44,8 +48,10 @@ def run_measured(cmd: list[str], **popen_kw) -> dict:
     rc = proc.wait()
     done.set()
     thread.join()
-    result = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak / 2**20, 1),
-              "returncode": rc}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result = {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(cpu, 2),
+              "peak_rss_mb": round(peak / 2**20, 1), "returncode": rc}
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {rc}")
     return result

@@ -298,11 +298,13 @@ def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
     optimizer = adam(model.parameters(), lr=fcfg.lr)
     plan = TrainPlan(steps=job["steps"], batch_size=fcfg.batch_size, gamma=cfg.cluster_gamma, alpha=0.0,
                      l1=fcfg.l1, seed=job["seed"], memory_budget_mb=job["memory_budget_mb"],
-                     buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks)
+                     buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks,
+                     plateau_tol=cfg.cluster_plateau_tol)
     info = fit_autoencoder(model, optimizer, [x], plan, name=f"cluster {job['cluster']} AE")
     save_model(job["output"], model)
     written = write_outputs(model, x)  # the error over the cluster's rows; the outputs are computed when read
     return {"cluster": job["cluster"], "n_cells": int(x.shape[0]), "steps": info["steps"],
+            "steps_run": info["steps_run"],
             "loss_first": info["loss_first"], "loss_last": info["loss_last"], "recon_mse": written["recon_mse"],
             "seconds": round(time.perf_counter() - t0, 3)}
 

@@ -113,6 +113,11 @@ class FeatureConfig:
                         "gets is the number of steps, and a larger atlas of the same cell types is not a harder "
                         "problem")
     iter_steps: int = _f(200, "optimiser steps of the continued feature AE in each later iteration")
+    plateau_tol: float = _f(0.0, "stop the feature autoencoder (and its continuation in each iteration) once the "
+                            "mean loss of 50 steps falls by less than this fraction of the previous 50's: the step "
+                            "schedule becomes a cap (0: always the full schedule)",
+                            why="0.01 stopped at 250-300 of 500 steps and lowered the first pass's ARI on the two sets "
+                            "measured (README, 'Small and medium sets')")
     memory_budget_mb: int = _f(512, "X (and its LTMG states) is served from memory when it fits this budget (about "
                                "50k cells at 2,000 genes), streamed from the store otherwise")
     buffer_blocks: int = _f(4, "row blocks (chunks of cells) mixed in the loader's shuffle buffer")
@@ -163,6 +168,12 @@ class GAEConfig:
                           "is bounded at any N")
     sample_first_layer: bool = _f(False, "minibatch mode: also sample the first layer's neighbours (classic "
                                   "2-hop sampling); off: the first layer's aggregation is exact, computed once")
+    plateau_tol: float = _f(0.005, "stop once the mean loss of plateau_window epochs falls by less than this "
+                            "fraction of the previous window's: 'epochs' becomes a cap (0: always 'epochs', as "
+                            "before 2026-12-06)", why="README, 'Small and medium sets'")
+    plateau_window: int = _f(10, "epochs per window of the plateau rule")
+    torch_threads: int = _f(0, "torch threads of the GAE on CPU (0: all cores but one, as the autoencoders; its "
+                            "sparse products gain nothing from a second thread on a busy machine)")
 
 
 @dataclass(frozen=True)
@@ -198,6 +209,10 @@ class IterateConfig:
                             "full-batch epochs)")
     cluster_max_epochs: int = _f(1, "passes over a cluster's cells when that takes more than cluster_steps: each "
                                  "cluster AE runs max(cluster_steps, cluster_max_epochs x its batches per epoch) steps")
+    cluster_plateau_tol: float = _f(0.0, "stop each cluster autoencoder once the mean loss of 50 steps falls by "
+                                    "less than this fraction of the previous 50's: its step count becomes a cap (0: "
+                                    "always the full count)", why="its effect on the clusters is not measured apart "
+                                    "from the feature autoencoder's (README, 'Small and medium sets')")
     cluster_gamma: float = _f(1.0, "weight of the squared error of the cluster AEs (the published 'noregu' loss: 1.0)")
     cluster_init: str = _f("feature", "start each cluster AE from the current feature AE's weights (as the "
                            "published code) or 'fresh'", ("feature", "fresh"))
@@ -386,19 +401,20 @@ BOUNDS: dict[str, tuple] = {
     "feature.batch_size": _AT_LEAST_1, "feature.min_steps": _AT_LEAST_0, "feature.max_epochs": _AT_LEAST_0,
     "feature.max_steps": _AT_LEAST_0, "feature.iter_steps": _AT_LEAST_0, "feature.memory_budget_mb": _AT_LEAST_0,
     "feature.buffer_blocks": _AT_LEAST_1, "feature.prefetch_blocks": _AT_LEAST_0,
-    "feature.checkpoint_minutes": _AT_LEAST_0, "feature.torch_threads": _AT_LEAST_0,
+    "feature.checkpoint_minutes": _AT_LEAST_0, "feature.torch_threads": _AT_LEAST_0, "feature.plateau_tol": _FRACTION,
     "graph.k": _AT_LEAST_1, "graph.exact_max_cells": _AT_LEAST_0, "graph.nnd_neighbors": _AT_LEAST_1,
     "graph.nnd_trees": _AT_LEAST_0, "graph.nnd_iters": _AT_LEAST_0, "graph.n_jobs": _AT_LEAST_0,
     "graph.recall_sample": _AT_LEAST_0, "graph.torch_query_block": _AT_LEAST_1,
     "gae.hidden": _AT_LEAST_1, "gae.latent": _AT_LEAST_1, "gae.lr": _POSITIVE, "gae.epochs": _AT_LEAST_0,
     "gae.neg_ratio": _POSITIVE, "gae.batch_size": _AT_LEAST_1, "gae.full_graph_max_nodes": _AT_LEAST_0,
-    "gae.epoch_cells": _AT_LEAST_1,
+    "gae.epoch_cells": _AT_LEAST_1, "gae.plateau_tol": _FRACTION, "gae.plateau_window": _AT_LEAST_1,
+    "gae.torch_threads": _AT_LEAST_0,
     "cluster.resolution": _POSITIVE, "cluster.small_factor": _POSITIVE, "cluster.large_factor": _POSITIVE,
     "cluster.max_clusters": _AT_LEAST_1, "cluster.min_cluster_size": _AT_LEAST_1, "cluster.embedding_k": _AT_LEAST_1,
     "cluster.kmeans_max_cells": _AT_LEAST_1,
     "iterate.max_iterations": _AT_LEAST_0, "iterate.graph_lambda": _FRACTION, "iterate.graph_tol": _AT_LEAST_0,
     "iterate.cluster_steps": _AT_LEAST_0, "iterate.cluster_max_epochs": _AT_LEAST_0,
-    "iterate.cluster_gamma": _AT_LEAST_0, "iterate.cluster_memory_budget_mb": _AT_LEAST_0,
+    "iterate.cluster_gamma": _AT_LEAST_0, "iterate.cluster_plateau_tol": _FRACTION, "iterate.cluster_memory_budget_mb": _AT_LEAST_0,
     "iterate.scatter_buffer_mb": _POSITIVE,
     "impute.gamma1": _AT_LEAST_0, "impute.gamma2": _AT_LEAST_0, "impute.l1": _AT_LEAST_0, "impute.steps": _AT_LEAST_0,
     "impute.max_epochs": _AT_LEAST_0, "impute.max_steps": _AT_LEAST_0,

@@ -158,3 +158,49 @@ def should_stop(*, ari: float | None, change: float | None, threshold: float, ar
     if change is not None and change < threshold:
         return "graph"
     return None
+
+
+class LossPlateau:
+    """Stops a training loop once its loss has stopped falling; the step count it was given becomes a cap.
+
+    The loop reports the mean loss of each window of steps (:meth:`update`). After a window whose mean
+    fell by less than ``rel_tol`` of the previous window's, ``patience`` times in a row, and once at
+    least ``min_steps`` steps have run, the loop stops. ``rel_tol`` 0 never stops (the fixed step
+    count). A rise counts as a window that did not fall, so noise around a floor ends the loop too.
+
+    Why a relative fall per window: the losses differ in scale by orders of magnitude between the
+    autoencoders (a per-cell sum over 2,000 genes, the L1 of the weights) and the GAE (a mean BCE),
+    and a fixed fraction per window reads the same on all of them.
+    """
+
+    def __init__(self, rel_tol: float, *, patience: int = 1, min_steps: int = 0):
+        if rel_tol < 0 or patience < 1 or min_steps < 0:
+            raise ValueError(f"rel_tol >= 0, patience >= 1 and min_steps >= 0, got {rel_tol}, {patience}, {min_steps}")
+        self.rel_tol, self.patience, self.min_steps = float(rel_tol), int(patience), int(min_steps)
+        self.previous: float | None = None
+        self.flat = 0
+        self.stopped_at: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rel_tol > 0
+
+    def update(self, step: int, window_loss: float) -> bool:
+        """Record the mean loss of the window that ended at ``step``; True once the loop should stop."""
+        loss = float(window_loss)
+        if self.enabled and self.previous is not None and np.isfinite(loss):
+            fall = (self.previous - loss) / max(abs(self.previous), 1e-12)
+            self.flat = self.flat + 1 if fall < self.rel_tol else 0
+        self.previous = loss
+        if self.enabled and self.flat >= self.patience and step >= self.min_steps:
+            self.stopped_at = int(step)
+            return True
+        return False
+
+
+def window_means(losses, window: int) -> list[tuple[int, float]]:
+    """``(last step, mean loss)`` of each whole window of ``window`` consecutive per-step losses."""
+    losses = np.asarray(losses, dtype=np.float64)
+    whole = len(losses) // max(1, window) * window
+    means = losses[:whole].reshape(-1, window).mean(axis=1) if whole else np.empty(0)
+    return [((i + 1) * window, float(m)) for i, m in enumerate(means)]

@@ -128,7 +128,9 @@ class RankGroup:
     def fit_autoencoder(self, model, optimizer, arrays: list, plan, *, cell_weight=None, rows=None,
                         start_step: int = 0, checkpoint=None, progress=None, name: str = "autoencoder") -> dict:
         """:func:`train.fit_autoencoder` with every rank training ``model`` on its share; ``model`` and
-        ``optimizer`` (rank 0's) end trained, as after the single-process call."""
+        ``optimizer`` (rank 0's) end trained, as after the single-process call. The plateau stop is off:
+        each rank sees its own losses, and ranks that stopped at different steps would wait on each other."""
+        plan = dataclasses.replace(plan, plateau_tol=0.0)
         job = _FitJob(arrays=[_array_location(a) for a in arrays], plan=plan, model_shape=model.shape_dict(),
                       model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
                       optimizer_state=_cpu_state(optimizer.state_dict()), lr=optimizer.param_groups[0]["lr"],

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from .config import GAEConfig, parse_fanouts
+from .convergence import LossPlateau
 from .errors import InputError
 from .nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits, propagate
 from .nn.optim import adam
@@ -143,6 +144,14 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
     losses: list[float] = []
     bar = progress(cfg.epochs, f"GAE ({mode})", "epochs") if progress else None
     steps = 0
+    # ranks see different losses: a plateau stop on one rank would leave the others waiting on it
+    plateau = LossPlateau(cfg.plateau_tol if world == 1 else 0.0)
+
+    def flat() -> bool:
+        """After an epoch: whether the mean loss of the last window of epochs stopped falling."""
+        window = max(1, cfg.plateau_window)
+        return len(losses) % window == 0 and plateau.update(len(losses), float(np.mean(losses[-window:])))
+
     if mode == "full":
         ps, pd_ = graph.upper_edges()
         ps, pd_ = ps[rank::world], pd_[rank::world]  # this rank's share of the edges
@@ -160,6 +169,8 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
             steps += 1
             if bar is not None:
                 bar.update(1)
+            if flat():
+                break
     else:
         epoch_cells = min(n, cfg.epoch_cells)
         steps_per_epoch = max(1, math.ceil(epoch_cells / cfg.batch_size))
@@ -182,6 +193,8 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
             losses.append(epoch_loss / steps_per_epoch)
             if bar is not None:
                 bar.update(1)
+            if flat():
+                break
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t0
@@ -191,7 +204,8 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
     if rank == 0:
         with torch.no_grad():
             z = encoder(propagated, adj, precomputed=True).cpu().numpy().astype(np.float32)
-    info = {"mode": mode, "epochs": cfg.epochs, "steps": steps, "loss_first": round(losses[0], 5),
+    info = {"mode": mode, "epochs": cfg.epochs, "epochs_run": len(losses), "stopped_on_plateau": plateau.stopped_at is not None,
+            "steps": steps, "loss_first": round(losses[0], 5),
             "loss_last": round(losses[-1], 5), "train_seconds": round(train_seconds, 3),
             "n_edges": graph.n_directed_edges // 2, "final_relu": cfg.final_relu, "ranks": world,
             "loss_history": loss_history(losses)}
@@ -267,12 +281,17 @@ def train_gae(ctx, staging, *, embedding_key: str, graph_key: str, out_key: str)
         z, info = ctx.runtime.ranks().fit_gae(staging.location_of(embedding_key), staging.location_of(graph_key),
                                               ctx.config.gae, seed=ctx.config.runtime.seed, progress=ctx.progress)
     else:
+        from .train import cpu_threads
+
         graph = CSRGraph.from_scipy(staging.read_elem(graph_key))
-        # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
-        z, info = fit_gae(np.asarray(staging.read_elem(embedding_key), dtype=np.float32), graph,
-                          ctx.config.gae, device=ctx.runtime.device, seed=ctx.config.runtime.seed,
-                          progress=ctx.progress)
+        # one thread fewer than the cores, as the autoencoders: at 8,000 cells on the 2-core VM, busy with other
+        # work, 200 epochs took 64.5 CPU-s with two threads, whose OpenMP waits spin, and 6-7 with one
+        with cpu_threads(ctx.runtime.device, ctx.config.gae.torch_threads):
+            # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
+            z, info = fit_gae(np.asarray(staging.read_elem(embedding_key), dtype=np.float32), graph,
+                              ctx.config.gae, device=ctx.runtime.device, seed=ctx.config.runtime.seed,
+                              progress=ctx.progress)
     staging.write_elem(out_key, z)
-    ctx.log.info("gae: %s mode, %d steps, loss %.4f -> %.4f", info["mode"], info["steps"], info["loss_first"],
-                 info["loss_last"])
+    ctx.log.info("gae: %s mode, %d of %d epochs (%d steps), loss %.4f -> %.4f", info["mode"], info["epochs_run"],
+                 info["epochs"], info["steps"], info["loss_first"], info["loss_last"])
     return info

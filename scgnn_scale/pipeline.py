@@ -161,7 +161,7 @@ def run(
                                    runtime=runtime, input=source)
                 module = importlib.import_module(f".stages.{stage}", __package__)
                 log.info("%s: started", stage)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 store.current_stage = stage  # what the stage commits is sealed as its own
                 try:
                     info = module.run(ctx) or {}
@@ -172,6 +172,7 @@ def run(
                 store.current_stage = None
                 seconds = time.perf_counter() - t0
                 info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
+                info["cpu_seconds"] = round(time.process_time() - cpu0, 3)  # every thread of this process
                 release_freed_memory()
                 store.record_stage(stage, hashes[stage], seconds, info)
                 log.info("%s: done in %.1f s%s", stage, seconds, _short(info))

@@ -68,6 +68,10 @@ class TrainPlan:
     buffer_blocks: int = 4
     prefetch_blocks: int = 2
     checkpoint_seconds: float = 0.0
+    #: stop once the mean loss of a window of 50 steps falls by less than this fraction of the previous
+    #: window's (:class:`~scgnn_scale.convergence.LossPlateau`); ``steps`` is then a cap. 0: always ``steps``
+    plateau_tol: float = 0.0
+    plateau_min_steps: int = 0
 
 
 def training_steps(n_cells: int, batch_size: int, min_steps: int, max_epochs: int, max_steps: int = 0) -> int:
@@ -170,6 +174,7 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
     """
     import torch
 
+    from .convergence import LossPlateau
     from .nn.losses import l1_penalty, reconstruction_loss, reference_cells
 
     device = next(model.parameters()).device
@@ -185,6 +190,7 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
     n_ref = reference_cells(n_reference or n)
     weights = torch.from_numpy(np.asarray(cell_weight, dtype=np.float32)) if cell_weight is not None else None
 
+    plateau, flat = LossPlateau(plan.plateau_tol, min_steps=plan.plateau_min_steps), False
     model.train()
     history: list[dict] = []
     window: list = []
@@ -217,6 +223,7 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
                     bar.set_postfix(loss=f"{history[-1]['loss']:.4g}",
                                     cells_s=f"{(step - start_step) * batch_size / elapsed:.0f}")
                     window = []
+                    flat = step % _LOG_EVERY == 0 and plateau.update(step, history[-1]["loss"])
                 bar.update(1)
                 t0 = time.perf_counter()
                 compute += t0 - t1
@@ -224,7 +231,7 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
                         and t0 - last_checkpoint > plan.checkpoint_seconds):
                     checkpoint(step)
                     last_checkpoint = t0 = time.perf_counter()
-                if step >= steps:
+                if step >= steps or flat:
                     break
     finally:
         bar.close()
@@ -235,10 +242,12 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
     return {
         "steps": steps,
         "steps_run": int(done),
+        "steps_total": int(step),
+        "stopped_on_plateau": plateau.stopped_at is not None,
         "start_step": int(start_step),
         "batch_size": batch_size,
         "batches_per_epoch": per_epoch,
-        "epochs_seen": round(steps * batch_size / n, 3),
+        "epochs_seen": round(step * batch_size / n, 3),
         "reference_cells": n_ref,
         "loader": loader.mode,
         "device": str(device),
@@ -338,7 +347,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
                     embedding_key: str | None, recon_key: str | None, gamma: float, alpha: float, l1: float,
                     min_steps: int, max_epochs: int, max_steps: int, cell_weight: np.ndarray | None = None,
                     seed: int | None = None, resume: bool = False, desc: str = "training",
-                    recon_dtype=np.float32, x_array=None) -> dict:
+                    recon_dtype=np.float32, x_array=None, plateau_tol: float = 0.0) -> dict:
     """Build or load an autoencoder, train it on ``x_key`` (+ ``trs_key``), save it, write its outputs.
 
     The body the feature, iterate and impute stages share. Inputs staged in ``staging`` are read
@@ -346,7 +355,9 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
     ``resume`` continues from this stage's checkpoint (saved every ``feature.checkpoint_minutes``;
     each save is announced as the context's event ``"checkpoint"``). ``x_array`` is read instead of
     ``x_key`` (which then only names it): a reconstruction computed as it is read
-    (:mod:`scgnn_scale.reconstruction`).
+    (:mod:`scgnn_scale.reconstruction`). ``plateau_tol`` > 0 stops before the schedule's last step once the
+    loss has stopped falling (:class:`TrainPlan`). A resumed run starts watching for the plateau again at
+    its checkpoint, so it may stop one window (50 steps) later than an uninterrupted run would.
     """
     import torch
 
@@ -396,7 +407,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
     plan = TrainPlan(steps=total, batch_size=fcfg.batch_size, gamma=gamma, alpha=alpha, l1=l1, seed=seed,
                      memory_budget_mb=ctx.runtime.memory.loader_mb(fcfg.memory_budget_mb),
                      buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks,
-                     checkpoint_seconds=60.0 * fcfg.checkpoint_minutes)
+                     checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, plateau_tol=plateau_tol)
     with cpu_threads(device, fcfg.torch_threads):
         info = ctx.runtime.fit_autoencoder(model, optimizer, arrays, plan, cell_weight=cell_weight, start_step=start,
                                            checkpoint=checkpoint, progress=ctx.progress, name=desc)
@@ -411,8 +422,8 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
         recon_arr = staging.create_matrix(recon_key, (n, g), recon_dtype) if recon_key else None
         info.update(write_outputs(model, x, embedding=emb_arr, recon=recon_arr, progress=ctx.progress))
     info.update({"n_cells": n, "n_genes": g, "ltmg": trs_key is not None, "seed": seed})
-    ctx.log.info("%s: %d steps (%s, %s) loss %.4g -> %.4g, recon MSE %.4g, %.0f cells/s, loader wait %.1f%%",
-                 ctx.stage, info["steps"], info["loader"], info["device"], info["loss_first"] or float("nan"),
+    ctx.log.info("%s: %d of %d steps (%s, %s) loss %.4g -> %.4g, recon MSE %.4g, %.0f cells/s, loader wait %.1f%%",
+                 ctx.stage, info["steps_total"], info["steps"], info["loader"], info["device"], info["loss_first"] or float("nan"),
                  info["loss_last"] or float("nan"), info["recon_mse"], info["cells_per_s"] or 0,
                  100 * info["loader_wait_fraction"])
     return info
@@ -455,4 +466,4 @@ def train_feature(ctx, staging, *, x_key: str, trs_key: str | None, steps: int |
         ctx, staging, x_key=x_key, trs_key=trs_key, steps=steps, model_in=model_in, model_out=model_out,
         embedding_key=embedding_key, recon_key=recon_key, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=fcfg.l1,
         min_steps=fcfg.min_steps, max_epochs=fcfg.max_epochs, max_steps=fcfg.max_steps, seed=seed,
-        resume=ctx.stage == "feature", desc="feature autoencoder", x_array=x_array)
+        resume=ctx.stage == "feature", desc="feature autoencoder", x_array=x_array, plateau_tol=fcfg.plateau_tol)

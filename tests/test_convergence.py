@@ -107,3 +107,45 @@ def test_store_index_dtypes_are_accepted():
     l0 = cv.reference_graph(mixed)
     np.testing.assert_allclose(l0.toarray(), cv.reference_graph(a).toarray())
     assert cv.mean_abs(cv.smoothed_graph(mixed, l0, 0.5)) == pytest.approx(cv.mean_abs(cv.smoothed_graph(a, l0, 0.5)))
+
+
+# -- the loss plateau -------------------------------------------------------------------------------
+def _stop_step(curve, rel_tol, window=50, **kw):
+    plateau = cv.LossPlateau(rel_tol, **kw)
+    for step, loss in cv.window_means(curve, window):
+        if plateau.update(step, loss):
+            return step
+    return None
+
+
+def test_plateau_stops_where_an_exponential_decay_flattens():
+    steps = np.arange(1, 2001)
+    curve = 100.0 + 1000.0 * np.exp(-steps / 100.0)  # floor 100; the fall per 50 steps shrinks by e^-0.5
+    stop = _stop_step(curve, 0.01)
+    means = dict(cv.window_means(curve, 50))
+    # the first window whose mean fell by less than 1% of the previous one's, and not one before it
+    falls = {s: (means[s - 50] - means[s]) / means[s - 50] for s in list(means)[1:]}
+    expected = min(s for s, f in falls.items() if f < 0.01)
+    assert stop == expected
+    assert all(f >= 0.01 for s, f in falls.items() if s < expected)
+    assert 500 <= stop <= 1000  # and well before the 2,000-step cap
+
+
+def test_plateau_never_stops_a_curve_that_keeps_falling_or_when_off():
+    steps = np.arange(1, 1001)
+    falling = 1e6 * 0.98 ** (steps / 50.0 * 1.5)  # 3% per window, forever
+    assert _stop_step(falling, 0.01) is None
+    flat = np.full(1000, 5.0)
+    assert _stop_step(flat, 0.0) is None  # 0: the fixed step count
+    assert _stop_step(flat, 0.01) == 100  # the first comparison there is
+
+
+def test_plateau_patience_min_steps_and_noise():
+    rng = np.random.default_rng(0)
+    noisy_floor = 10.0 + rng.normal(0, 0.01, 1000)  # no trend, only noise well below 1%
+    assert _stop_step(noisy_floor, 0.01, patience=3) == 200  # three flat windows in a row: 100, 150, 200
+    assert _stop_step(noisy_floor, 0.01, min_steps=400) == 400
+    rising = np.linspace(10, 12, 1000)
+    assert _stop_step(rising, 0.01) == 100  # a rise is no fall
+    with pytest.raises(ValueError):
+        cv.LossPlateau(-0.1)

@@ -186,3 +186,27 @@ def test_fit_on_one_clusters_rows(tmp_path):
                                  plan, rows=rows)
     assert info["batch_size"] == len(rows) and info["reference_cells"] == len(rows)
     assert info["batches_per_epoch"] == 1 and info["steps_run"] == 4
+
+
+def test_the_autoencoder_stops_on_a_loss_plateau_and_the_fixed_count_stays_an_option(tmp_path):
+    config = small_config()
+    store, _, _ = planted_store(tmp_path, config)
+    arrays = [store.open_array("X"), store.open_array("layers/ltmg")]
+
+    def fit(plateau_tol, lr):
+        torch.manual_seed(0)
+        model = DenseAutoencoder(200, 32, 8)
+        plan = TrainPlan(steps=400, batch_size=300, gamma=0.1, alpha=0.9, l1=1.0, seed=0, memory_budget_mb=0,
+                         plateau_tol=plateau_tol)  # one full batch a step: a flat loss is exactly flat
+        return train.fit_autoencoder(model, torch.optim.Adam(model.parameters(), lr=lr), arrays, plan)
+
+    flat = fit(0.01, 0.0)  # a model that does not learn: the second window is the first it can compare
+    assert flat["stopped_on_plateau"] and flat["steps_total"] == 100 and flat["epochs_seen"] == 100
+    learning = fit(0.01, 1e-3)  # falling by more than 1% a window at the start: not stopped there
+    assert learning["steps_total"] > 100
+    losses = [h["loss"] for h in learning["loss_history"]]
+    assert all((a - b) / a >= 0.01 for a, b in zip(losses[:-2], losses[1:-1], strict=True))
+    if learning["stopped_on_plateau"]:
+        assert (losses[-2] - losses[-1]) / losses[-2] < 0.01
+    fixed = fit(0.0, 0.0)  # 0: the fixed count, whatever the loss does
+    assert fixed["steps_total"] == 400 and not fixed["stopped_on_plateau"]

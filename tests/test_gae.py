@@ -282,3 +282,18 @@ def test_standardize_columns():
     y = (rng.normal(size=(1000, 6)) * [1, 10, 100, 0.1, 5, 3] + [0, 5, -50, 1e3, 2, 0]).astype(np.float32)
     reference = ((y - y.mean(0, dtype=np.float64)) / y.std(0, dtype=np.float64)).astype(np.float32)
     np.testing.assert_allclose(graph_autoencoder.standardize_columns(y, block_rows=77), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_gae_stops_on_a_loss_plateau_and_still_separates_planted_blocks():
+    g, labels = sbm([60, 60, 60, 60], 0.2, 0.02, seed=0)
+    graph = CSRGraph.from_scipy(g)
+    x = np.random.default_rng(1).normal(size=(240, 16)).astype(np.float32)
+    z_fixed, fixed = graph_autoencoder.fit_gae(x, graph, GAEConfig(epochs=400, plateau_tol=0.0), device="cpu", seed=0)
+    z, early = graph_autoencoder.fit_gae(x, graph, GAEConfig(epochs=400, plateau_tol=0.005, plateau_window=10),
+                                         device="cpu", seed=0)
+    assert fixed["epochs_run"] == 400 and not fixed["stopped_on_plateau"]
+    assert early["stopped_on_plateau"] and early["epochs_run"] < 400 and early["epochs_run"] % 10 == 0
+    # the run it stopped is the fixed run's beginning (same seed): its last window fell by less than 0.5%
+    losses = [h["loss"] for h in fixed["loss_history"]]  # every other epoch (thinned to 200 points)
+    assert early["loss_last"] == pytest.approx(losses[early["epochs_run"] // 2 - 1], abs=1e-5)
+    assert _embedding_ari(z, labels) > 0.9 and _embedding_ari(z_fixed, labels) > 0.9
