@@ -88,7 +88,7 @@ def scanpy_default(name: str, seed: int) -> tuple[np.ndarray, None]:
 
 
 def scvi_epochs(n_cells: int, max_steps: int) -> int | None:
-    """scVI's epochs: its own default (None), or fewer so that training takes at most ``max_steps`` steps.
+    """scVI's epochs: its own default (None), or fewer: enough for ``max_steps`` steps, rounded up to an epoch.
 
     scvi-tools' default is min(400, round(400 * 20000 / cells)) epochs of 90% of the cells in batches of 128.
     """

@@ -144,3 +144,18 @@ def test_the_peers_predict_on_the_scale_scored(ps, rng):
         # predictions are counts of each cell's own library: their totals are of the same size
         ratio = predicted.sum(axis=1) / dense.sum(axis=1)
         assert 0.5 < np.median(ratio) < 2.0
+
+
+def test_scvi_step_budget(ps):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_peers", BENCH / "bench_peers.py")
+        bp = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bp)  # the peers are imported inside the functions that use them
+    finally:
+        sys.path.remove(str(BENCH))
+    assert bp.scvi_epochs(3005, 0) is None  # scvi-tools' own default
+    assert bp.scvi_epochs(124, 200) == 200  # one batch per epoch
+    assert bp.scvi_epochs(3005, 200) == 10  # 22 batches of 128 per epoch (90% of the cells train), rounded up
+    assert bp.scvi_epochs(124, 10_000) == 400  # never more than scvi-tools' default
+    assert bp.scvi_epochs(100_000, 10**9) == 80  # its default: 400 * 20000 / cells
