@@ -2,17 +2,19 @@
 
     python bench/bench_quality.py [--sets klein_subset,goolam] [--seeds 3] [--full [--full-seeds 1] [--full-louvaink]]
 
-For each set, in the same run: the scanpy default pipeline (normalize_total, log1p, 2000 HVG, PCA 50,
-kNN 15, Leiden 1.0; mean over seeds) and scgnn-scale one pass (``--until cluster``) with the default
-cluster rule and with the paper's LouvainK; with ``--full`` also the whole method (``--until impute``:
-iterations, then the imputation autoencoder) with the default rule, and with ``--full-louvaink`` with
+For each set (every folder with a counts.h5ad, zeisel15 included), in the same run: the scanpy default
+pipeline (normalize_total, log1p, 2000 HVG, PCA 50, kNN 15, Leiden 1.0; mean over seeds) and
+scgnn-scale one pass (``--until cluster``) with the default cluster rule and with the paper's LouvainK;
+with ``--full`` also the whole method (``--until impute``: iterations, then the imputation autoencoder)
+with the default rule, and with ``--full-louvaink`` with
 LouvainK too. The iterative rows score the final clusters; their seconds are the stages through
 ``iterate``, with ``impute_seconds`` and ``imputed`` (``layers/imputed`` written) beside them.
 Every invocation works in a new directory, bench/out/quality_runs/<UTC time>_<commit>: a run directory
 reuses each finished stage whose config matches, and the code version is not part of that match, so
 runs left by older code would give older results. Within one invocation the variants of a set and seed
 share one run directory (LouvainK reuses the Leiden run's stages up to the GAE).
-Prints JSON lines (ARI/NMI means, their SD over seeds and each seed's ARI) and a markdown table;
+Prints JSON lines (ARI/NMI means, their SD over seeds and each seed's ARI; ``ari_label_level2`` and
+``nmi_label_level2`` beside them on a set with a second label level, zeisel15's 48 subclasses) and a markdown table;
 writes bench/out/quality.json.
 Needs the bench extra: pip install -e ".[bench]".
 """
@@ -30,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import run_measured  # noqa: E402
+from peer_scoring import label_levels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -44,6 +47,7 @@ def scanpy_baseline(name: str, seed: int) -> dict:
 
     adata = anndata.read_h5ad(DATA / name / "counts.h5ad")
     labels = adata.obs["label"].astype(str).to_numpy()
+    deeper = _deeper_levels(adata.obs, np.arange(adata.n_obs))
     sc.pp.normalize_total(adata)
     sc.pp.log1p(adata)
     sc.pp.highly_variable_genes(adata, n_top_genes=min(2000, adata.n_vars))
@@ -53,13 +57,32 @@ def scanpy_baseline(name: str, seed: int) -> dict:
     sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2)
     pred = adata.obs["leiden"].to_numpy()
     return {"ari": adjusted_rand_score(labels, pred), "nmi": normalized_mutual_info_score(labels, pred),
-            "clusters": int(len(set(pred)))}
+            "clusters": int(len(set(pred))), **_level_scores(deeper, pred)}
+
+
+def _deeper_levels(obs, cells) -> dict:
+    """The further label levels of an input obs (zeisel15's ``label_level2``) at the given input cells."""
+    return {c: obs[c].astype(str).to_numpy()[cells] for c in label_levels(obs.columns)[1:]}
+
+
+def _level_scores(levels: dict, pred) -> dict:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    out = {}
+    for level, truth in levels.items():
+        out[f"ari_{level}"] = adjusted_rand_score(truth, pred)
+        out[f"nmi_{level}"] = normalized_mutual_info_score(truth, pred)
+    return out
 
 
 def scgnn_row(name: str, until: str, method: str, seed: int, work: Path) -> dict:
+    import anndata
     import zarr
     from anndata.io import read_elem
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from scgnn_scale.keys import KEYS
+    from scgnn_scale.store import RunStore
 
     # one run directory per set and seed: variants reuse the stages whose config chain matches
     # (--keep-work: a variant's iterate starts from the feature AE's reconstruction kept on disk)
@@ -73,6 +96,10 @@ def scgnn_row(name: str, until: str, method: str, seed: int, work: Path) -> dict
     result = zarr.open_group(run_dir / "adata.zarr", mode="r")  # obs only: never the expression matrices
     obs = read_elem(result["obs"])
     truth, pred = obs["label"].astype(str).to_numpy(), obs["scgnn_cluster"].astype(str).to_numpy()
+    # further label levels are not carried into the run: read them at the cells preprocess kept
+    input_obs = anndata.read_h5ad(DATA / name / "counts.h5ad", backed="r").obs
+    kept = np.asarray(RunStore.open(run_dir).read_elem(KEYS.kept_cells), dtype=np.int64)
+    levels = _level_scores(_deeper_levels(input_obs, kept), pred)
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     order = ["ingest", "preprocess", "ltmg", "feature", "graph", "gae", "cluster", "iterate"]
     last = "iterate" if until == "impute" else until  # impute does not change the clusters
@@ -83,7 +110,8 @@ def scgnn_row(name: str, until: str, method: str, seed: int, work: Path) -> dict
     # seconds: the stages this result needs (from the manifest, whichever invocation ran them);
     # peak RSS: of this invocation, which may have reused earlier stages
     return {"ari": adjusted_rand_score(truth, pred), "nmi": normalized_mutual_info_score(truth, pred),
-            "clusters": int(len(set(pred))), "seconds": seconds, "peak_rss_mb": measured["peak_rss_mb"], **whole}
+            "clusters": int(len(set(pred))), "seconds": seconds, "peak_rss_mb": measured["peak_rss_mb"], **whole,
+            **levels}
 
 
 def main() -> None:
@@ -152,6 +180,9 @@ def _markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['set']}{'' if r['gold'] else ' (labels not gold)'} | {r['method']} | {r['seeds']} | "
                      f"{r['ari']:.3f} ({r['ari_sd']:.3f}) | {r['nmi']:.3f} | {r['clusters']:.1f} | "
                      f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+        for level in [k[len("ari_"):] for k in r if k.startswith("ari_label_level")]:
+            lines.append(f"| {r['set']} ({level}) | {r['method']} | {r['seeds']} | {r[f'ari_{level}']:.3f} | "
+                         f"{r[f'nmi_{level}']:.3f} | | | |")
     methods = sorted({r["method"] for r in rows})
     lines.append("")
     lines.append("| method | mean ARI over gold sets | mean NMI |")
