@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_quality import scanpy_leiden  # noqa: E402
 from measure import run_measured  # noqa: E402
 from peer_scoring import (  # noqa: E402
     FlippedEntries,
@@ -74,17 +75,8 @@ def _read(name: str):
 
 
 def scanpy_default(name: str, seed: int) -> tuple[np.ndarray, None]:
-    import scanpy as sc
-
     adata, _ = _read(name)
-    sc.pp.normalize_total(adata)
-    sc.pp.log1p(adata)
-    sc.pp.highly_variable_genes(adata, n_top_genes=min(2000, adata.n_vars))
-    adata = adata[:, adata.var["highly_variable"]].copy()
-    sc.pp.pca(adata, n_comps=min(50, adata.n_vars - 1, adata.n_obs - 1), random_state=seed)
-    sc.pp.neighbors(adata, n_neighbors=15, random_state=seed, transformer="sklearn")
-    sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2)
-    return adata.obs["leiden"].to_numpy(), None
+    return scanpy_leiden(adata, seed), None
 
 
 def scvi_epochs(n_cells: int, max_steps: int) -> int | None:

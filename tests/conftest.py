@@ -12,6 +12,23 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__),
 #: the real data sets of the project (../shared/data beside the repository): present in CI, absent for users
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+#: the tiny planted atlas's config of the whole-run tests (tests/test_pipeline.py, tests/test_object_store.py)
+TINY_CONFIG = """
+[feature]
+min_steps = 200
+iter_steps = 100
+[iterate]
+max_iterations = 2
+cluster_steps = 100
+[impute]
+steps = 100
+[ltmg]
+max_iter = 30
+[runtime]
+n_workers = 1
+"""
+
+
 
 def shared_dataset(name: str) -> Path:
     """``../shared/data/<name>/counts.h5ad``, or skip the calling test (with the reason) when it is absent."""

@@ -15,26 +15,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import S3_SECRET, planted_adata
+from conftest import S3_SECRET, TINY_CONFIG, planted_adata
 
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
 from scgnn_scale.paths import ObjectPath, as_path, redact, replace_tree
-
-TINY = """
-[feature]
-min_steps = 200
-iter_steps = 100
-[iterate]
-max_iterations = 2
-cluster_steps = 100
-[impute]
-steps = 100
-[ltmg]
-max_iter = 30
-[runtime]
-n_workers = 1
-"""
 
 
 def _args(inp, cfg, out, *extra):
@@ -48,7 +33,7 @@ def tiny(tmp_path_factory, s3_server):
     path = d / "tiny.h5ad"
     planted_adata(n_cells=240, n_genes=150, n_types=3, seed=1).write_h5ad(path)
     cfg = d / "tiny.toml"
-    cfg.write_text(TINY)
+    cfg.write_text(TINY_CONFIG)
     s3_server.bucket("inputs")
     s3_server.filesystem().put_file(str(path), "inputs/tiny.h5ad")
     local = d / "local_run"

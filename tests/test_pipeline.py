@@ -11,28 +11,13 @@ import time
 import anndata
 import numpy as np
 import pytest
-from conftest import planted_adata
+from conftest import TINY_CONFIG, planted_adata
 
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
 from scgnn_scale.evaluate import clustering_metrics
 from scgnn_scale.pipeline import INTERMEDIATE_RECONS
 from scgnn_scale.store import RunStore
-
-TINY = """
-[feature]
-min_steps = 200
-iter_steps = 100
-[iterate]
-max_iterations = 2
-cluster_steps = 100
-[impute]
-steps = 100
-[ltmg]
-max_iter = 30
-[runtime]
-n_workers = 1
-"""
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +26,7 @@ def tiny_input(tmp_path_factory):
     path = d / "tiny.h5ad"
     planted_adata(n_cells=240, n_genes=150, n_types=3, seed=1).write_h5ad(path)
     cfg = d / "tiny.toml"
-    cfg.write_text(TINY)
+    cfg.write_text(TINY_CONFIG)
     return path, cfg
 
 
