@@ -11,8 +11,9 @@ from sklearn.metrics import adjusted_rand_score
 
 from scgnn_scale import train
 from scgnn_scale.config import FeatureConfig, RunConfig, StoreConfig
-from scgnn_scale.keys import FIRST_PASS
+from scgnn_scale.keys import FEATURE_MODEL, FIRST_PASS
 from scgnn_scale.nn.autoencoder import DenseAutoencoder
+from scgnn_scale.reconstruction import feature_reconstruction
 from scgnn_scale.stages import feature
 from scgnn_scale.testing import stage_context, store_with_matrix
 from scgnn_scale.train import TrainPlan
@@ -44,7 +45,8 @@ def test_feature_stage_writes_outputs_that_separate_planted_types(tmp_path):
     store, counts, labels = planted_store(tmp_path, config)
     info = feature.run(stage_context(store, "feature", config))
     emb = store.open_array(FIRST_PASS.feature_embedding)[:]
-    recon = store.open_array("work/recon")[:]
+    assert not store.has("work/recon")  # not stored unless runtime.keep_work: computed from the model as read
+    recon = feature_reconstruction(store, store.model_path(FEATURE_MODEL), FIRST_PASS.feature_embedding, "cpu")[:]
     assert emb.shape == (300, 128) and emb.dtype == np.float32
     assert recon.shape == (300, 200) and recon.dtype == np.float32
     assert np.isfinite(emb).all() and np.isfinite(recon).all()

@@ -260,7 +260,7 @@ def test_gae_stage_writes_embedding(tmp_path):
     info = gae_stage.run(stage_context(store, "gae"))
     z = store.read_elem(FIRST_PASS.embedding)
     assert z.shape == (120, 16) and z.dtype == np.float32
-    assert info["mode"] == "full" and info["steps"] == 200
+    assert info["mode"] == "full" and 0 < info["steps"] <= 200  # gae.plateau_tol may stop it before 200 epochs
     assert _embedding_ari(z, labels) > 0.9
 
 
