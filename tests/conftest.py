@@ -74,19 +74,22 @@ def planted():
     return planted_counts()
 
 
-#: run a command in its own mount namespace with an empty /tmp: a Dask worker started so cannot read what the
-#: client keeps under /tmp (the tests' run directories), as on a cluster without a shared disk (needs root)
-PRIVATE_TMP = ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$@"',
-               "private-tmp")
+def hiding(directory) -> tuple[str, ...]:
+    """A command prefix that runs a command in its own mount namespace with an empty ``directory``: a Dask
+    worker started so cannot read what the client keeps there (the tests' run directories, pytest's base
+    temporary directory), as on a cluster without a shared disk (needs root). Only that directory is
+    hidden, not all of /tmp: the interpreter and the checkout may live under /tmp themselves."""
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',
+            str(directory))
 
 
-def private_tmp_works() -> bool:
+def hiding_works(directory) -> bool:
     import shutil
     import subprocess
 
     if shutil.which("unshare") is None:
         return False
-    return subprocess.run([*PRIVATE_TMP, "true"], capture_output=True).returncode == 0
+    return subprocess.run([*hiding(directory), "true"], capture_output=True).returncode == 0
 
 
 class DaskProcesses:
@@ -97,8 +100,8 @@ class DaskProcesses:
     """
 
     def __init__(self, log_path: Path, n_workers: int = 2, *, nanny: bool = False, worker_prefix=()):
-        """``worker_prefix``: a command the workers are started under (:data:`PRIVATE_TMP`: without the
-        client's /tmp, so a worker handed a local path of the client's fails)."""
+        """``worker_prefix``: a command the workers are started under (:func:`hiding`: without the client's
+        temporary directory, so a worker handed a local path of the client's fails)."""
         import subprocess
         import sys
 
@@ -121,8 +124,12 @@ class DaskProcesses:
             self.procs.append(proc)
             self.workers[f"tcp://127.0.0.1:{wport}"] = proc
         if n_workers:
-            with Client(self.address, timeout="30s") as client:
-                client.wait_for_workers(n_workers, timeout=60)
+            try:
+                with Client(self.address, timeout="30s") as client:
+                    client.wait_for_workers(n_workers, timeout=60)
+            except BaseException:
+                self.stop()  # no process of a cluster that never came up outlives the test
+                raise
 
     def _start(self, python, *args, prefix=()):
         return self._subprocess.Popen([*prefix, python, "-m", "dask", *args], stdout=self.log,

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PRIVATE_TMP, DaskProcesses, planted_adata, private_tmp_works
+from conftest import DaskProcesses, hiding, hiding_works, planted_adata
 
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
@@ -88,21 +88,22 @@ def test_every_distributed_stage_runs_on_the_workers_with_the_embedded_results(t
     _same_results(read_run(out), embedded)
 
 
-def _on_s3(tiny, s3_server, name: str) -> tuple:
+def _on_s3(tiny, s3_server, name: str, tmp_path) -> tuple:
     """The input uploaded to s3://<name>/tiny.h5ad, RUN_DIR s3://<name>/run, and the workers' command prefix
-    that hides the client's /tmp from them."""
-    if not private_tmp_works():
-        pytest.skip("hiding the client's /tmp from the workers needs unshare --mount (root)")
+    that hides pytest's base temporary directory (every file of the client's: the input, the runs) from them."""
+    hidden = tmp_path.parent  # tmp_path and the module's fixtures' directories all lie directly under it
+    if not hiding_works(hidden):
+        pytest.skip("hiding the client's files from the workers needs unshare --mount (root)")
     s3_server.bucket(name)
     s3_server.filesystem().put_file(str(tiny[0]), f"{name}/tiny.h5ad")
-    return (f"s3://{name}/tiny.h5ad", tiny[1]), f"s3://{name}/run", PRIVATE_TMP
+    return (f"s3://{name}/tiny.h5ad", tiny[1]), f"s3://{name}/run", hiding(hidden)
 
 
 def test_every_distributed_stage_reads_and_writes_the_run_on_s3_itself(tiny, embedded, tmp_path, s3_server):
-    """No shared disk: the input and RUN_DIR on the S3 server, the workers without the client's /tmp (a local
+    """No shared disk: the input and RUN_DIR on the S3 server, the workers without the client's files (a local
     path handed to a worker would fail there); the workers open the store's URLs with their own credentials
     (the environment's AWS chain, as on a real cluster)."""
-    source, out, prefix = _on_s3(tiny, s3_server, "cluster-run")
+    source, out, prefix = _on_s3(tiny, s3_server, "cluster-run", tmp_path)
     cluster = DaskProcesses(tmp_path / "dask.log", 2, worker_prefix=prefix)
     try:
         assert main(_args(source, out, "--scheduler", cluster.address)) == 0
@@ -110,11 +111,11 @@ def test_every_distributed_stage_reads_and_writes_the_run_on_s3_itself(tiny, emb
 
         with Client(cluster.address, timeout="30s") as client:
             ran = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
-            seen = client.run(lambda: sorted(os.listdir("/tmp")))  # each worker's own, empty but for Dask's
+            seen = client.run(os.listdir, str(tmp_path.parent))  # the client's files, hidden from each worker
     finally:
         cluster.stop()
     assert {"filter_and_stats", "fit_block", "label_rows", "train_cluster_autoencoder"} <= ran, ran
-    assert all(not any(name.startswith("pytest-of") for name in names) for names in seen.values()), seen
+    assert len(seen) == 2 and all(names == [] for names in seen.values()), seen
     assert RunStore.open(out).stage_info("iterate")["iterations"] == 1
     _same_results(read_run(out), embedded)
 
@@ -125,7 +126,7 @@ def test_workers_killed_during_ltmg_and_the_cluster_autoencoders(tiny, embedded,
 
     out, prefix = tmp_path / "run", ()
     if where == "s3":
-        tiny, out, prefix = _on_s3(tiny, request.getfixturevalue("s3_server"), "cluster-kill")
+        tiny, out, prefix = _on_s3(tiny, request.getfixturevalue("s3_server"), "cluster-kill", tmp_path)
     # nannies start a new worker process
     cluster = DaskProcesses(tmp_path / "dask.log", 2, nanny=True, worker_prefix=prefix)
     outcome, killed = {}, []
