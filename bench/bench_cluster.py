@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
         inp = str(work / f"atlas_{args.cells}x{args.genes}.h5ad")
         if not Path(inp).exists():
             subprocess.run([sys.executable, "-m", "scgnn_scale.cli", "simulate", "--cells", str(args.cells), "--genes",
-                            str(args.genes), "--types", str(args.types), inp], check=True)
+                            str(args.genes), "--types", str(args.types), inp], check=True, stdout=sys.stderr)
     embedded, cluster = work / "embedded", work / "cluster"
     for d in (embedded, cluster):
         subprocess.run(["rm", "-rf", str(d)], check=True)
