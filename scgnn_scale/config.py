@@ -479,6 +479,13 @@ def _check_dashboard(address: str) -> None:
                              "e.g. 127.0.0.1:8787)")
 
 
+def _check_directory(option: str, path: str) -> None:
+    """A directory option: no NUL byte (no file system takes one; Python's calls fail with a message that
+    would name the input, not the option)."""
+    if "\x00" in path:
+        raise InputError(f"config option {option} {path!r}: a path cannot hold a NUL byte")
+
+
 def build_config(overrides: dict[str, dict[str, Any]] | None = None, base: RunConfig | None = None) -> RunConfig:
     """Apply ``{section: {option: value}}`` on top of ``base`` (the defaults), checking names, types, choices."""
     base = base or RunConfig()
@@ -507,6 +514,7 @@ def build_config(overrides: dict[str, dict[str, Any]] | None = None, base: RunCo
     parse_fanouts(sections["gae"].fanouts)
     _check_scheduler(sections["runtime"].scheduler)
     _check_dashboard(sections["runtime"].dashboard)
+    _check_directory("ingest.tmp_dir", sections["ingest"].tmp_dir)
     ltmg = sections["ltmg"]
     if ltmg.k_max < ltmg.k_min:
         raise InputError(f"config options ltmg.k_min {ltmg.k_min} and ltmg.k_max {ltmg.k_max}: k_max must be at "

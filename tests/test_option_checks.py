@@ -56,3 +56,12 @@ def test_more_neighbours_than_cells_stops_right_after_preprocessing(small_input,
     finished = set(json.loads((out / "manifest.json").read_text())["stages"])
     assert finished == {"ingest", "preprocess"}  # the feature autoencoder never trained
     assert time.perf_counter() - t0 < 60
+
+
+def test_a_nul_byte_in_the_temporary_directory_names_the_option():
+    """Found by tests/test_fuzz.py: a NUL byte in ingest.tmp_dir was reported against the input file."""
+    from scgnn_scale.config import build_config
+    from scgnn_scale.errors import InputError
+
+    with pytest.raises(InputError, match=r"config option ingest.tmp_dir '\\x00': a path cannot hold a NUL byte"):
+        build_config({"ingest": {"tmp_dir": "\x00"}})
