@@ -12,6 +12,22 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__),
 #: the real data sets of the project (../shared/data beside the repository): present in CI, absent for users
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+#: a shorter config of the tiny planted atlas (one iteration; tests/test_integrity.py, tests/test_data_parallel_run.py)
+SHORT_CONFIG = """
+[feature]
+min_steps = 150
+iter_steps = 80
+[iterate]
+max_iterations = 1
+cluster_steps = 60
+[impute]
+steps = 80
+[ltmg]
+max_iter = 30
+[runtime]
+n_workers = 1
+"""
+
 #: the tiny planted atlas's config of the whole-run tests (tests/test_pipeline.py, tests/test_object_store.py)
 TINY_CONFIG = """
 [feature]

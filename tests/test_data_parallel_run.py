@@ -5,28 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import planted_adata
+from conftest import SHORT_CONFIG, planted_adata
 
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
 from scgnn_scale.evaluate import clustering_metrics
 from scgnn_scale.store import RunStore
 
-TINY = """
-[feature]
-min_steps = 150
-iter_steps = 80
-[iterate]
-max_iterations = 1
-cluster_steps = 60
-[impute]
-steps = 80
-[ltmg]
-max_iter = 30
-[runtime]
-n_workers = 1
-device = "cpu"
-"""
+TINY = SHORT_CONFIG + 'device = "cpu"\n'
 
 
 def test_the_whole_method_on_two_ranks_gives_the_clusters_of_one(tmp_path):

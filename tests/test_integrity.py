@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import planted_adata
+from conftest import SHORT_CONFIG, planted_adata
 
 from scgnn_scale import read_run
 from scgnn_scale.cli import main
@@ -17,20 +17,7 @@ from scgnn_scale.errors import InputError
 from scgnn_scale.integrity import RECORD_NAME, store_key
 from scgnn_scale.store import RunStore
 
-TINY = """
-[feature]
-min_steps = 150
-iter_steps = 80
-[iterate]
-max_iterations = 1
-cluster_steps = 60
-[impute]
-steps = 80
-[ltmg]
-max_iter = 30
-[runtime]
-n_workers = 1
-"""
+TINY = SHORT_CONFIG
 
 
 @pytest.fixture(scope="module")
