@@ -72,6 +72,8 @@ class TrainPlan:
     #: window's (:class:`~scgnn_scale.convergence.LossPlateau`); ``steps`` is then a cap. 0: always ``steps``
     plateau_tol: float = 0.0
     plateau_min_steps: int = 0
+    #: 'bfloat16': the forward pass under torch autocast (``feature.precision``); 'float32': plain
+    precision: str = "float32"
 
 
 def training_steps(n_cells: int, batch_size: int, min_steps: int, max_epochs: int, max_steps: int = 0) -> int:
@@ -191,6 +193,8 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
     weights = torch.from_numpy(np.asarray(cell_weight, dtype=np.float32)) if cell_weight is not None else None
 
     plateau, flat = LossPlateau(plan.plateau_tol, min_steps=plan.plateau_min_steps), False
+    # the loss (float32 x against the bfloat16 reconstruction) is computed in float32 outside autocast
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan.precision == "bfloat16")
     model.train()
     history: list[dict] = []
     window: list = []
@@ -208,7 +212,8 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
                 x = _on_device(batch[0], device)
                 trs = _on_device(batch[1], device) if len(batch) > 1 else None
                 w = weights[torch.from_numpy(batch.row_index)].to(device) if weights is not None else None
-                recon, _ = model(x)
+                with autocast:
+                    recon, _ = model(x)
                 rec = reconstruction_loss(x, recon, trs=trs, gamma=plan.gamma, alpha=plan.alpha, cell_weight=w,
                                           reference_cells=n_ref)
                 loss = rec + plan.l1 * l1_penalty(model) if plan.l1 else rec
@@ -407,7 +412,8 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
     plan = TrainPlan(steps=total, batch_size=fcfg.batch_size, gamma=gamma, alpha=alpha, l1=l1, seed=seed,
                      memory_budget_mb=ctx.runtime.memory.loader_mb(fcfg.memory_budget_mb),
                      buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks,
-                     checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, plateau_tol=plateau_tol)
+                     checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, plateau_tol=plateau_tol,
+                     precision=fcfg.precision)
     with cpu_threads(device, fcfg.torch_threads):
         info = ctx.runtime.fit_autoencoder(model, optimizer, arrays, plan, cell_weight=cell_weight, start_step=start,
                                            checkpoint=checkpoint, progress=ctx.progress, name=desc)

@@ -212,3 +212,18 @@ def test_the_autoencoder_stops_on_a_loss_plateau_and_the_fixed_count_stays_an_op
         assert (losses[-2] - losses[-1]) / losses[-2] < 0.01
     fixed = fit(0.0, 0.0)  # 0: the fixed count, whatever the loss does
     assert fixed["steps_total"] == 400 and not fixed["stopped_on_plateau"]
+
+
+def test_bfloat16_training_learns_the_planted_types_and_writes_float32_outputs(tmp_path):
+    config = small_config(precision="bfloat16")
+    store, counts, labels = planted_store(tmp_path, config)
+    info = feature.run(stage_context(store, "feature", config))
+    emb = store.open_array(FIRST_PASS.feature_embedding)[:]
+    assert emb.dtype == np.float32 and np.isfinite(emb).all()
+    assert info["loss_last"] < 0.5 * info["loss_first"]
+    pred = KMeans(3, n_init=10, random_state=0).fit_predict(emb)
+    assert adjusted_rand_score(labels, pred) > 0.9
+    # the same seed in float32 trains another trajectory: the option is not ignored
+    reference_store, _, _ = planted_store(tmp_path / "reference", small_config())
+    reference = feature.run(stage_context(reference_store, "feature", small_config()))
+    assert reference["loss_last"] != info["loss_last"]
