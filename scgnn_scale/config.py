@@ -162,6 +162,9 @@ class GAEConfig:
     batch_size: int = _f(4096, "target nodes per minibatch in neighbour-sampling mode")
     fanouts: str = _f("10,10", "neighbours sampled per hop (comma separated, one per GCN layer)")
     full_graph_max_nodes: int = _f(50000, "train on the full graph (no sampling) up to this many cells")
+    memory_budget_mb: int = _f(1024, "minibatch mode: the node features and their propagation A~E (N x 128 float32 "
+                               "each) are held in memory up to this size (about 2M cells), above it in scratch files "
+                               "in TMPDIR (N x 128 x 4 bytes twice, then N x 32 x 4) that each step reads its rows from")
     mode: str = _f("auto", "'auto' (full graph up to full_graph_max_nodes, else minibatch), 'full' or 'minibatch'",
                    ("auto", "full", "minibatch"))
     final_relu: bool = _f(False, "ReLU on the graph embedding (the paper's formula); off: linear output, as the "
@@ -413,7 +416,7 @@ BOUNDS: dict[str, tuple] = {
     "graph.nnd_trees": _AT_LEAST_0, "graph.nnd_iters": _AT_LEAST_0, "graph.n_jobs": _AT_LEAST_0,
     "graph.recall_sample": _AT_LEAST_0, "graph.torch_query_block": _AT_LEAST_1,
     "gae.hidden": _AT_LEAST_1, "gae.latent": _AT_LEAST_1, "gae.lr": _POSITIVE, "gae.epochs": _AT_LEAST_0,
-    "gae.neg_ratio": _POSITIVE, "gae.batch_size": _AT_LEAST_1, "gae.full_graph_max_nodes": _AT_LEAST_0,
+    "gae.neg_ratio": _POSITIVE, "gae.batch_size": _AT_LEAST_1, "gae.full_graph_max_nodes": _AT_LEAST_0, "gae.memory_budget_mb": _AT_LEAST_0,
     "gae.epoch_cells": _AT_LEAST_1, "gae.plateau_tol": _FRACTION, "gae.plateau_window": _AT_LEAST_1,
     "gae.torch_threads": _AT_LEAST_0,
     "cluster.resolution": _POSITIVE, "cluster.small_factor": _POSITIVE, "cluster.large_factor": _POSITIVE,

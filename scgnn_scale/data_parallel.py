@@ -243,11 +243,10 @@ def _fit_on_rank(job: _FitJob, rank: int, world: int, *, model=None, optimizer=N
 def _gae_on_rank(embedding_path, graph_path, cfg, seed, rank, world, device, progress=None):
     import torch
 
-    from .graph_autoencoder import fit_gae
-    from .nn.sampling import CSRGraph
+    from .graph_autoencoder import fit_gae, read_graph
     from .store import RunStore
 
-    graph = CSRGraph.from_scipy(RunStore.read_elem_at(graph_path))
+    graph = read_graph(graph_path)
     x = np.asarray(RunStore.read_elem_at(embedding_path), dtype=np.float32)
     return fit_gae(x, graph, cfg, device=torch.device(device), seed=seed, progress=progress, rank=rank,
                    world=world)

@@ -43,7 +43,10 @@ On the CPU the result is deterministic for a seed (numpy and torch generators se
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -52,41 +55,136 @@ import torch
 from .config import GAEConfig, parse_fanouts
 from .convergence import LossPlateau
 from .errors import InputError
-from .nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits, propagate
+from .nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits, propagate, sparse_csr
 from .nn.optim import adam
 from .nn.sampling import CSRGraph, sample_blocks, sample_neighbors, sorted_unique
 
 
-def standardize_columns(x: np.ndarray, block_rows: int = 65536) -> np.ndarray:
+#: rows per block of the streamed passes (standardising, propagating, inference)
+BLOCK_ROWS = 65536
+
+
+def _row_blocks(n: int, block_rows: int | None = None) -> list[tuple[int, int]]:
+    block_rows = block_rows or BLOCK_ROWS
+    return [(a, min(n, a + block_rows)) for a in range(0, n, block_rows)]
+
+
+def column_moments(x, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (constant columns: 1) of each column, in float64, in row blocks.
+
+    ``x`` is anything sliced by rows (a numpy or zarr array); two passes, so the only memory is a block.
+    """
+    n, d = x.shape
+    mean = np.zeros(d)
+    for a, b in _row_blocks(n, block_rows):
+        mean += np.asarray(x[a:b]).sum(axis=0, dtype=np.float64)
+    mean /= max(n, 1)
+    squares = np.zeros(d)
+    for a, b in _row_blocks(n, block_rows):
+        diff = np.asarray(x[a:b]) - mean
+        squares += np.einsum("ij,ij->j", diff, diff)
+    sd = np.sqrt(squares / max(n, 1))
+    sd[sd <= 0] = 1.0
+    return mean, sd
+
+
+def standardize_columns(x: np.ndarray, block_rows: int | None = None) -> np.ndarray:
     """Each column to mean 0 and standard deviation 1 (constant columns to 0), in float32.
 
     Row block by row block, with float64 sums: the only N-sized allocation is the float32 result
     (numpy's ``std`` and the float64 broadcast held three N x d float64 copies: 3 GB at 1M x 128).
     """
     n, d = x.shape
-    blocks = [(a, min(n, a + block_rows)) for a in range(0, n, block_rows)]
-    mean = np.zeros(d)
-    for a, b in blocks:
-        mean += x[a:b].sum(axis=0, dtype=np.float64)
-    mean /= max(n, 1)
-    squares = np.zeros(d)
-    for a, b in blocks:
-        diff = x[a:b] - mean
-        squares += np.einsum("ij,ij->j", diff, diff)
-    sd = np.sqrt(squares / max(n, 1))
-    sd[sd <= 0] = 1.0
+    mean, sd = column_moments(x, block_rows)
     out = np.empty((n, d), np.float32)
-    for a, b in blocks:
+    for a, b in _row_blocks(n, block_rows):
         out[a:b] = (x[a:b] - mean) / sd
     return out
+
+
+class DiskRows:
+    """An ``N x d`` float32 table in a raw scratch file, written and gathered by rows.
+
+    Each access maps the file and unmaps it again, so only the pages of one access count towards the
+    process's resident memory, however large the table.
+    """
+
+    def __init__(self, path, shape: tuple[int, int]):
+        self.path, self.shape = str(path), (int(shape[0]), int(shape[1]))
+        np.memmap(self.path, dtype=np.float32, mode="w+", shape=self.shape).flush()
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        table = np.memmap(self.path, dtype=np.float32, mode="r+", shape=self.shape)
+        table[start:start + len(rows)] = rows
+        table.flush()
+        del table
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        table = np.memmap(self.path, dtype=np.float32, mode="r", shape=self.shape)
+        out = table.take(ids, axis=0)
+        del table
+        return out
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        table = np.memmap(self.path, dtype=np.float32, mode="r", shape=self.shape)
+        out = np.array(table[rows])
+        del table
+        return out
+
+
+def adjacency_rows(graph: CSRGraph, a: int, b: int, dinv: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """Rows ``a:b`` of ``A~ = D^-1/2 (A + I) D^-1/2`` over the columns they touch.
+
+    Returns the sparse CSR block (``b - a`` x ``len(cols)``, columns local) and ``cols``, the sorted
+    global ids of those columns. Entries and their order are those of the same rows of
+    :func:`~scgnn_scale.nn.gcn.normalized_adjacency` (``dinv``: ``(deg + 1)^-1/2`` as torch computes it).
+    """
+    lo, hi = int(graph.indptr[a]), int(graph.indptr[b])
+    crow = torch.from_numpy(graph.indptr[a:b + 1] - lo)
+    col = torch.from_numpy(graph.indices[lo:hi].astype(np.int64))
+    rows_n = b - a
+    row_local = torch.repeat_interleave(torch.arange(rows_n), crow[1:] - crow[:-1])
+    row = row_local + a
+    loop_at = crow[:-1] + torch.arange(rows_n) + torch.bincount(row_local[col < row], minlength=rows_n)
+    is_edge = torch.ones(col.numel() + rows_n, dtype=torch.bool)
+    is_edge[loop_at] = False
+    cols = torch.empty(col.numel() + rows_n, dtype=torch.int64)
+    cols[loop_at] = torch.arange(a, b)
+    cols[is_edge] = col
+    vals = torch.empty(col.numel() + rows_n, dtype=torch.float32)
+    block_dinv = dinv[a:b]
+    vals[loop_at] = block_dinv * block_dinv
+    vals[is_edge] = torch.ones(col.numel()) * dinv[row] * dinv[col]
+    global_cols = cols.numpy()
+    unique = sorted_unique(global_cols)
+    local = torch.from_numpy(np.searchsorted(unique, global_cols))
+    return sparse_csr(crow + torch.arange(rows_n + 1), local, vals, (rows_n, unique.size)), unique
+
+
+def read_graph(location: str) -> CSRGraph:
+    """The CSR graph stored (AnnData encoding) at ``location``, its indices read chunk by chunk into
+    :class:`CSRGraph`'s index type, without the int64 copy and the weights a whole read holds."""
+    import zarr
+
+    from .nn.sampling import index_dtype
+
+    group = zarr.open_group(location, mode="r", zarr_format=3)
+    indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+    n = int(group.attrs["shape"][0])
+    stored = group["indices"]
+    indices = np.empty(stored.shape[0], dtype=index_dtype(n))
+    step = max(int(stored.chunks[0]), 1 << 22)
+    for a in range(0, stored.shape[0], step):
+        indices[a:a + step] = stored[a:a + step]
+    return CSRGraph(indptr, indices, n)
 
 
 def _sparse_adjacency(graph: CSRGraph, device) -> torch.Tensor:
     return normalized_adjacency(torch.from_numpy(graph.indptr), torch.from_numpy(graph.indices), graph.n).to(device)
 
 
-def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int = 0,
-            progress=None, rank: int = 0, world: int = 1) -> tuple[np.ndarray | None, dict]:
+def fit_gae(x, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int = 0,
+            progress=None, rank: int = 0, world: int = 1, out=None) -> tuple[np.ndarray | None, dict]:
     """Train the graph autoencoder on features ``x`` and ``graph``; return the embedding of all cells.
 
     Parameters
@@ -105,12 +203,21 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
         Optional callable ``(total, desc, unit) -> tqdm-like`` bar factory.
     rank, world
         This process's rank among ``world`` data-parallel ranks (the process group is initialised).
+    out
+        Where to write the embedding, block by block (an ``N x latent`` zarr or numpy array); None:
+        a new numpy array.
+
+    ``x`` may be any array sliced by rows (numpy, zarr). In minibatch mode on one rank, when the
+    features take more than ``gae.memory_budget_mb`` (N x d x 4 bytes), neither ``x`` nor ``A~ E``
+    is held: they are computed block by block into scratch files in the temporary directory
+    (``TMPDIR``), each minibatch gathers its rows from there, and inference writes ``out`` block by
+    block. The numbers are those of the in-memory path.
 
     Returns
     -------
     z, info
-        ``(N, latent)`` float32 embedding (None on ranks other than 0) and a JSON-able summary (mode,
-        steps, losses, seconds).
+        ``(N, latent)`` float32 embedding (``out`` when given; None on ranks other than 0) and a
+        JSON-able summary (mode, steps, losses, seconds).
     """
     device = torch.device(device)
     n, d = x.shape
@@ -131,15 +238,22 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
         model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
 
     t0 = time.perf_counter()
-    adj = _sparse_adjacency(graph, device)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if cfg.standardize:
-        x = standardize_columns(x)
-    features = torch.from_numpy(x).to(device)
-    with torch.no_grad():
-        propagated = propagate(adj, features)  # A~ E, exact, once
-    raw = features if (mode == "minibatch" and cfg.sample_first_layer) else None
-    del features, x  # only A~ E is needed from here (at 1M x 128 each copy is 512 MB)
+    scratch = contextlib.ExitStack()
+    on_disk = mode == "minibatch" and world == 1 and n * d * 4 > cfg.memory_budget_mb * 2**20
+    if on_disk:
+        adj = None
+        propagated, raw = _propagate_on_disk(x, graph, cfg, scratch.enter_context(
+            tempfile.TemporaryDirectory(prefix="scgnn-gae-")))
+    else:
+        adj = _sparse_adjacency(graph, device)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if cfg.standardize:
+            x = standardize_columns(x)
+        features = torch.from_numpy(x).to(device)
+        with torch.no_grad():
+            propagated = propagate(adj, features)  # A~ E, exact, once
+        raw = features if (mode == "minibatch" and cfg.sample_first_layer) else None
+        del features, x  # only A~ E is needed from here (at 1M x 128 each copy is 512 MB)
 
     losses: list[float] = []
     bar = progress(cfg.epochs, f"GAE ({mode})", "epochs") if progress else None
@@ -201,10 +315,18 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
 
     encoder.eval()
     z = None
-    if rank == 0:
-        with torch.no_grad():
-            z = encoder(propagated, adj, precomputed=True).cpu().numpy().astype(np.float32)
-    info = {"mode": mode, "epochs": cfg.epochs, "epochs_run": len(losses), "stopped_on_plateau": plateau.stopped_at is not None,
+    with scratch:
+        if rank == 0 and on_disk:
+            z = _infer_on_disk(encoder, propagated, graph, scratch.enter_context(
+                tempfile.TemporaryDirectory(prefix="scgnn-gae-")), out)
+        elif rank == 0:
+            with torch.no_grad():
+                z = encoder(propagated, adj, precomputed=True).cpu().numpy().astype(np.float32)
+            if out is not None:
+                for a, b in _row_blocks(n):
+                    out[a:b] = z[a:b]
+                z = out
+    info = {"mode": mode, "features_on_disk": on_disk, "epochs": cfg.epochs, "epochs_run": len(losses), "stopped_on_plateau": plateau.stopped_at is not None,
             "steps": steps, "loss_first": round(losses[0], 5),
             "loss_last": round(losses[-1], 5), "train_seconds": round(train_seconds, 3),
             "n_edges": graph.n_directed_edges // 2, "final_relu": cfg.final_relu, "ranks": world,
@@ -214,6 +336,54 @@ def fit_gae(x: np.ndarray, graph: CSRGraph, cfg: GAEConfig, *, device, seed: int
                      "fanouts": fanouts if cfg.sample_first_layer else fanouts[:1],
                      "sample_first_layer": cfg.sample_first_layer})
     return z, info
+
+
+def _propagate_on_disk(x, graph: CSRGraph, cfg: GAEConfig, scratch: str) -> tuple[DiskRows, DiskRows | None]:
+    """``A~ E`` (E standardised when ``gae.standardize``) into a scratch file, row block by row block.
+
+    E is first streamed from ``x`` into its own scratch file, from which each block of ``A~`` gathers
+    the rows its columns name. Returns ``A~ E`` and, for ``gae.sample_first_layer``, E.
+    """
+    n, d = x.shape
+    mean, sd = column_moments(x) if cfg.standardize else (None, None)
+    features = DiskRows(os.path.join(scratch, "features.f32"), (n, d))
+    for a, b in _row_blocks(n):
+        block = np.asarray(x[a:b], dtype=np.float32)
+        features.write(a, ((block - mean) / sd).astype(np.float32) if cfg.standardize else block)
+    dinv = _torch_dinv(graph)
+    propagated = DiskRows(os.path.join(scratch, "propagated.f32"), (n, d))
+    with torch.no_grad():
+        for a, b in _row_blocks(n):
+            block, cols = adjacency_rows(graph, a, b, dinv)
+            propagated.write(a, torch.sparse.mm(block, torch.from_numpy(features.take(cols))).numpy())
+    if not cfg.sample_first_layer:
+        os.unlink(features.path)
+        features = None
+    return propagated, features
+
+
+def _infer_on_disk(encoder: GCNEncoder, propagated: DiskRows, graph: CSRGraph, scratch: str, out) -> np.ndarray:
+    """The encoder's output on the whole graph (as ``encoder(A~E, A~, precomputed=True)``), block by block:
+    ``H = ReLU((A~E) W1)`` into a scratch file, then each block of ``A~ (H W2)`` into ``out``."""
+    n = graph.n
+    if out is None:
+        out = np.empty((n, encoder.w2.shape[1]), np.float32)
+    dinv = _torch_dinv(graph)
+    hidden = DiskRows(os.path.join(scratch, "hidden.f32"), (n, encoder.w1.shape[1]))
+    device = encoder.w1.device
+    with torch.no_grad():
+        for a, b in _row_blocks(n):
+            hidden.write(a, torch.relu(torch.from_numpy(propagated[a:b]).to(device) @ encoder.w1).cpu().numpy())
+        for a, b in _row_blocks(n):
+            block, cols = adjacency_rows(graph, a, b, dinv)
+            z = torch.sparse.mm(block.to(device), torch.from_numpy(hidden.take(cols)).to(device) @ encoder.w2)
+            out[a:b] = (torch.relu(z) if encoder.final_relu else z).cpu().numpy().astype(np.float32)
+    return out
+
+
+def _torch_dinv(graph: CSRGraph) -> torch.Tensor:
+    """``(deg + 1)^-1/2`` as :func:`~scgnn_scale.nn.gcn.normalized_adjacency` computes it (float32 rsqrt)."""
+    return torch.from_numpy((graph.degree + 1).astype(np.float32)).rsqrt()
 
 
 #: at most this many points of a loss curve are kept in the stage's info (manifest.json, uns): a few KB
@@ -228,8 +398,11 @@ def loss_history(losses: list[float]) -> list[dict]:
     return [{"epoch": i + 1, "loss": round(losses[i], 5)} for i in keep]
 
 
-def _gather_rows(table: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
-    """``table[ids]``; on the CPU through numpy's ``take``, 3-4x faster than torch indexing there."""
+def _gather_rows(table, ids: np.ndarray, device=None) -> torch.Tensor:
+    """``table[ids]``; on the CPU through numpy's ``take``, 3-4x faster than torch indexing there.
+    A :class:`DiskRows` table is read and its rows moved to ``device``."""
+    if isinstance(table, DiskRows):
+        return torch.from_numpy(table.take(ids)).to(device)
     if table.device.type == "cpu":
         return torch.from_numpy(table.numpy().take(ids, axis=0))
     return table.index_select(0, torch.from_numpy(ids).to(table.device))
@@ -247,10 +420,10 @@ def _minibatch_loss(model, graph: CSRGraph, targets: np.ndarray, fanouts: list[i
     seeds = sorted_unique(np.concatenate([targets, partner, neg_b]))
     if raw is not None:
         batch = sample_blocks(graph, seeds, fanouts, rng)
-        z = model(_gather_rows(raw, batch.input_nodes), batch.to_torch(device))
+        z = model(_gather_rows(raw, batch.input_nodes, device), batch.to_torch(device))
     else:
         batch = sample_blocks(graph, seeds, fanouts[:1], rng)
-        z = model(_gather_rows(propagated, batch.input_nodes), batch.to_torch(device), precomputed=True)
+        z = model(_gather_rows(propagated, batch.input_nodes, device), batch.to_torch(device), precomputed=True)
 
     def rows(ids):  # z's rows follow the sorted seeds
         return torch.from_numpy(np.searchsorted(seeds, ids)).to(device)
@@ -280,18 +453,19 @@ def train_gae(ctx, staging, *, embedding_key: str, graph_key: str, out_key: str)
     if ctx.runtime.data_parallel:
         z, info = ctx.runtime.ranks().fit_gae(staging.location_of(embedding_key), staging.location_of(graph_key),
                                               ctx.config.gae, seed=ctx.config.runtime.seed, progress=ctx.progress)
+        staging.write_elem(out_key, z)
     else:
         from .train import cpu_threads
 
-        graph = CSRGraph.from_scipy(staging.read_elem(graph_key))
+        graph = read_graph(staging.location_of(graph_key))
+        features = staging.open_array(embedding_key)
+        out = staging.create_matrix(out_key, (int(features.shape[0]), ctx.config.gae.latent), np.float32,
+                                    chunks=(min(BLOCK_ROWS, max(int(features.shape[0]), 1)), ctx.config.gae.latent))
         # one thread fewer than the cores, as the autoencoders: at 8,000 cells on the 2-core VM, busy with other
         # work, 200 epochs took 64.5 CPU-s with two threads, whose OpenMP waits spin, and 6-7 with one
         with cpu_threads(ctx.runtime.device, ctx.config.gae.torch_threads):
-            # the embedding is passed without keeping a reference here, so fit_gae can free it once standardised
-            z, info = fit_gae(np.asarray(staging.read_elem(embedding_key), dtype=np.float32), graph,
-                              ctx.config.gae, device=ctx.runtime.device, seed=ctx.config.runtime.seed,
-                              progress=ctx.progress)
-    staging.write_elem(out_key, z)
+            _, info = fit_gae(features, graph, ctx.config.gae, device=ctx.runtime.device,
+                              seed=ctx.config.runtime.seed, progress=ctx.progress, out=out)
     ctx.log.info("gae: %s mode, %d of %d epochs (%d steps), loss %.4f -> %.4f", info["mode"], info["epochs_run"],
                  info["epochs"], info["steps"], info["loss_first"], info["loss_last"])
     return info

@@ -1,5 +1,7 @@
 """Sparse GCN, samplers, negative-sampled loss and the GAE stage against dense references."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -16,6 +18,7 @@ from scgnn_scale.nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, 
 from scgnn_scale.nn.sampling import CSRGraph, sample_blocks, sample_neighbors
 from scgnn_scale.stages import gae as gae_stage
 from scgnn_scale.testing import stage_context, store_with_matrix
+from scgnn_scale.train import cpu_threads
 
 
 def random_graph(n, p, seed=0):
@@ -297,3 +300,75 @@ def test_gae_stops_on_a_loss_plateau_and_still_separates_planted_blocks():
     losses = [h["loss"] for h in fixed["loss_history"]]  # every other epoch (thinned to 200 points)
     assert early["loss_last"] == pytest.approx(losses[early["epochs_run"] // 2 - 1], abs=1e-5)
     assert _embedding_ari(z, labels) > 0.9 and _embedding_ari(z_fixed, labels) > 0.9
+
+
+def test_has_edges_equals_a_dense_lookup_with_empty_and_long_rows():
+    rng = np.random.default_rng(3)
+    dense = rng.random((60, 60)) < 0.15
+    dense[5, :] = dense[:, 5] = False  # an isolated node
+    dense[7, :] = dense[:, 7] = True  # a node linked to all
+    dense = dense | dense.T
+    np.fill_diagonal(dense, False)
+    graph = CSRGraph.from_scipy(sp.csr_matrix(dense.astype(np.float32)))
+    assert graph.indices.dtype == np.int32
+    src, dst = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    np.testing.assert_array_equal(graph.has_edges(src.ravel(), dst.ravel()), dense.ravel())
+
+
+@pytest.mark.parametrize("sample_first_layer", [False, True])
+def test_features_on_disk_give_the_in_memory_embedding(sample_first_layer, tmp_path):
+    g, _ = sbm([120, 120, 120], 0.1, 0.01, seed=4)
+    graph = CSRGraph.from_scipy(g)
+    x = np.random.default_rng(4).normal(3.0, 2.0, size=(360, 24)).astype(np.float32)
+    cfg = GAEConfig(mode="minibatch", epochs=30, batch_size=64, epoch_cells=128, plateau_tol=0.0,
+                    sample_first_layer=sample_first_layer)
+    out = np.full((x.shape[0], cfg.latent), np.nan, np.float32)
+    with cpu_threads(torch.device("cpu"), 1):
+        z_memory, info_memory = graph_autoencoder.fit_gae(x, graph, cfg, device="cpu", seed=2)
+        z_disk, info_disk = graph_autoencoder.fit_gae(x, graph, dataclasses.replace(cfg, memory_budget_mb=0),
+                                                      device="cpu", seed=2, out=out)
+    assert not info_memory["features_on_disk"] and info_disk["features_on_disk"] and z_disk is out
+    assert info_disk["loss_last"] == pytest.approx(info_memory["loss_last"], rel=1e-5)
+    np.testing.assert_allclose(z_disk, z_memory, rtol=1e-5, atol=1e-5)
+
+
+def test_adjacency_rows_are_the_rows_of_the_normalised_adjacency():
+    graph = CSRGraph.from_scipy(sbm([50, 50], 0.2, 0.02, seed=1)[0])
+    full = normalized_adjacency(torch.from_numpy(graph.indptr), torch.from_numpy(graph.indices),
+                                graph.n).to_dense().numpy()
+    dinv = torch.from_numpy((graph.degree + 1).astype(np.float32)).rsqrt()
+    for a, b in [(0, 1), (3, 40), (60, 100)]:
+        block, cols = graph_autoencoder.adjacency_rows(graph, a, b, dinv)
+        dense = np.zeros((b - a, graph.n), np.float32)
+        dense[:, cols] = block.to_dense().numpy()
+        np.testing.assert_array_equal(dense, full[a:b])
+
+
+def test_features_on_disk_never_hold_the_whole_embedding(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import zarr
+
+    n, d = 60000, 128
+    rng = np.random.default_rng(0)
+    neighbours = rng.integers(n, size=(n, 6))
+    g = sp.csr_matrix((np.ones(n * 6, np.float32), (np.repeat(np.arange(n), 6), neighbours.ravel())), shape=(n, n))
+    g = (g + g.T).tocsr()
+    g.setdiag(0)
+    g.eliminate_zeros()
+    graph = CSRGraph.from_scipy(g)
+    x = zarr.create_array(tmp_path / "x.zarr", shape=(n, d), chunks=(1000, d), dtype=np.float32)
+    x[:] = rng.normal(size=(n, d)).astype(np.float32)
+    out = zarr.create_array(tmp_path / "z.zarr", shape=(n, 16), chunks=(1000, 16), dtype=np.float32)
+    monkeypatch.setattr(graph_autoencoder, "BLOCK_ROWS", 1000)
+    cfg = GAEConfig(mode="minibatch", epochs=2, batch_size=64, epoch_cells=256, memory_budget_mb=0)
+    with cpu_threads(torch.device("cpu"), 1):  # as the stage trains; small torch ops on two threads crawl on a busy VM
+        graph_autoencoder.fit_gae(x, graph, cfg, device="cpu", seed=0, out=out)  # lazy imports outside the trace
+        tracemalloc.start()
+        _, info = graph_autoencoder.fit_gae(x, graph, cfg, device="cpu", seed=0, out=out)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert info["features_on_disk"]
+    assert peak < n * d * 4 / 4  # numpy's allocations: blocks and minibatches, never the N x d features
+    z = out[:]
+    assert np.isfinite(z).all() and z.std() > 0
