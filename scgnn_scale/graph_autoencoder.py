@@ -354,8 +354,11 @@ def _propagate_on_disk(x, graph: CSRGraph, cfg: GAEConfig, scratch: str) -> tupl
     propagated = DiskRows(os.path.join(scratch, "propagated.f32"), (n, d))
     with torch.no_grad():
         for a, b in _row_blocks(n):
-            block, cols = adjacency_rows(graph, a, b, dinv)
-            propagated.write(a, torch.sparse.mm(block, torch.from_numpy(features.take(cols))).numpy())
+            rows = np.empty((b - a, d), np.float32)
+            for c, e in _gathering_blocks(graph, a, b):
+                block, cols = adjacency_rows(graph, c, e, dinv)
+                rows[c - a:e - a] = torch.sparse.mm(block, torch.from_numpy(features.take(cols))).numpy()
+            propagated.write(a, rows)
     if not cfg.sample_first_layer:
         os.unlink(features.path)
         features = None
@@ -375,10 +378,25 @@ def _infer_on_disk(encoder: GCNEncoder, propagated: DiskRows, graph: CSRGraph, s
         for a, b in _row_blocks(n):
             hidden.write(a, torch.relu(torch.from_numpy(propagated[a:b]).to(device) @ encoder.w1).cpu().numpy())
         for a, b in _row_blocks(n):
-            block, cols = adjacency_rows(graph, a, b, dinv)
-            z = torch.sparse.mm(block.to(device), torch.from_numpy(hidden.take(cols)).to(device) @ encoder.w2)
-            out[a:b] = (torch.relu(z) if encoder.final_relu else z).cpu().numpy().astype(np.float32)
+            rows = np.empty((b - a, encoder.w2.shape[1]), np.float32)
+            for c, e in _gathering_blocks(graph, a, b):
+                block, cols = adjacency_rows(graph, c, e, dinv)
+                z = torch.sparse.mm(block.to(device), torch.from_numpy(hidden.take(cols)).to(device) @ encoder.w2)
+                rows[c - a:e - a] = (torch.relu(z) if encoder.final_relu else z).cpu().numpy()
+            out[a:b] = rows
     return out
+
+
+#: rows gathered from a scratch file at once by a block of A~: each maps one page (4 KB) of the file,
+#: counted in the process's resident memory until the block is done
+GATHER_ROWS = 32768
+
+
+def _gathering_blocks(graph: CSRGraph, a: int, b: int) -> list[tuple[int, int]]:
+    """Rows ``a:b`` in sub-blocks whose neighbours (and themselves) number about :data:`GATHER_ROWS`."""
+    mean_degree = graph.n_directed_edges / max(graph.n, 1)
+    step = max(64, int(GATHER_ROWS / (mean_degree + 1)))
+    return [(c, min(b, c + step)) for c in range(a, b, step)]
 
 
 def _torch_dinv(graph: CSRGraph) -> torch.Tensor:
