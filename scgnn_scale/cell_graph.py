@@ -101,22 +101,66 @@ def knn_graph(x: np.ndarray, cfg: GraphConfig, *, device, seed: int = 0, progres
     return graph, info
 
 
-def symmetric_graph(indices: np.ndarray, keep: np.ndarray, n: int) -> sp.csr_matrix:
-    """Union-symmetrised CSR of the kept directed edges ``i -> indices[i, j]``; weights 1.0, int64 indices."""
-    counts = keep.sum(axis=1)
+SYMMETRIC_BLOCK_ROWS = 1 << 18  # rows per block while the union is built (a block's edges are its memory)
+
+
+def symmetric_graph(indices: np.ndarray, keep: np.ndarray, n: int, *,
+                    block_rows: int = SYMMETRIC_BLOCK_ROWS) -> sp.csr_matrix:
+    """Union-symmetrised CSR of the kept directed edges ``i -> indices[i, j]``; weights 1.0, int64 indices.
+
+    Built in row blocks: each block's row is the sorted union of its kept out-edges and the kept edges
+    that point into it (:func:`incoming_edges`), self loops dropped; a first pass counts, a second fills.
+    Besides the output, memory is the reverse index (4 bytes a kept edge below 2**31 cells) and one
+    block's edges; scipy's ``maximum(directed.T)`` made several N-sized copies.
+    """
+    sources_ptr, sources = incoming_edges(indices, keep, n, block_rows)
     indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    directed = sp.csr_matrix((np.ones(int(indptr[-1]), np.float32), indices[keep].astype(np.int64), indptr),
-                             shape=(n, n))
-    graph = directed.maximum(directed.T).tocsr()
-    graph.setdiag(0)
-    graph.eliminate_zeros()
-    graph.sort_indices()
-    graph.data[:] = 1.0
-    graph = sp.csr_matrix((graph.data.astype(np.float32), graph.indices, graph.indptr), shape=(n, n))
-    graph.indptr = graph.indptr.astype(np.int64)
-    graph.indices = graph.indices.astype(np.int64)
+    for a, b in knn.row_blocks(n, block_rows):
+        rows, _ = _union_rows(indices, keep, sources_ptr, sources, a, b, n)
+        indptr[a + 1:b + 1] = np.bincount(rows, minlength=b - a)
+    np.cumsum(indptr, out=indptr)
+    columns = np.empty(int(indptr[-1]), np.int64)
+    for a, b in knn.row_blocks(n, block_rows):
+        _, columns[indptr[a]:indptr[b]] = _union_rows(indices, keep, sources_ptr, sources, a, b, n)
+    graph = sp.csr_matrix((n, n), dtype=np.float32)  # arrays set as they are (the constructor may narrow to int32)
+    graph.data, graph.indices, graph.indptr = np.ones(columns.size, np.float32), columns, indptr
+    graph.has_sorted_indices = True
     return graph
+
+
+def incoming_edges(indices: np.ndarray, keep: np.ndarray, n: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reverse index of the kept edges, CSR-like: ``sources[ptr[j]:ptr[j + 1]]`` are the cells that keep ``j``."""
+    counts = np.zeros(n, np.int64)
+    for a, b in knn.row_blocks(n, block_rows):
+        counts += np.bincount(indices[a:b][keep[a:b]], minlength=n)
+    ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    sources = np.empty(int(ptr[-1]), np.int32 if n < 2**31 else np.int64)
+    next_slot = ptr[:-1].copy()
+    for a, b in knn.row_blocks(n, block_rows):
+        targets = indices[a:b][keep[a:b]]
+        origins = np.repeat(np.arange(a, b), keep[a:b].sum(axis=1))
+        order = np.argsort(targets, kind="stable")
+        targets, origins = targets[order], origins[order]
+        rank = np.arange(targets.size) - np.searchsorted(targets, targets, side="left")  # within equal targets
+        sources[next_slot[targets] + rank] = origins
+        last_of_target = np.r_[targets[1:] != targets[:-1], True]
+        next_slot[targets[last_of_target]] += rank[last_of_target] + 1
+    return ptr, sources
+
+
+def _union_rows(indices, keep, sources_ptr, sources, a: int, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``a:b`` of the symmetric graph as (row - a, column) pairs, sorted, unique, without self loops."""
+    out_rows = np.repeat(np.arange(b - a, dtype=np.int64), keep[a:b].sum(axis=1))
+    out_cols = indices[a:b][keep[a:b]].astype(np.int64)
+    in_rows = np.repeat(np.arange(b - a, dtype=np.int64), np.diff(sources_ptr[a:b + 1]))
+    in_cols = sources[sources_ptr[a]:sources_ptr[b]].astype(np.int64)
+    pairs = np.concatenate([out_rows * n + out_cols, in_rows * n + in_cols])
+    pairs.sort()  # np.unique's hashing took 10x longer on these
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
+    rows, cols = np.divmod(pairs, n)
+    not_self = cols != rows + a
+    return rows[not_self], cols[not_self]
 
 
 def build_graph(ctx, staging, *, embedding_key: str, graph_key: str) -> dict:

@@ -1,9 +1,11 @@
-"""The streamed recall against the in-memory one."""
+"""The streamed recall and the blocked symmetrisation against references."""
 
 import numpy as np
+import pytest
+import scipy.sparse as sp
 import zarr
 
-from scgnn_scale import knn
+from scgnn_scale import cell_graph, knn
 
 
 def _blobs(n=3000, d=16, centres=10, seed=0):
@@ -30,3 +32,32 @@ def test_streamed_recall_equals_in_memory_recall(tmp_path):
     assert knn.knn_recall_streamed(arr, broken, sample=200, seed=4, block_rows=97) == expected
     rows = np.sort(np.random.default_rng(0).choice(1500, 50, replace=False))
     np.testing.assert_array_equal(knn.streamed_neighbours_of(arr, rows, 10, block_rows=97), idx[rows])
+
+
+def _scipy_union(indices, keep, n):
+    """symmetric_graph as it was: scipy's directed.maximum(directed.T)."""
+    counts = keep.sum(axis=1)
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    directed = sp.csr_matrix((np.ones(int(indptr[-1]), np.float32), indices[keep].astype(np.int64), indptr),
+                             shape=(n, n))
+    graph = directed.maximum(directed.T).tocsr()
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    graph.sort_indices()
+    return graph
+
+
+@pytest.mark.parametrize("n,k,block_rows", [(50, 5, 7), (1000, 10, 100), (3000, 12, 1 << 18)])
+def test_blocked_symmetric_graph_equals_scipy_union(n, k, block_rows):
+    rng = np.random.default_rng(n)
+    indices = rng.integers(0, n, (n, k))
+    indices[::7, 0] = np.arange(0, n, 7)  # self edges and repeated neighbours occur too
+    keep = rng.random((n, k)) < 0.8
+    graph = cell_graph.symmetric_graph(indices, keep, n, block_rows=block_rows)
+    graph.check_format(full_check=True)
+    reference = _scipy_union(indices, keep, n)
+    assert graph.indptr.dtype == np.int64 and graph.indices.dtype == np.int64 and graph.data.dtype == np.float32
+    np.testing.assert_array_equal(graph.indptr, reference.indptr)
+    np.testing.assert_array_equal(graph.indices, reference.indices)
+    assert (graph.data == 1.0).all() and graph.has_sorted_indices
