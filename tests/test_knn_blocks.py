@@ -1,11 +1,15 @@
-"""The streamed recall and the blocked symmetrisation against references."""
+"""The 'blocks' KNN backend, the streamed recall and the blocked symmetrisation against references."""
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
 
-from scgnn_scale import cell_graph, knn
+from scgnn_scale import cell_graph, knn, knn_blocks
+from scgnn_scale.config import GraphConfig, build_config
+from scgnn_scale.keys import FIRST_PASS
+from scgnn_scale.stages import graph as graph_stage
+from scgnn_scale.testing import stage_context, store_with_matrix
 
 
 def _blobs(n=3000, d=16, centres=10, seed=0):
@@ -19,6 +23,70 @@ def _as_zarr(x, path):
     arr = zarr.create_array(store=str(path), shape=x.shape, chunks=(256, x.shape[1]), dtype="float32")
     arr[:] = x
     return arr
+
+
+def _overlap(found, truth):
+    return np.mean([len(np.intersect1d(f, t)) / truth.shape[1] for f, t in zip(found, truth, strict=True)])
+
+
+def _check_contract(x, idx, dist, k):
+    n = x.shape[0]
+    assert idx.shape == (n, k) and dist.shape == (n, k)
+    assert idx.dtype == np.int64 and dist.dtype == np.float32
+    assert not (idx == np.arange(n)[:, None]).any()
+    assert all(len(set(row)) == k for row in idx.tolist())
+    step = np.diff(dist, axis=1)
+    assert (step >= 0).all() and (np.diff(idx, axis=1)[step == 0] > 0).all()  # by distance, then index
+    exact = np.linalg.norm(x[idx].astype(np.float64) - x[:, None, :].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist, exact, rtol=1e-6)
+
+
+def test_blocks_recall_contract_and_determinism(tmp_path):
+    x = _blobs()
+    cfg = GraphConfig(block_cells=500)
+    arr = _as_zarr(x, tmp_path / "emb.zarr")
+    idx, dist, info = knn_blocks.knn_blocks(arr, 10, cfg, seed=1, scratch_dir=tmp_path)
+    assert info["n_parts"] == 6 and info["part_cells_max"] < 3000  # several parts, none of all cells
+    _check_contract(x, idx, dist, 10)
+    truth, _ = knn.knn_exact(x, 10)
+    assert _overlap(idx, truth) >= 0.95
+    assert (idx == truth).all(axis=1).mean() < 1.0  # the parts do miss some neighbours: the check can fail
+    again, again_dist, _ = knn_blocks.knn_blocks(x, 10, cfg, seed=1)  # numpy input: the same graph
+    np.testing.assert_array_equal(idx, again)
+    np.testing.assert_array_equal(dist, again_dist)
+    assert list(tmp_path.iterdir()) == [tmp_path / "emb.zarr"]  # scratch removed
+
+
+def test_blocks_below_three_parts_is_one_exact_part():
+    x = _blobs(1000)
+    idx, dist, info = knn_blocks.knn_blocks(x, 10, GraphConfig(block_cells=500), seed=0)  # 2 parts
+    assert info["n_parts"] == 1
+    truth, truth_dist = knn.knn_exact(x, 10)
+    # the same neighbours and distances; knn_exact orders float32 ties by their float64 distances
+    np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(truth, axis=1))
+    np.testing.assert_array_equal(dist, truth_dist)
+
+
+@pytest.mark.slow  # pynndescent's numba compilation in this process
+def test_blocks_with_pynndescent_parts():
+    x = _blobs(4000, d=32)
+    cfg = GraphConfig(block_cells=600, exact_max_cells=0, n_jobs=2)
+    idx, dist, _ = knn_blocks.knn_blocks(x, 10, cfg, seed=3)
+    _check_contract(x, idx, dist, 10)
+    assert _overlap(idx, knn.knn_exact(x, 10)[0]) >= 0.95
+    np.testing.assert_array_equal(idx, knn_blocks.knn_blocks(x, 10, cfg, seed=3)[0])
+
+
+def test_merge_nearest_counts_a_neighbour_found_twice_once():
+    best_idx = np.full((2, 3), -1, np.int64)
+    best_dist = np.full((2, 3), np.inf, np.float32)
+    cells = np.array([0, 1])
+    knn_blocks.merge_nearest(best_idx, best_dist, cells, np.array([[5, 7], [2, 3]]),
+                             np.array([[1.0, 2.0], [0.5, 0.7]], np.float32))
+    knn_blocks.merge_nearest(best_idx, best_dist, cells, np.array([[7, 4], [9, 8]]),
+                             np.array([[2.0, 2.0], [0.6, 0.6]], np.float32))
+    np.testing.assert_array_equal(best_idx, [[5, 4, 7], [2, 8, 9]])  # 7 once; ties by index
+    np.testing.assert_array_equal(best_dist, np.float32([[1.0, 2.0, 2.0], [0.5, 0.6, 0.6]]))
 
 
 def test_streamed_recall_equals_in_memory_recall(tmp_path):
@@ -61,3 +129,26 @@ def test_blocked_symmetric_graph_equals_scipy_union(n, k, block_rows):
     np.testing.assert_array_equal(graph.indptr, reference.indptr)
     np.testing.assert_array_equal(graph.indices, reference.indices)
     assert (graph.data == 1.0).all() and graph.has_sorted_indices
+
+
+def test_auto_picks_blocks_only_above_the_memory_budget():
+    cfg = GraphConfig(memory_budget_mb=1)
+    assert cell_graph.choose_method(cfg, 5000, cuda=True, embedding_bytes=(1 << 20) + 1) == "blocks"
+    assert cell_graph.choose_method(cfg, 5000, cuda=False, embedding_bytes=1 << 20) == "exact"
+    assert cell_graph.choose_method(cfg, 50000, cuda=True, embedding_bytes=1 << 20) == "torch"
+    assert cell_graph.choose_method(GraphConfig(), 10**6, cuda=False, embedding_bytes=10**6 * 512) == "pynndescent"
+
+
+def test_graph_stage_with_blocks(tmp_path):
+    x = _blobs()
+    store = store_with_matrix(tmp_path / "run", np.ones((x.shape[0], 3), np.float32))
+    with store.staging("feature") as st:
+        st.write_elem(FIRST_PASS.feature_embedding, x)
+    config = build_config({"graph": {"method": "blocks", "block_cells": 500}})
+    info = graph_stage.run(stage_context(store, "graph", config))
+    graph = store.read_elem(FIRST_PASS.graph)
+    assert info["method"] == "blocks" and info["n_parts"] == 6 and info["recall"] >= 0.95
+    assert graph.shape == (3000, 3000) and graph.indices.dtype == np.int64 and (graph != graph.T).nnz == 0
+    exact, _ = cell_graph.knn_graph(x, GraphConfig(method="exact"), device="cpu")
+    shared = exact.multiply(graph).nnz
+    assert shared >= 0.95 * exact.nnz and info["n_edges"] == graph.nnz // 2
