@@ -154,8 +154,9 @@ class GraphConfig:
     torch_query_block: int = _f(4096, "torch brute force: query rows per block")
     memory_budget_mb: int = _f(1024, "'auto' searches with 'blocks' when the embedding (N x d x 4 bytes) is larger "
                                "than this")
-    block_cells: int = _f(250000, "blocks: P = ceil(N / block_cells) parts; each cell joins the parts of its 2 "
-                          "nearest k-means centroids (fewer than 3 parts: one part of all cells)")
+    block_cells: int = _f(250000, "blocks: k-means with ceil(N / block_cells) centroids (fewer than 3: one part of "
+                          "all cells); a part holds its cells (split above 2 x block_cells) and at most about "
+                          "block_cells cells near its boundary whose second-nearest centroid it is")
     partition_sample: int = _f(200000, "blocks: cells sampled to fit the k-means partition")
 
 

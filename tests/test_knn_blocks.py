@@ -46,7 +46,7 @@ def test_blocks_recall_contract_and_determinism(tmp_path):
     cfg = GraphConfig(block_cells=500)
     arr = _as_zarr(x, tmp_path / "emb.zarr")
     idx, dist, info = knn_blocks.knn_blocks(arr, 10, cfg, seed=1, scratch_dir=tmp_path)
-    assert info["n_parts"] == 6 and info["part_cells_max"] < 3000  # several parts, none of all cells
+    assert info["n_parts"] >= 6 and info["part_cells_max"] <= 3 * 500  # several parts, bounded
     _check_contract(x, idx, dist, 10)
     truth, _ = knn.knn_exact(x, 10)
     assert _overlap(idx, truth) >= 0.95
@@ -65,6 +65,17 @@ def test_blocks_below_three_parts_is_one_exact_part():
     # the same neighbours and distances; knn_exact orders float32 ties by their float64 distances
     np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(truth, axis=1))
     np.testing.assert_array_equal(dist, truth_dist)
+
+
+def test_blocks_parts_stay_bounded_with_a_dominant_cluster():
+    # 70% of the cells in one blob: plain k-means gave a part of 1,001 home cells and 1,063 second-nearest
+    # ones (2,064 > 3 x 400); its large parts are split and its guests capped
+    rng = np.random.default_rng(0)
+    labels = rng.choice(10, 4000, p=np.r_[0.7, np.full(9, 0.3 / 9)])
+    x = (rng.normal(0, 2.0, (10, 32))[labels] + rng.normal(0, 1, (4000, 32))).astype(np.float32)
+    idx, _, info = knn_blocks.knn_blocks(x, 10, GraphConfig(block_cells=400), seed=0)
+    assert info["part_cells_max"] <= 3 * 400 and info["n_parts"] > 10
+    assert _overlap(idx, knn.knn_exact(x, 10)[0]) >= 0.8  # an isotropic 32-d blob cut in pieces loses some
 
 
 @pytest.mark.slow  # pynndescent's numba compilation in this process
@@ -147,7 +158,7 @@ def test_graph_stage_with_blocks(tmp_path):
     config = build_config({"graph": {"method": "blocks", "block_cells": 500}})
     info = graph_stage.run(stage_context(store, "graph", config))
     graph = store.read_elem(FIRST_PASS.graph)
-    assert info["method"] == "blocks" and info["n_parts"] == 6 and info["recall"] >= 0.95
+    assert info["method"] == "blocks" and info["n_parts"] >= 6 and info["recall"] >= 0.95
     assert graph.shape == (3000, 3000) and graph.indices.dtype == np.int64 and (graph != graph.T).nnz == 0
     exact, _ = cell_graph.knn_graph(x, GraphConfig(method="exact"), device="cpu")
     shared = exact.multiply(graph).nnz
