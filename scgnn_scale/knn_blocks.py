@@ -102,7 +102,7 @@ def fit_partition(x, n_parts: int, *, block_cells: int, sample: int, seed: int) 
         raise InputError(f"graph.partition_sample {sample}: fewer sampled cells than the {n_parts} parts to fit; "
                          "raise it or graph.block_cells")
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
-    fit_rows = knn.read_rows(x, rows)
+    fit_rows = _finite(knn.read_rows(x, rows))
     cells_per_row = n / len(rows)
     centroids = split_large_parts(fit_rows, kmeans(fit_rows, n_parts, seed), 2 * block_cells / cells_per_row, seed)
     _, second, margin = two_nearest(fit_rows, centroids)
@@ -126,7 +126,7 @@ def split_large_parts(rows: np.ndarray, centroids: np.ndarray, limit: float, see
     """
     for _ in range(rounds):
         home = nearest_centroid(rows, centroids)
-        large = np.flatnonzero(np.bincount(home, minlength=len(centroids)) > limit)
+        large = np.flatnonzero(np.bincount(home, minlength=len(centroids)) > max(limit, 1))
         if not len(large):
             break
         halves = [kmeans(rows[home == part], 2, seed) for part in large]
@@ -176,6 +176,12 @@ def guest_margins(second: np.ndarray, margin: np.ndarray, n_parts: int, cap: flo
     return limits
 
 
+def _finite(block: np.ndarray) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise InputError("embedding: contains NaN or infinite values")
+    return block
+
+
 def _part_files(scratch: Path, part: int) -> tuple[Path, Path]:
     return scratch / f"part{part}.f32", scratch / f"part{part}.ids"
 
@@ -191,9 +197,7 @@ def spill_parts(x, partition: Partition, scratch: Path, memberships: np.ndarray)
     n_parts = len(partition.centroids)
     counts = np.zeros(n_parts, np.int64)
     for a, b in knn.row_blocks(n, knn.READ_ROWS):
-        block = np.ascontiguousarray(x[a:b], dtype=np.float32)
-        if not np.isfinite(block).all():
-            raise InputError("embedding: contains NaN or infinite values")
+        block = _finite(np.ascontiguousarray(x[a:b], dtype=np.float32))
         first, second, margin = two_nearest(block, partition.centroids)
         guest = margin < partition.guest_margin[second]
         memberships[a:b] = 1 + guest

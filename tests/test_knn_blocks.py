@@ -7,6 +7,7 @@ import zarr
 
 from scgnn_scale import cell_graph, knn, knn_blocks
 from scgnn_scale.config import GraphConfig, build_config
+from scgnn_scale.errors import InputError
 from scgnn_scale.keys import FIRST_PASS
 from scgnn_scale.stages import graph as graph_stage
 from scgnn_scale.testing import stage_context, store_with_matrix
@@ -86,6 +87,13 @@ def test_blocks_with_pynndescent_parts():
     _check_contract(x, idx, dist, 10)
     assert _overlap(idx, knn.knn_exact(x, 10)[0]) >= 0.95
     np.testing.assert_array_equal(idx, knn_blocks.knn_blocks(x, 10, cfg, seed=3)[0])
+
+
+def test_blocks_refuses_non_finite_embedding():
+    x = _blobs(2000)
+    x[1234, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        knn_blocks.knn_blocks(x, 10, GraphConfig(block_cells=500), seed=0)
 
 
 def test_merge_nearest_counts_a_neighbour_found_twice_once():
