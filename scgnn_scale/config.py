@@ -140,8 +140,8 @@ class GraphConfig:
     method: str = _f("auto", "KNN search: 'auto' ('blocks' when the embedding is larger than memory_budget_mb, "
                      "else exact below 20,000 cells, torch on a GPU, else pynndescent), 'exact', 'pynndescent', "
                      "'torch' (blocked brute force, GPU when present), 'blocks' (k-means parts of about "
-                     "2 x block_cells cells searched one at a time from a scratch file; the embedding is never "
-                     "held whole)", ("auto", "exact", "pynndescent", "torch", "blocks"))
+                     "2 x block_cells cells searched one at a time from a scratch file beside the stage's outputs, "
+                     "at most about 2 x N x (4 d + 8) bytes of disk; the embedding is never held whole)", ("auto", "exact", "pynndescent", "torch", "blocks"))
     prune: str = _f("std", "edge pruning: 'std' (drop edges beyond mean + 1 std of the cell's k distances), "
                     "'isolation_forest', or 'none'", ("std", "isolation_forest", "none"))
     exact_max_cells: int = _f(20000, "'auto' uses exact search up to this many cells")
