@@ -137,9 +137,11 @@ class FeatureConfig:
 @dataclass(frozen=True)
 class GraphConfig:
     k: int = _f(10, "neighbours per cell")
-    method: str = _f("auto", "KNN search: 'auto' (exact below 20,000 cells, else pynndescent), 'exact', "
-                     "'pynndescent', 'torch' (blocked brute force, GPU when present)",
-                     ("auto", "exact", "pynndescent", "torch"))
+    method: str = _f("auto", "KNN search: 'auto' ('blocks' when the embedding is larger than memory_budget_mb, "
+                     "else exact below 20,000 cells, torch on a GPU, else pynndescent), 'exact', 'pynndescent', "
+                     "'torch' (blocked brute force, GPU when present), 'blocks' (k-means parts of about "
+                     "2 x block_cells cells searched one at a time from a scratch file beside the stage's outputs, "
+                     "at most about 2 x N x (4 d + 8) bytes of disk; the embedding is never held whole)", ("auto", "exact", "pynndescent", "torch", "blocks"))
     prune: str = _f("std", "edge pruning: 'std' (drop edges beyond mean + 1 std of the cell's k distances), "
                     "'isolation_forest', or 'none'", ("std", "isolation_forest", "none"))
     exact_max_cells: int = _f(20000, "'auto' uses exact search up to this many cells")
@@ -150,6 +152,12 @@ class GraphConfig:
     n_jobs: int = _f(0, "pynndescent: numba threads (0: min(8, cores)); fixed so memory does not grow with the host")
     recall_sample: int = _f(256, "pynndescent: cells whose exact neighbours are found to report recall@k (0: off)")
     torch_query_block: int = _f(4096, "torch brute force: query rows per block")
+    memory_budget_mb: int = _f(1024, "'auto' searches with 'blocks' when the embedding (N x d x 4 bytes) is larger "
+                               "than this")
+    block_cells: int = _f(250000, "blocks: k-means with ceil(N / block_cells) centroids (fewer than 3: one part of "
+                          "all cells); a part holds its cells (split above 2 x block_cells) and at most about "
+                          "block_cells cells near its boundary whose second-nearest centroid it is")
+    partition_sample: int = _f(200000, "blocks: cells sampled to fit the k-means partition")
 
 
 @dataclass(frozen=True)
@@ -415,6 +423,7 @@ BOUNDS: dict[str, tuple] = {
     "graph.k": _AT_LEAST_1, "graph.exact_max_cells": _AT_LEAST_0, "graph.nnd_neighbors": _AT_LEAST_1,
     "graph.nnd_trees": _AT_LEAST_0, "graph.nnd_iters": _AT_LEAST_0, "graph.n_jobs": _AT_LEAST_0,
     "graph.recall_sample": _AT_LEAST_0, "graph.torch_query_block": _AT_LEAST_1,
+    "graph.memory_budget_mb": _AT_LEAST_0, "graph.block_cells": _AT_LEAST_1, "graph.partition_sample": _AT_LEAST_1,
     "gae.hidden": _AT_LEAST_1, "gae.latent": _AT_LEAST_1, "gae.lr": _POSITIVE, "gae.epochs": _AT_LEAST_0,
     "gae.neg_ratio": _POSITIVE, "gae.batch_size": _AT_LEAST_1, "gae.full_graph_max_nodes": _AT_LEAST_0, "gae.memory_budget_mb": _AT_LEAST_0,
     "gae.epoch_cells": _AT_LEAST_1, "gae.plateau_tol": _FRACTION, "gae.plateau_window": _AT_LEAST_1,

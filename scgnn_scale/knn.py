@@ -14,7 +14,8 @@ each row sorted by increasing Euclidean distance and never containing the row's 
 
 Pruning (:func:`prune_std`, :func:`prune_isolation_forest`) works on the ``(N, k)`` distance
 matrix and is fully vectorised. :func:`knn_recall` measures an approximate search against exact
-neighbours of a sample of cells.
+neighbours of a sample of cells (:func:`knn_recall_streamed` without holding the embedding; the
+'blocks' backend, which never holds it either, is :mod:`scgnn_scale.knn_blocks`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 import numpy as np
 
 from .errors import InputError, MissingDependencyError
+
+READ_ROWS = 65536  # embedding rows per read when an embedding is streamed (32 MiB at 128-d)
 
 
 def _check_input(x: np.ndarray, k: int) -> np.ndarray:
@@ -263,11 +266,76 @@ def knn_recall(x: np.ndarray, indices: np.ndarray, *, sample: int = 1000, seed: 
     block took about 4 GB: the distances and argpartition's int64 output, both sample x N).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, k = indices.shape
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
-    truth, _ = exact_neighbours_of(x, rows, k, block_bytes=block_bytes)
-    hits = sum(len(np.intersect1d(t, g)) for t, g in zip(truth, indices[rows], strict=True))
-    return hits / (len(rows) * k)
+    rows = _recall_rows(indices.shape[0], sample, seed)
+    truth, _ = exact_neighbours_of(x, rows, indices.shape[1], block_bytes=block_bytes)
+    return _recall(truth, indices[rows])
+
+
+def knn_recall_streamed(x, indices: np.ndarray, *, sample: int = 1000, seed: int = 0,
+                        block_rows: int = READ_ROWS) -> float:
+    """:func:`knn_recall` of an embedding read in row blocks (a zarr array or numpy), never held whole.
+
+    The same sampled cells as :func:`knn_recall` (same ``sample`` and ``seed``); their exact neighbours
+    come from :func:`streamed_neighbours_of`.
+    """
+    rows = _recall_rows(indices.shape[0], sample, seed)
+    truth = streamed_neighbours_of(x, rows, indices.shape[1], block_rows=block_rows)
+    return _recall(truth, indices[rows])
+
+
+def _recall_rows(n: int, sample: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+
+
+def _recall(truth: np.ndarray, found: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(t, g)) for t, g in zip(truth, found, strict=True))
+    return hits / truth.size
+
+
+def read_rows(x, rows: np.ndarray) -> np.ndarray:
+    """The rows ``rows`` of an ``(N, d)`` numpy or zarr array, as contiguous float32."""
+    picked = x[rows] if isinstance(x, np.ndarray) else x.oindex[rows]
+    return np.ascontiguousarray(picked, dtype=np.float32)
+
+
+def row_blocks(n: int, size: int):
+    """``(start, stop)`` of consecutive blocks of ``size`` rows covering ``range(n)``."""
+    for a in range(0, n, size):
+        yield a, min(n, a + size)
+
+
+def streamed_neighbours_of(x, rows: np.ndarray, k: int, *, block_rows: int = READ_ROWS) -> np.ndarray:
+    """Exact k nearest neighbours (self excluded) of the cells ``rows`` in one pass over ``x``'s row blocks.
+
+    Memory is the sampled rows plus one ``len(rows) x block_rows`` distance block: a running set of
+    ``k + 8`` float32 candidates per sampled cell is kept over the blocks, then re-ranked with exact
+    distances (:func:`_refine`) on the candidates' rows alone, as :func:`exact_neighbours_of` does.
+    """
+    n = x.shape[0]
+    rows = np.asarray(rows, dtype=np.int64)
+    extra = min(k + 8, n - 1)
+    queries = read_rows(x, rows)
+    query_sq = np.einsum("ij,ij->i", queries, queries)
+    best_d = np.full((len(rows), extra), np.inf, np.float32)
+    best_i = np.zeros((len(rows), extra), np.int64)
+    for a, b in row_blocks(n, block_rows):
+        block = np.ascontiguousarray(x[a:b], dtype=np.float32)
+        d2 = queries @ block.T
+        d2 *= -2.0
+        d2 += np.einsum("ij,ij->i", block, block)[None, :]
+        d2 += query_sq[:, None]
+        inside = np.flatnonzero((rows >= a) & (rows < b))
+        d2[inside, rows[inside] - a] = np.inf  # self
+        take = min(extra, b - a)
+        cand = np.argpartition(d2, take - 1, axis=1)[:, :take]
+        all_d = np.concatenate([best_d, np.take_along_axis(d2, cand, 1)], 1)
+        all_i = np.concatenate([best_i, cand + a], 1)
+        keep = np.argpartition(all_d, extra - 1, axis=1)[:, :extra]
+        best_d, best_i = np.take_along_axis(all_d, keep, 1), np.take_along_axis(all_i, keep, 1)
+    ids = np.unique(best_i)  # the candidates' rows, read once for the exact re-ranking
+    local = np.concatenate([queries, read_rows(x, ids)])
+    idx, _ = _refine_numpy(local, np.arange(len(rows)), len(rows) + np.searchsorted(ids, best_i), k)
+    return ids[idx - len(rows)]
 
 
 def prune_std(distances: np.ndarray) -> np.ndarray:
