@@ -277,7 +277,7 @@ def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
     """
     import torch
 
-    from .devices import resolve_device
+    from .devices import resolve_device, training_precision
     from .nn.autoencoder import DenseAutoencoder
     from .nn.optim import adam
     from .train import TrainPlan, fit_autoencoder, load_model, save_model, write_outputs
@@ -299,7 +299,8 @@ def train_cluster_autoencoder(job: dict[str, Any]) -> dict:
     plan = TrainPlan(steps=job["steps"], batch_size=fcfg.batch_size, gamma=cfg.cluster_gamma, alpha=0.0,
                      l1=fcfg.l1, seed=job["seed"], memory_budget_mb=job["memory_budget_mb"],
                      buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks,
-                     plateau_tol=cfg.cluster_plateau_tol, precision=fcfg.precision)
+                     plateau_tol=cfg.cluster_plateau_tol,
+                     precision=training_precision(fcfg.precision, device))
     info = fit_autoencoder(model, optimizer, [x], plan, name=f"cluster {job['cluster']} AE")
     save_model(job["output"], model)
     written = write_outputs(model, x)  # the error over the cluster's rows; the outputs are computed when read

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
+from .devices import training_precision
 from .errors import InputError
 from .loader import BackgroundWriter, MinibatchLoader, iter_row_blocks
 from .paths import as_path
@@ -256,6 +257,7 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
         "reference_cells": n_ref,
         "loader": loader.mode,
         "device": str(device),
+        "precision": plan.precision,
         "loss_first": history[0]["loss"] if history else None,
         "loss_last": history[-1]["loss"] if history else None,
         "loss_history": history,
@@ -413,7 +415,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
                      memory_budget_mb=ctx.runtime.memory.loader_mb(fcfg.memory_budget_mb),
                      buffer_blocks=fcfg.buffer_blocks, prefetch_blocks=fcfg.prefetch_blocks,
                      checkpoint_seconds=60.0 * fcfg.checkpoint_minutes, plateau_tol=plateau_tol,
-                     precision=fcfg.precision)
+                     precision=training_precision(fcfg.precision, torch.device(device)))
     with cpu_threads(device, fcfg.torch_threads):
         info = ctx.runtime.fit_autoencoder(model, optimizer, arrays, plan, cell_weight=cell_weight, start_step=start,
                                            checkpoint=checkpoint, progress=ctx.progress, name=desc)

@@ -224,6 +224,21 @@ def test_bfloat16_training_learns_the_planted_types_and_writes_float32_outputs(t
     pred = KMeans(3, n_init=10, random_state=0).fit_predict(emb)
     assert adjusted_rand_score(labels, pred) > 0.9
     # the same seed in float32 trains another trajectory: the option is not ignored
-    reference_store, _, _ = planted_store(tmp_path / "reference", small_config())
-    reference = feature.run(stage_context(reference_store, "feature", small_config()))
+    float32 = small_config(precision="float32")
+    reference_store, _, _ = planted_store(tmp_path / "reference", float32)
+    reference = feature.run(stage_context(reference_store, "feature", float32))
+    assert info["precision"] == "bfloat16" and reference["precision"] == "float32"
     assert reference["loss_last"] != info["loss_last"]
+
+
+def test_auto_precision_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):
+    from scgnn_scale import devices
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: True)
+    assert devices.training_precision("auto", cpu) == "bfloat16"
+    assert devices.training_precision("auto", cuda) == "float32"
+    assert devices.training_precision("float32", cpu) == "float32"
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: False)
+    assert devices.training_precision("auto", cpu) == "float32"
+    assert devices.training_precision("bfloat16", cpu) == "bfloat16"
