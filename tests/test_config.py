@@ -4,7 +4,7 @@ from scgnn_scale.config import RunConfig, build_config, load_config
 from scgnn_scale.errors import InputError
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_except_the_measured_departures():
     cfg = RunConfig()
     assert cfg.preprocess.n_top_genes == 2000
     assert (cfg.feature.hidden, cfg.feature.latent) == (512, 128)
@@ -12,7 +12,10 @@ def test_defaults_are_the_papers():
     assert cfg.graph.k == 10
     assert (cfg.gae.hidden, cfg.gae.latent) == (32, 16)
     assert (cfg.impute.gamma1, cfg.impute.gamma2) == (0.3, 0.1)
-    assert cfg.iterate.max_iterations == 10 and cfg.iterate.ari_stop == 0.99
+    assert cfg.iterate.ari_stop == 0.99
+    # departures chosen on HALF_A of bench/gold_split.py (README, "Method notes"); the paper's value restores it
+    assert cfg.iterate.max_iterations == 0  # the paper: 10
+    assert cfg.feature.precision == "float32"
 
 
 def test_toml_then_flags(tmp_path):
