@@ -222,7 +222,7 @@ class IterateConfig:
     max_iterations: int = _f(0, "iterations of cluster AEs, feature AE, graph, GAE and clusters at most after the "
                              "first pass (0: none, the first pass's clusters are the result; the paper: 10)",
                              why="on the gold sets of bench/gold_split.py the iterations did not raise the mean ARI "
-                             "and took 35-60% of a run's CPU (README, 'Small and medium sets'); "
+                             "and took 36-77% of a run's CPU (README, 'Method notes'); "
                              "--iterate-max-iterations 10 restores the published iterative process")
     ari_stop: float = _f(0.99, "stop when the ARI between consecutive clusterings exceeds this")
     graph_lambda: float = _f(0.5, "lambda of the graph change criterion")

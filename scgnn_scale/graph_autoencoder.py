@@ -59,7 +59,6 @@ from .nn.gcn import GCNEncoder, edge_bce_loss, normalized_adjacency, pair_logits
 from .nn.optim import adam
 from .nn.sampling import CSRGraph, sample_blocks, sample_neighbors, sorted_unique
 
-
 #: rows per block of the streamed passes (standardising, propagating, inference)
 BLOCK_ROWS = 65536
 
