@@ -78,7 +78,7 @@ def run_one(name: str, seed: int, tag: str, config: str, extra: list[str]) -> di
     obs = read_elem(zarr.open_group(run_dir / "adata.zarr", mode="r")["obs"])
     truth, pred = obs["label"].astype(str).to_numpy(), obs["scgnn_cluster"].astype(str).to_numpy()
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    it = stages["iterate"]["info"]
+    it = stages["iterate"]["info"] if "iterate" in stages else {}  # absent with --until cluster
     history = it.get("history", [])
     return {
         "set": name, "half": half_of(name), "seed": seed, "tag": tag, "commit": _commit(), "config": config,
@@ -88,6 +88,8 @@ def run_one(name: str, seed: int, tag: str, config: str, extra: list[str]) -> di
         "ari": adjusted_rand_score(truth, pred), "nmi": normalized_mutual_info_score(truth, pred),
         "clusters": int(len(set(pred))),
         "first_pass_ari": stages["cluster"]["info"].get("metrics", {}).get("ari"),
+        "run_dir": str(run_dir), "cluster_info": {k: v for k, v in stages["cluster"]["info"].items()
+                                                  if k not in ("sizes", "metrics")},
         "iterations": it.get("iterations"), "stopped": it.get("stopped"),
         "iteration_ari": [h.get("ari_to_label") for h in history],
         "stage_cpu": {s: stages[s]["info"].get("cpu_seconds") for s in STAGES if s in stages},
