@@ -61,6 +61,8 @@ from .keys import KEYS
 
 log = logging.getLogger("scgnn_scale")
 
+#: cells x restarts up to which the consensus keeps every run's membership (int32: 256 MB)
+KEEP_RUNS_MAX = 64_000_000
 #: partitions tried at most when searching the resolution that gives a fixed number of clusters
 COUNT_SEARCH_STEPS = 16
 
@@ -82,6 +84,16 @@ def _igraph(graph: sp.csr_matrix):
     coo = sp.triu(graph, k=1).tocoo()
     return igraph.Graph(n=graph.shape[0], edges=np.column_stack([coo.row, coo.col]).astype(np.int64),
                         directed=False)
+
+
+def _igraph_edges(n: int, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray | None = None):
+    """An undirected igraph graph of ``n`` nodes from an edge list, with edge attribute 'weight' if given."""
+    import igraph
+
+    g = igraph.Graph(n=n, edges=np.column_stack([rows, cols]).astype(np.int64), directed=False)
+    if weights is not None:
+        g.es["weight"] = np.asarray(weights, dtype=np.float64).tolist()
+    return g
 
 
 def _cugraph_available(use_gpu: bool) -> bool:
@@ -117,15 +129,16 @@ def communities(graph: sp.csr_matrix, method: str, *, resolution: float = 1.0, n
     import igraph
 
     g = igraph_graph if igraph_graph is not None else _igraph(graph)
+    weights = "weight" if "weight" in g.es.attributes() else None  # the consensus graph's co-assignment
     # igraph draws from a Python RNG object (the ``random`` module by default): seed a private one
     igraph.set_random_number_generator(random.Random(seed))
     try:
         if method == "leiden":
             init = None if initial_membership is None else np.asarray(initial_membership).tolist()
-            part = g.community_leiden(objective_function="modularity", resolution=resolution,
+            part = g.community_leiden(objective_function="modularity", resolution=resolution, weights=weights,
                                       n_iterations=n_iterations, initial_membership=init)
         elif method == "louvain":
-            part = g.community_multilevel(resolution=resolution)
+            part = g.community_multilevel(weights=weights, resolution=resolution)
         else:
             raise ValueError(method)
     finally:
@@ -150,6 +163,65 @@ def _communities_cugraph(graph: sp.csr_matrix, method: str, *, resolution: float
     isolated = membership < 0  # vertices without edges are absent from cuGraph's output
     membership[isolated] = membership.max() + 1 + np.arange(int(isolated.sum()))
     return membership
+
+
+def consensus_communities(graph: sp.csr_matrix, method: str, *, restarts: int, threshold: float = 0.5,
+                          max_rounds: int = 5, resolution: float = 1.0, n_iterations: int = -1,
+                          seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Consensus of ``restarts`` Leiden/Louvain runs (Lancichinetti & Fortunato 2012), on the graph's edges only.
+
+    Round 1 runs the method ``restarts`` times (seeds ``seed .. seed + restarts - 1``) on ``graph``
+    (unweighted, as :func:`communities`). Every edge is weighted by the fraction of the runs that put
+    its two ends in one community; edges under ``threshold`` are dropped, and the next round runs the
+    method ``restarts`` times on that weighted graph (same resolution), until all runs of a round agree
+    on every edge (each edge's fraction 0 or 1) or after ``max_rounds`` rounds. The result is the
+    round's run that agrees with the majority (fraction >= 0.5) on the most edges (on convergence all
+    agree). Cells whose edges were all dropped come out as singletons, for
+    :func:`merge_small_clusters`. Memory: the edge list, one byte of count per edge and one membership,
+    O(edges) (and the round's memberships up to :data:`KEEP_RUNS_MAX` cells x restarts); never cells x
+    cells. igraph only (cuGraph is not used here).
+
+    Returns
+    -------
+    membership, info
+        Community id per node and ``restarts``, ``threshold``, ``rounds``, ``converged``,
+        ``edges_kept`` (fraction of the graph's edges left in the last round's graph).
+    """
+    if not 1 <= restarts <= 255:
+        raise InputError(f"cluster.restarts {restarts}: must be 1..255")
+    coo = sp.triu(graph, k=1).tocoo()
+    rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    n, n_edges = graph.shape[0], rows.size
+    weights = None
+    converged = False
+    rounds = 0
+    best = None
+    keep_runs = n * restarts <= KEEP_RUNS_MAX  # memberships kept to choose among them, within a bound
+    for rounds in range(1, max(1, max_rounds) + 1):
+        g = _igraph_edges(n, rows, cols, weights)
+        together = np.zeros(rows.size, np.uint8)  # runs that put the edge's two ends together
+        runs = []
+        for r in range(restarts):
+            membership, _ = communities(graph, method, resolution=resolution, n_iterations=n_iterations,
+                                        seed=seed + r, igraph_graph=g)
+            together += membership[rows] == membership[cols]
+            if keep_runs:
+                runs.append(membership.astype(np.int32))
+        converged = bool(np.all((together == 0) | (together == restarts)))
+        if converged or rounds == max_rounds or restarts == 1:
+            majority = together * 2 >= restarts
+            if runs:
+                agree = [int(np.count_nonzero((m[rows] == m[cols]) == majority)) for m in runs]
+                best = runs[int(np.argmax(agree))]
+            else:  # too many cells x restarts to keep: one more run on the last graph
+                best = communities(graph, method, resolution=resolution, n_iterations=n_iterations,
+                                   seed=seed, igraph_graph=g)[0]
+            break
+        keep = together.astype(np.float64) >= threshold * restarts
+        rows, cols, weights = rows[keep], cols[keep], together[keep].astype(np.float64) / restarts
+    info = {"restarts": int(restarts), "threshold": float(threshold), "rounds": int(rounds),
+            "converged": converged, "edges_kept": round(float(rows.size / max(n_edges, 1)), 4)}
+    return np.asarray(best, dtype=np.int64), info
 
 
 def _kmeans(z: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> np.ndarray:
@@ -332,7 +404,14 @@ def cluster_embedding(z: np.ndarray, graph: sp.csr_matrix | None, cfg: ClusterCo
 
             cluster_graph, ginfo = knn_graph(z, replace(gcfg, k=k_emb), device=device, seed=seed, prune="none")
             info["embedding_graph"] = {"k": k_emb, "method": ginfo["method"], "n_edges": ginfo["n_edges"]}
-        if n_clusters is None:
+        if n_clusters is None and cfg.restarts > 1:
+            membership, cinfo = consensus_communities(cluster_graph, cfg.method, restarts=cfg.restarts,
+                                                      threshold=cfg.consensus_threshold, resolution=cfg.resolution,
+                                                      n_iterations=cfg.n_iterations, seed=seed)
+            info.update({"graph": cfg.graph, "resolution": cfg.resolution, "backend": "igraph",
+                         "communities": int(np.unique(membership).size), "consensus": cinfo})
+            labels = membership
+        elif n_clusters is None:
             membership, backend = communities(cluster_graph, cfg.method, resolution=cfg.resolution,
                                               n_iterations=cfg.n_iterations, seed=seed, use_gpu=use_gpu)
             info.update({"graph": cfg.graph, "resolution": cfg.resolution, "backend": backend,

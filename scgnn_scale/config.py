@@ -212,6 +212,12 @@ class ClusterConfig:
                     ("pruned", "embedding"))
     embedding_k: int = _f(15, "neighbours of the KNN graph of the GAE embedding (cluster.graph 'embedding')")
     n_iterations: int = _f(-1, "Leiden iterations (-1: until no improvement)")
+    restarts: int = _f(1, "'leiden'/'louvain' in the first pass: run this many times (seeds seed..seed+R-1) and "
+                       "take their consensus (edges weighted by how often their ends are together, those under "
+                       "consensus_threshold dropped, again until the runs agree; Lancichinetti & Fortunato 2012); "
+                       "1: one run (the default until measured)")
+    consensus_threshold: float = _f(0.5, "cluster.restarts > 1: drop the edges whose ends fewer than this fraction "
+                                    "of the runs put together")
     kmeans_max_cells: int = _f(50000, "LouvainK: full KMeans up to this many cells, MiniBatchKMeans beyond")
     gpu: bool = _f(False, "use cuGraph's Louvain/Leiden when a CUDA device and cugraph are present (off by default: "
                     "that path has not run on a GPU here yet; igraph/leidenalg is the tested one)")

@@ -1,0 +1,103 @@
+"""Where the spread of the first pass's ARI over seeds comes from: the run's seed or Leiden's.
+
+    python bench/seed_spread.py --tag base --leiden-seeds 10 --variants 1,5:0.5,10:0.5
+
+Reads the runs that ``bench/bench_small.py --tag TAG --until cluster`` recorded (bench/out/small/TAG.jsonl:
+one run directory per set and seed) and, on each run's published pruned graph (``obsp/scgnn_graph``) and
+GAE embedding (``obsm/X_scgnn``), clusters again with :func:`scgnn_scale.clustering.cluster_embedding`
+(the run's cluster options, ``cluster.restarts`` and ``cluster.consensus_threshold`` per variant):
+
+- on a fixed graph, with Leiden seeds 0, 100, ..., 100 x (L-1): the spread that Leiden's seed alone makes;
+- with the run's own seed (what the pipeline does): the spread over run seeds, and the spread over run
+  seeds of the mean over Leiden seeds (what the graph alone makes, Leiden's part averaged away).
+
+A variant is ``R`` or ``R:threshold`` (R = 1: one Leiden run, today's default). One JSON line per set and
+variant goes to bench/out/small/spread_TAG.jsonl; a markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scgnn_scale.clustering import cluster_embedding  # noqa: E402
+from scgnn_scale.config import ClusterConfig  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out" / "small"
+
+
+def load_run(run_dir: str):
+    import zarr
+    from anndata.io import read_elem
+
+    g = zarr.open_group(Path(run_dir) / "adata.zarr", mode="r")
+    graph = read_elem(g["obsp/scgnn_graph"]).tocsr()
+    z = np.asarray(g["obsm/X_scgnn"][:], dtype=np.float32)
+    truth = read_elem(g["obs"])["label"].astype(str).to_numpy()
+    return graph, z, truth
+
+
+def sd(values):
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tag", default="base")
+    ap.add_argument("--sets", default="", help="comma-separated; default: every set of the tag")
+    ap.add_argument("--leiden-seeds", type=int, default=10)
+    ap.add_argument("--variants", default="1", help="comma-separated R or R:threshold")
+    args = ap.parse_args()
+    rows = [json.loads(line) for line in (OUT / f"{args.tag}.jsonl").read_text().splitlines() if line.strip()]
+    sets = args.sets.split(",") if args.sets else list(dict.fromkeys(r["set"] for r in rows))
+    variants = []
+    for v in args.variants.split(","):
+        r, _, t = v.partition(":")
+        variants.append((int(r), float(t) if t else 0.5))
+    print("| set | variant | mean ARI (run seeds) | SD over run seeds | SD over Leiden seeds, fixed graph (mean of runs) "
+          "| SD over run seeds of the mean over Leiden seeds | cluster s per run |")
+    print("|---|---|---|---|---|---|---|")
+    for name in sets:
+        runs = sorted((r for r in rows if r["set"] == name), key=lambda r: r["seed"])
+        loaded = [(r["seed"], *load_run(r["run_dir"])) for r in runs]
+        for restarts, threshold in variants:
+            cfg = replace(ClusterConfig(), restarts=restarts, consensus_threshold=threshold)
+            own, within_sd, graph_means, per_run, seconds = [], [], [], [], []
+            for seed, graph, z, truth in loaded:
+                t0 = time.process_time()
+                labels, _ = cluster_embedding(z, graph, cfg, device="cpu", seed=seed)
+                seconds.append(time.process_time() - t0)
+                own.append(adjusted_rand_score(truth, labels))
+                aris = []
+                for s in range(args.leiden_seeds):
+                    labels, _ = cluster_embedding(z, graph, cfg, device="cpu", seed=100 * s)
+                    aris.append(adjusted_rand_score(truth, labels))
+                within_sd.append(sd(aris))
+                graph_means.append(statistics.mean(aris))
+                per_run.append({"seed": seed, "own": own[-1], "leiden": aris})
+            row = {"set": name, "restarts": restarts, "threshold": threshold, "mean": statistics.mean(own),
+                   "sd_runs": sd(own), "sd_leiden_fixed_graph": statistics.mean(within_sd),
+                   "sd_runs_of_leiden_mean": sd(graph_means), "cluster_cpu_s": statistics.mean(seconds),
+                   "runs": per_run}
+            with open(OUT / f"spread_{args.tag}.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"| {name} | R={restarts} t={threshold} | {row['mean']:.3f} | {row['sd_runs']:.3f} | "
+                  f"{row['sd_leiden_fixed_graph']:.3f} | {row['sd_runs_of_leiden_mean']:.3f} | "
+                  f"{row['cluster_cpu_s']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
