@@ -13,6 +13,13 @@ GAE embedding (``obsm/X_scgnn``), clusters again with :func:`scgnn_scale.cluster
 
 A variant is ``R`` or ``R:threshold`` (R = 1: one Leiden run, today's default). One JSON line per set and
 variant goes to bench/out/small/spread_TAG.jsonl; a markdown table is printed.
+
+``--runs-consensus M`` estimates instead what restarting the whole first pass (feature AE, graph, GAE)
+M times would give, from the runs at hand: for every M-subset of a set's runs, each run's clusters
+(today's single Leiden run with its own seed) vote on the union of the runs' graph edges (fraction of
+the M that put both ends together), edges under the threshold are dropped and
+:func:`scgnn_scale.clustering.consensus_communities` (10 restarts) clusters that weighted graph. The
+subsets share runs, so the SD over them understates the SD over independent restarts.
 """
 
 from __future__ import annotations
@@ -48,6 +55,29 @@ def load_run(run_dir: str):
     return graph, z, truth
 
 
+def runs_consensus(subset, cfg, threshold=0.5, leiden_restarts=10):
+    """Labels of the consensus of the runs in ``subset`` ((seed, graph, z, truth) each) on their graphs' edges."""
+    from scgnn_scale.clustering import consensus_communities, merge_small_clusters
+
+    import scipy.sparse as sp
+
+    n = subset[0][1].shape[0]
+    union = sum((sp.triu(g, k=1) != 0).astype(np.float32) for _, g, _, _ in subset).tocoo()
+    rows, cols = union.row, union.col
+    together = np.zeros(rows.size)
+    for seed, graph, z, _ in subset:
+        labels, _ = cluster_embedding(z, graph, cfg, device="cpu", seed=seed)
+        together += labels[rows] == labels[cols]
+    together /= len(subset)
+    keep = together >= threshold
+    w = sp.coo_matrix((together[keep], (rows[keep], cols[keep])), shape=(n, n))
+    membership, info = consensus_communities((w + w.T).tocsr(), cfg.method, restarts=leiden_restarts,
+                                             threshold=threshold, resolution=cfg.resolution, seed=subset[0][0],
+                                             weighted=True)
+    return merge_small_clusters(membership, subset[0][2], min_size=cfg.min_cluster_size,
+                                max_clusters=cfg.max_clusters), info
+
+
 def sd(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -60,6 +90,8 @@ def main() -> None:
     ap.add_argument("--sets", default="", help="comma-separated; default: every set of the tag")
     ap.add_argument("--leiden-seeds", type=int, default=10)
     ap.add_argument("--variants", default="1", help="comma-separated R or R:threshold")
+    ap.add_argument("--runs-consensus", type=int, default=0, metavar="M",
+                    help="estimate the consensus of M whole first passes from every M-subset of the runs")
     args = ap.parse_args()
     rows = [json.loads(line) for line in (OUT / f"{args.tag}.jsonl").read_text().splitlines() if line.strip()]
     sets = args.sets.split(",") if args.sets else list(dict.fromkeys(r["set"] for r in rows))
@@ -70,9 +102,31 @@ def main() -> None:
     print("| set | variant | mean ARI (run seeds) | SD over run seeds | SD over Leiden seeds, fixed graph (mean of runs) "
           "| SD over run seeds of the mean over Leiden seeds | cluster s per run |")
     print("|---|---|---|---|---|---|---|")
+    if args.runs_consensus:
+        print("| set | runs per consensus | subsets | mean ARI | SD over subsets | single runs: mean, SD | s per consensus |")
+        print("|---|---|---|---|---|---|---|")
     for name in sets:
         runs = sorted((r for r in rows if r["set"] == name), key=lambda r: r["seed"])
         loaded = [(r["seed"], *load_run(r["run_dir"])) for r in runs]
+        if args.runs_consensus:
+            from itertools import combinations
+
+            from sklearn.metrics import adjusted_rand_score as ari
+
+            single = [r["first_pass_ari"] for r in runs]
+            aris, seconds = [], []
+            for subset in combinations(loaded, args.runs_consensus):
+                t0 = time.process_time()
+                labels, _ = runs_consensus(list(subset), ClusterConfig())
+                seconds.append(time.process_time() - t0)
+                aris.append(ari(subset[0][3], labels))
+            row = {"set": name, "runs_consensus": args.runs_consensus, "aris": aris, "mean": statistics.mean(aris),
+                   "sd": sd(aris), "single": single, "seconds": statistics.mean(seconds)}
+            with open(OUT / f"spread_{args.tag}.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"| {name} | {args.runs_consensus} | {len(aris)} | {row['mean']:.3f} | {row['sd']:.3f} | "
+                  f"{statistics.mean(single):.3f}, {sd(single):.3f} | {row['seconds']:.2f} |", flush=True)
+            continue
         for restarts, threshold in variants:
             cfg = replace(ClusterConfig(), restarts=restarts, consensus_threshold=threshold)
             own, within_sd, graph_means, per_run, seconds = [], [], [], [], []

@@ -167,11 +167,12 @@ def _communities_cugraph(graph: sp.csr_matrix, method: str, *, resolution: float
 
 def consensus_communities(graph: sp.csr_matrix, method: str, *, restarts: int, threshold: float = 0.5,
                           max_rounds: int = 5, resolution: float = 1.0, n_iterations: int = -1,
-                          seed: int = 0) -> tuple[np.ndarray, dict]:
+                          seed: int = 0, weighted: bool = False) -> tuple[np.ndarray, dict]:
     """Consensus of ``restarts`` Leiden/Louvain runs (Lancichinetti & Fortunato 2012), on the graph's edges only.
 
     Round 1 runs the method ``restarts`` times (seeds ``seed .. seed + restarts - 1``) on ``graph``
-    (unweighted, as :func:`communities`). Every edge is weighted by the fraction of the runs that put
+    (unweighted, as :func:`communities`; ``weighted``: with the graph's values as edge weights, e.g. a
+    consensus graph of partitions found elsewhere). Every edge is weighted by the fraction of the runs that put
     its two ends in one community; edges under ``threshold`` are dropped, and the next round runs the
     method ``restarts`` times on that weighted graph (same resolution), until all runs of a round agree
     on every edge (each edge's fraction 0 or 1) or after ``max_rounds`` rounds. The result is the
@@ -192,7 +193,7 @@ def consensus_communities(graph: sp.csr_matrix, method: str, *, restarts: int, t
     coo = sp.triu(graph, k=1).tocoo()
     rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
     n, n_edges = graph.shape[0], rows.size
-    weights = None
+    weights = coo.data.astype(np.float64) if weighted else None
     converged = False
     rounds = 0
     best = None
