@@ -11,7 +11,7 @@ GAE embedding (``obsm/X_scgnn``), clusters again with :func:`scgnn_scale.cluster
 - with the run's own seed (what the pipeline does): the spread over run seeds, and the spread over run
   seeds of the mean over Leiden seeds (what the graph alone makes, Leiden's part averaged away).
 
-A variant is ``R`` or ``R:threshold`` (R = 1: one Leiden run, today's default). One JSON line per set and
+A variant is ``R[:threshold[:resolution[:rounds]]]`` (R = 1: one Leiden run, today's default). One JSON line per set and
 variant goes to bench/out/small/spread_TAG.jsonl; a markdown table is printed.
 
 ``--runs-consensus M`` estimates instead what restarting the whole first pass (feature AE, graph, GAE)
@@ -19,7 +19,8 @@ M times would give, from the runs at hand: for every M-subset of a set's runs, e
 (today's single Leiden run with its own seed) vote on the union of the runs' graph edges (fraction of
 the M that put both ends together), edges under the threshold are dropped and
 :func:`scgnn_scale.clustering.consensus_communities` (10 restarts) clusters that weighted graph. The
-subsets share runs, so the SD over them understates the SD over independent restarts.
+subsets share runs, so the SD over them understates the SD over independent restarts. Beside it, the
+"medoid" run of each subset: the run whose clusters agree best (mean ARI) with the subset's others.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--tag", default="base")
     ap.add_argument("--sets", default="", help="comma-separated; default: every set of the tag")
     ap.add_argument("--leiden-seeds", type=int, default=10)
-    ap.add_argument("--variants", default="1", help="comma-separated R or R:threshold")
+    ap.add_argument("--variants", default="1", help="comma-separated R[:threshold[:resolution[:rounds]]]")
     ap.add_argument("--runs-consensus", type=int, default=0, metavar="M",
                     help="estimate the consensus of M whole first passes from every M-subset of the runs")
     args = ap.parse_args()
@@ -97,14 +98,17 @@ def main() -> None:
     sets = args.sets.split(",") if args.sets else list(dict.fromkeys(r["set"] for r in rows))
     variants = []
     for v in args.variants.split(","):
-        r, _, t = v.partition(":")
-        variants.append((int(r), float(t) if t else 0.5))
-    print("| set | variant | mean ARI (run seeds) | SD over run seeds | SD over Leiden seeds, fixed graph (mean of runs) "
-          "| SD over run seeds of the mean over Leiden seeds | cluster s per run |")
-    print("|---|---|---|---|---|---|---|")
+        r, t, res, rounds = (v.split(":") + ["", "", ""])[:4]
+        variants.append((int(r), float(t) if t else 0.5, float(res) if res else ClusterConfig().resolution,
+                         int(rounds) if rounds else ClusterConfig().consensus_rounds))
+    if not args.runs_consensus:
+        print("| set | variant | mean ARI (run seeds) | SD over run seeds | mean over run x Leiden seeds | SD over Leiden "
+              "seeds, fixed graph (mean of runs) | SD over run seeds of the mean over Leiden seeds | cluster CPU-s |")
+        print("|---|---|---|---|---|---|---|---|")
     if args.runs_consensus:
-        print("| set | runs per consensus | subsets | mean ARI | SD over subsets | single runs: mean, SD | s per consensus |")
-        print("|---|---|---|---|---|---|---|")
+        print("| set | runs per consensus | subsets | consensus: mean ARI | SD over subsets | medoid run: mean ARI | "
+              "SD | single runs: mean, SD | s per consensus |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for name in sets:
         runs = sorted((r for r in rows if r["set"] == name), key=lambda r: r["seed"])
         loaded = [(r["seed"], *load_run(r["run_dir"])) for r in runs]
@@ -114,21 +118,28 @@ def main() -> None:
             from sklearn.metrics import adjusted_rand_score as ari
 
             single = [r["first_pass_ari"] for r in runs]
-            aris, seconds = [], []
+            aris, seconds, medoid = [], [], []
+            by_seed = {r["seed"]: r["first_pass_ari"] for r in runs}
             for subset in combinations(loaded, args.runs_consensus):
                 t0 = time.process_time()
                 labels, _ = runs_consensus(list(subset), ClusterConfig())
                 seconds.append(time.process_time() - t0)
                 aris.append(ari(subset[0][3], labels))
+                # the medoid run: the one whose clusters agree best (mean ARI) with the subset's others
+                own = [cluster_embedding(z, g, ClusterConfig(), device="cpu", seed=s)[0] for s, g, z, _ in subset]
+                agree = [np.mean([ari(a, b) for b in own]) for a in own]
+                medoid.append(by_seed[subset[int(np.argmax(agree))][0]])
             row = {"set": name, "runs_consensus": args.runs_consensus, "aris": aris, "mean": statistics.mean(aris),
-                   "sd": sd(aris), "single": single, "seconds": statistics.mean(seconds)}
+                   "sd": sd(aris), "single": single, "seconds": statistics.mean(seconds), "medoid": medoid,
+                   "medoid_mean": statistics.mean(medoid), "medoid_sd": sd(medoid)}
             with open(OUT / f"spread_{args.tag}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"| {name} | {args.runs_consensus} | {len(aris)} | {row['mean']:.3f} | {row['sd']:.3f} | "
-                  f"{statistics.mean(single):.3f}, {sd(single):.3f} | {row['seconds']:.2f} |", flush=True)
+                  f"{row['medoid_mean']:.3f} | {row['medoid_sd']:.3f} | {statistics.mean(single):.3f}, {sd(single):.3f} | {row['seconds']:.2f} |", flush=True)
             continue
-        for restarts, threshold in variants:
-            cfg = replace(ClusterConfig(), restarts=restarts, consensus_threshold=threshold)
+        for restarts, threshold, resolution, rounds in variants:
+            cfg = replace(ClusterConfig(), restarts=restarts, consensus_threshold=threshold, resolution=resolution,
+                          consensus_rounds=rounds)
             own, within_sd, graph_means, per_run, seconds = [], [], [], [], []
             for seed, graph, z, truth in loaded:
                 t0 = time.process_time()
@@ -142,13 +153,14 @@ def main() -> None:
                 within_sd.append(sd(aris))
                 graph_means.append(statistics.mean(aris))
                 per_run.append({"seed": seed, "own": own[-1], "leiden": aris})
-            row = {"set": name, "restarts": restarts, "threshold": threshold, "mean": statistics.mean(own),
+            row = {"set": name, "restarts": restarts, "threshold": threshold, "resolution": resolution, "rounds": rounds, "mean": statistics.mean(own),
                    "sd_runs": sd(own), "sd_leiden_fixed_graph": statistics.mean(within_sd),
-                   "sd_runs_of_leiden_mean": sd(graph_means), "cluster_cpu_s": statistics.mean(seconds),
+                   "sd_runs_of_leiden_mean": sd(graph_means), "mean_all": statistics.mean(graph_means), "cluster_cpu_s": statistics.mean(seconds),
                    "runs": per_run}
             with open(OUT / f"spread_{args.tag}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"| {name} | R={restarts} t={threshold} | {row['mean']:.3f} | {row['sd_runs']:.3f} | "
+            print(f"| {name} | R={restarts} t={threshold} res={resolution} rounds={rounds} | {row['mean']:.3f} | {row['sd_runs']:.3f} | "
+                  f"{row['mean_all']:.3f} | "
                   f"{row['sd_leiden_fixed_graph']:.3f} | {row['sd_runs_of_leiden_mean']:.3f} | "
                   f"{row['cluster_cpu_s']:.2f} |", flush=True)
 

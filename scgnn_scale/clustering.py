@@ -408,6 +408,7 @@ def cluster_embedding(z: np.ndarray, graph: sp.csr_matrix | None, cfg: ClusterCo
         if n_clusters is None and cfg.restarts > 1:
             membership, cinfo = consensus_communities(cluster_graph, cfg.method, restarts=cfg.restarts,
                                                       threshold=cfg.consensus_threshold, resolution=cfg.resolution,
+                                                      max_rounds=cfg.consensus_rounds,
                                                       n_iterations=cfg.n_iterations, seed=seed)
             info.update({"graph": cfg.graph, "resolution": cfg.resolution, "backend": "igraph",
                          "communities": int(np.unique(membership).size), "consensus": cinfo})

@@ -218,6 +218,8 @@ class ClusterConfig:
                        "1: one run (the default until measured)")
     consensus_threshold: float = _f(0.5, "cluster.restarts > 1: drop the edges whose ends fewer than this fraction "
                                     "of the runs put together")
+    consensus_rounds: int = _f(5, "cluster.restarts > 1: rounds of the consensus at most (1: no consensus graph, the "
+                               "run that agrees most with the majority of the runs on the graph's edges)")
     kmeans_max_cells: int = _f(50000, "LouvainK: full KMeans up to this many cells, MiniBatchKMeans beyond")
     gpu: bool = _f(False, "use cuGraph's Louvain/Leiden when a CUDA device and cugraph are present (off by default: "
                     "that path has not run on a GPU here yet; igraph/leidenalg is the tested one)")
