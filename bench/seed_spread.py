@@ -58,9 +58,9 @@ def load_run(run_dir: str):
 
 def runs_consensus(subset, cfg, threshold=0.5, leiden_restarts=10):
     """Labels of the consensus of the runs in ``subset`` ((seed, graph, z, truth) each) on their graphs' edges."""
-    from scgnn_scale.clustering import consensus_communities, merge_small_clusters
-
     import scipy.sparse as sp
+
+    from scgnn_scale.clustering import consensus_communities, merge_small_clusters
 
     n = subset[0][1].shape[0]
     union = sum((sp.triu(g, k=1) != 0).astype(np.float32) for _, g, _, _ in subset).tocoo()

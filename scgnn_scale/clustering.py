@@ -40,6 +40,11 @@ toy, 3 seeds of GAE and clustering; (b) PCA-50 of log1p counts on those plus mou
 and worm neuron, 2 seeds. Sets with many classes (pollen, bladder, worm) prefer higher resolutions,
 so 0.3 is the compromise. The scanpy default scores 0.543 on the 7 sets of (b).
 
+With ``cluster.restarts`` R > 1 (first pass, 'leiden'/'louvain'): R runs and their consensus
+(:func:`consensus_communities`); off by default: on HALF_A of the gold sets it removed most of the
+spread that Leiden's seed makes but not the spread from the feature autoencoder's seed, and lowered the
+mean ARI over 5 seeds (bench/RESULTS.md, "Clusters from seed to seed").
+
 With ``cluster.gpu = true`` on a CUDA device with cugraph importable, Louvain/Leiden run in cuGraph
 (**off by default and untested here: no GPU with cugraph was available; the CPU path is the tested one**).
 """
