@@ -213,6 +213,15 @@ class ClusterConfig:
     embedding_k: int = _f(15, "neighbours of the KNN graph of the GAE embedding (cluster.graph 'embedding')")
     n_iterations: int = _f(-1, "Leiden iterations (-1: until no improvement)")
     kmeans_max_cells: int = _f(50000, "LouvainK: full KMeans up to this many cells, MiniBatchKMeans beyond")
+    partition: str = _f("auto", "where Louvain/Leiden see the pruned graph: 'whole' (all of it in igraph, about 85 "
+                        "bytes per edge); 'parts' (micro-communities in k-means parts of about part_cells cells, then "
+                        "Louvain/Leiden on their aggregate graph: memory flat in N); 'auto' ('parts' when 'whole' "
+                        "would take more than memory_budget_mb)", ("auto", "whole", "parts"))
+    memory_budget_mb: int = _f(2048, "cluster.partition 'auto': igraph's memory for the whole graph at most this "
+                               "(about 25M edges, 1.8M cells at degree 28)")
+    part_cells: int = _f(250_000, "cluster.partition 'parts': cells per part (one part's edges are in igraph at a time)")
+    micro_resolution: float = _f(10.0, "cluster.partition 'parts': resolution of the micro-communities (the whole "
+                                 "graph's modularity, restricted to each part; higher: smaller)")
     gpu: bool = _f(False, "use cuGraph's Louvain/Leiden when a CUDA device and cugraph are present (off by default: "
                     "that path has not run on a GPU here yet; igraph/leidenalg is the tested one)")
 
@@ -436,7 +445,8 @@ BOUNDS: dict[str, tuple] = {
     "gae.torch_threads": _AT_LEAST_0,
     "cluster.resolution": _POSITIVE, "cluster.small_factor": _POSITIVE, "cluster.large_factor": _POSITIVE,
     "cluster.max_clusters": _AT_LEAST_1, "cluster.min_cluster_size": _AT_LEAST_1, "cluster.embedding_k": _AT_LEAST_1,
-    "cluster.kmeans_max_cells": _AT_LEAST_1,
+    "cluster.kmeans_max_cells": _AT_LEAST_1, "cluster.memory_budget_mb": _AT_LEAST_0,
+    "cluster.part_cells": _AT_LEAST_1, "cluster.micro_resolution": _POSITIVE,
     "iterate.max_iterations": _AT_LEAST_0, "iterate.graph_lambda": _FRACTION, "iterate.graph_tol": _AT_LEAST_0,
     "iterate.cluster_steps": _AT_LEAST_0, "iterate.cluster_max_epochs": _AT_LEAST_0,
     "iterate.cluster_gamma": _AT_LEAST_0, "iterate.cluster_plateau_tol": _FRACTION, "iterate.cluster_memory_budget_mb": _AT_LEAST_0,
