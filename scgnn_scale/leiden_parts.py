@@ -207,9 +207,10 @@ def spill_part_edges(graph: StoredGraph, parts: np.ndarray, local: np.ndarray, s
 
 
 def micro_communities(parts: np.ndarray, degree: np.ndarray, scratch: Path, *, resolution: float,
-                      n_iterations: int, seed: int) -> np.ndarray:
+                      n_iterations: int, seed: int, progress=None) -> np.ndarray:
     """Micro-community of every cell (int64, numbered across parts): Leiden in each part on the whole
-    graph's modularity at ``resolution`` (CPM, node weight = whole-graph degree, resolution / 2m)."""
+    graph's modularity at ``resolution`` (CPM, node weight = whole-graph degree, resolution / 2m).
+    ``progress`` (tqdm-like) counts the cells of the parts done."""
     two_m = float(degree.sum())
     micro = np.empty(parts.size, np.int64)
     offset = 0
@@ -229,6 +230,8 @@ def micro_communities(parts: np.ndarray, degree: np.ndarray, scratch: Path, *, r
         micro[cells] = offset + membership
         offset += int(membership.max()) + 1 if membership.size else 0
         del g, part
+        if progress is not None:
+            progress.update(int(cells.size))
     return micro
 
 
@@ -258,8 +261,9 @@ def aggregate_edges(graph: StoredGraph, micro: np.ndarray, *, merge_at: int = 1 
 
 
 def coarse_graph(location: str, z, *, part_cells: int, micro_resolution: float, n_iterations: int = -1,
-                 seed: int = 0, scratch_dir: str | Path | None = None) -> CoarseGraph:
-    """The :class:`CoarseGraph` of the stored graph at ``location`` (steps 1-4 of the module's doc)."""
+                 seed: int = 0, scratch_dir: str | Path | None = None, progress=None) -> CoarseGraph:
+    """The :class:`CoarseGraph` of the stored graph at ``location`` (steps 1-4 of the module's doc);
+    ``progress`` counts the cells whose micro-communities are found."""
     t0 = time.perf_counter()
     graph = StoredGraph(location)
     if int(z.shape[0]) != graph.n:
@@ -272,7 +276,7 @@ def coarse_graph(location: str, z, *, part_cells: int, micro_resolution: float, 
         del local
         t_spill = time.perf_counter()
         micro = micro_communities(parts, degree, Path(scratch), resolution=micro_resolution,
-                                  n_iterations=n_iterations, seed=seed)
+                                  n_iterations=n_iterations, seed=seed, progress=progress)
     t_micro = time.perf_counter()
     edges, weights = aggregate_edges(graph, micro)
     info = {"parts": int(sizes.size), "largest_part": int(sizes.max()),
