@@ -54,8 +54,7 @@ else:
     location = store.path_of(FIRST_PASS.graph)
 cfg = dataclasses.replace(cfg, partition=partition, micro_resolution=micro, part_cells=part_cells)
 if partition == "parts":
-    graph = leiden_parts.coarse_graph(location, z, part_cells=part_cells, micro_resolution=micro,
-                                      n_iterations=cfg.n_iterations, seed=0)
+    graph = leiden_parts.coarse_graph(location, z, part_cells=part_cells, micro_resolution=micro, seed=0)
 else:
     graph = RunStore.read_elem_at(location).tocsr()
 labels, info = clustering.cluster_embedding(z, graph, cfg, device="cpu", seed=0)

@@ -406,7 +406,7 @@ def cluster_cells(ctx, staging, *, embedding_key: str, graph_key: str,
         if partition == "parts":
             with ctx.progress(z.shape[0], "micro-communities by part") as bar:
                 graph = coarse_graph(location, z, part_cells=cfg.part_cells, micro_resolution=cfg.micro_resolution,
-                                     n_iterations=cfg.n_iterations, seed=ctx.config.runtime.seed, progress=bar)
+                                     seed=ctx.config.runtime.seed, progress=bar)
         else:
             graph = staging.read_elem(graph_key).tocsr()
     labels, info = cluster_embedding(z, graph, cfg, device=ctx.runtime.device, seed=ctx.config.runtime.seed,

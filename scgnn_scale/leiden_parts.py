@@ -46,6 +46,9 @@ IGRAPH_BYTES_PER_EDGE = 85
 PARTITION_SAMPLE = 200_000
 #: stored graph entries read per block while streaming
 BLOCK_ENTRIES = 1 << 24
+#: Leiden iterations of the micro-communities: until stable (-1) took 105 s instead of 0.9 s on a
+#: 50k-cell graph at resolution 10, where the micro-communities need only not straddle communities
+MICRO_ITERATIONS = 2
 
 
 def igraph_bytes(n_undirected_edges: int) -> int:
@@ -207,7 +210,7 @@ def spill_part_edges(graph: StoredGraph, parts: np.ndarray, local: np.ndarray, s
 
 
 def micro_communities(parts: np.ndarray, degree: np.ndarray, scratch: Path, *, resolution: float,
-                      n_iterations: int, seed: int, progress=None) -> np.ndarray:
+                      seed: int, n_iterations: int = MICRO_ITERATIONS, progress=None) -> np.ndarray:
     """Micro-community of every cell (int64, numbered across parts): Leiden in each part on the whole
     graph's modularity at ``resolution`` (CPM, node weight = whole-graph degree, resolution / 2m).
     ``progress`` (tqdm-like) counts the cells of the parts done."""
@@ -260,8 +263,7 @@ def aggregate_edges(graph: StoredGraph, micro: np.ndarray, *, merge_at: int = 1 
     return np.column_stack([keys // n_nodes, keys % n_nodes]), counts
 
 
-def coarse_graph(location: str, z, *, part_cells: int, micro_resolution: float, n_iterations: int = -1,
-                 seed: int = 0, scratch_dir: str | Path | None = None, progress=None) -> CoarseGraph:
+def coarse_graph(location: str, z, *, part_cells: int, micro_resolution: float, seed: int = 0, scratch_dir: str | Path | None = None, progress=None) -> CoarseGraph:
     """The :class:`CoarseGraph` of the stored graph at ``location`` (steps 1-4 of the module's doc);
     ``progress`` counts the cells whose micro-communities are found."""
     t0 = time.perf_counter()
@@ -275,8 +277,8 @@ def coarse_graph(location: str, z, *, part_cells: int, micro_resolution: float, 
         degree, inner = spill_part_edges(graph, parts, local, Path(scratch))
         del local
         t_spill = time.perf_counter()
-        micro = micro_communities(parts, degree, Path(scratch), resolution=micro_resolution,
-                                  n_iterations=n_iterations, seed=seed, progress=progress)
+        micro = micro_communities(parts, degree, Path(scratch), resolution=micro_resolution, seed=seed,
+                                  progress=progress)
     t_micro = time.perf_counter()
     edges, weights = aggregate_edges(graph, micro)
     info = {"parts": int(sizes.size), "largest_part": int(sizes.max()),
