@@ -1,11 +1,12 @@
-"""Leiden on the whole graph against Leiden by parts (``cluster.partition``), on a run's first pass.
+"""Leiden on the whole graph against Leiden by parts (``cluster.partition``), on a run's graph and embedding.
 
     python bench/bench_cluster_parts.py RUN_DIR --micro-resolutions 3,10,30 --part-cells 250000
 
-RUN_DIR is a run that has finished its ``gae`` stage (``scgnn-scale run ... --until gae``). Each setting
-clusters the first pass's GAE embedding and pruned graph with the run's cluster options in a fresh
-process (bench/measure.py samples its whole tree's RSS every 0.1 s): 'whole' reads the graph whole into
-igraph; 'parts' at each micro-resolution streams it (scgnn_scale.leiden_parts). One JSON line per
+RUN_DIR is a run that has finished its ``cluster`` stage (``scgnn-scale run ... --until cluster``). Each
+setting clusters the published GAE embedding and pruned graph (the first pass's, without iterations) with
+the default cluster options in a fresh process (bench/measure.py samples its whole tree's RSS every
+0.1 s): 'whole' reads the graph whole into igraph; 'parts' at each micro-resolution streams it
+(scgnn_scale.leiden_parts). One JSON line per
 setting: seconds, CPU seconds, peak RSS, the cluster count, ARI and NMI against obs['label'] when the
 run has it, the whole graph's modularity of the clusters (at cluster.resolution, streamed) and the ARI
 of each 'parts' partition against the 'whole' one.
@@ -36,23 +37,19 @@ from measure import run_measured  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 CLUSTER = """
-import json, sys, time, dataclasses, numpy as np, zarr
+import json, sys, time, numpy as np, zarr
 from scgnn_scale import clustering, leiden_parts
-from scgnn_scale.config import ClusterConfig, config_from_dict
-from scgnn_scale.keys import FIRST_PASS
+from scgnn_scale.config import ClusterConfig
 from scgnn_scale.store import RunStore
 run, partition, micro, part_cells, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 t0 = time.perf_counter()
 if run.endswith(".zarr"):  # a synthetic graph and embedding
-    cfg = ClusterConfig()
     z = zarr.open_array(run + "/embedding", mode="r")[:]
     location = run + "/graph"
-else:
-    store = RunStore.open(run)
-    cfg = config_from_dict(store.manifest.get("config", {})).cluster
-    z = np.asarray(store.read_elem(FIRST_PASS.embedding), dtype=np.float32)
-    location = store.path_of(FIRST_PASS.graph)
-cfg = dataclasses.replace(cfg, partition=partition, micro_resolution=micro, part_cells=part_cells)
+else:  # the published graph embedding and graph of a run
+    z = np.asarray(zarr.open_array(run + "/adata.zarr/obsm/X_scgnn", mode="r")[:], dtype=np.float32)
+    location = run + "/adata.zarr/obsp/scgnn_graph"
+cfg = ClusterConfig(partition=partition, micro_resolution=micro, part_cells=part_cells)
 if partition == "parts":
     graph = leiden_parts.coarse_graph(location, z, part_cells=part_cells, micro_resolution=micro, seed=0)
 else:
