@@ -121,17 +121,20 @@ def communities(graph: sp.csr_matrix | CoarseGraph, method: str, *, resolution: 
 
     if coarse is not None:  # the aggregate graph of micro-communities, weighted (cluster.partition 'parts')
         g, weights = coarse.igraph(), "weight"
+        # Leiden's default node weights leave self-loops out: give each node its cells' degree sum
+        node_weights = coarse.node_weights().tolist()
         if initial_membership is not None:
             initial_membership = coarse.coarsen(initial_membership)
     else:
         g, weights = (igraph_graph if igraph_graph is not None else _igraph(graph)), None
+        node_weights = None
     # igraph draws from a Python RNG object (the ``random`` module by default): seed a private one
     igraph.set_random_number_generator(random.Random(seed))
     try:
         if method == "leiden":
             init = None if initial_membership is None else np.asarray(initial_membership).tolist()
             part = g.community_leiden(objective_function="modularity", weights=weights, resolution=resolution,
-                                      n_iterations=n_iterations, initial_membership=init)
+                                      n_iterations=n_iterations, initial_membership=init, node_weights=node_weights)
         elif method == "louvain":
             part = g.community_multilevel(weights=weights, resolution=resolution)
         else:

@@ -218,7 +218,7 @@ class ClusterConfig:
                         "Louvain/Leiden on their aggregate graph: memory flat in N); 'auto' ('parts' when 'whole' "
                         "would take more than memory_budget_mb)", ("auto", "whole", "parts"))
     memory_budget_mb: int = _f(2048, "cluster.partition 'auto': igraph's memory for the whole graph at most this "
-                               "(about 25M edges, 1.8M cells at degree 28)")
+                               "(about 25M edges: 3.6M cells at the cell graph's mean degree of 14)")
     part_cells: int = _f(250_000, "cluster.partition 'parts': cells per part (one part's edges are in igraph at a time)")
     micro_resolution: float = _f(10.0, "cluster.partition 'parts': resolution of the micro-communities (the whole "
                                  "graph's modularity, restricted to each part; higher: smaller)")

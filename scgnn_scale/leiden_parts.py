@@ -106,7 +106,8 @@ class CoarseGraph:
     ``edges`` (E, 2) int64 with ``edges[:, 0] <= edges[:, 1]``, self-loops included; ``weights``
     the number of cell edges each stands for. igraph counts a self-loop twice in a node's strength,
     so each node's strength is the sum of its cells' degrees and modularity on this graph equals
-    modularity of the lifted partition on the cells' graph.
+    modularity of the lifted partition on the cells' graph. igraph's Leiden, though, leaves self-loops
+    out of its default node weights: pass :meth:`node_weights`.
     """
 
     micro: np.ndarray
@@ -132,6 +133,11 @@ class CoarseGraph:
             g.es["weight"] = self.weights.astype(np.float64)
             self._igraph = g
         return self._igraph
+
+    def node_weights(self) -> np.ndarray:
+        """Each node's strength, self-loops counted twice: the sum of its cells' degrees (float64)."""
+        ends = np.bincount(self.edges[:, 0], weights=self.weights, minlength=self.n_nodes)
+        return ends + np.bincount(self.edges[:, 1], weights=self.weights, minlength=self.n_nodes)
 
     def lift(self, membership: np.ndarray) -> np.ndarray:
         """Per-cell labels from a partition of the aggregate graph's nodes."""

@@ -70,7 +70,9 @@ def test_aggregate_graph_keeps_the_modularity_of_lifted_partitions(tmp_path):
     edges, weights = leiden_parts.aggregate_edges(leiden_parts.StoredGraph(stored(tmp_path, g)), micro, merge_at=10)
     assert weights.sum() == g.nnz // 2
     coarse = leiden_parts.CoarseGraph(micro=micro, edges=edges, weights=weights)
-    assert np.allclose(coarse.igraph().strength(weights="weight"), np.bincount(micro, weights=np.asarray(g.sum(1)).ravel()))
+    degree_sums = np.bincount(micro, weights=np.asarray(g.sum(1)).ravel())
+    assert np.allclose(coarse.igraph().strength(weights="weight"), degree_sums)
+    assert np.allclose(coarse.node_weights(), degree_sums)
     for resolution in (0.3, 1.0):
         nodes = rng.integers(4, size=coarse.n_nodes)
         cells = coarse.lift(nodes)
@@ -158,3 +160,29 @@ def test_streamed_modularity_equals_the_dense_reference(tmp_path):
     for resolution in (0.3, 1.0):
         assert leiden_parts.modularity(graph, noisy, resolution) == pytest.approx(modularity(g, noisy, resolution),
                                                                                    abs=1e-9)
+
+
+def test_leiden_on_the_aggregate_graph_keeps_the_whole_graphs_null_model(tmp_path):
+    """A ring of 30 cliques of 10 cells: modularity keeps every clique apart (merging two gains one edge
+    and costs 92^2 / 2m = 3.1), on the cells and on the aggregate graph, where the cliques' edges are
+    self-loops that Leiden must count in each node's degree (igraph's default leaves them out and merges
+    neighbouring cliques)."""
+    n_cliques, size = 30, 10
+    labels = np.repeat(np.arange(n_cliques), size)
+    i, j = np.triu_indices(size, k=1)
+    rows = [(c * size + i, c * size + j) for c in range(n_cliques)]
+    rows.append((np.arange(n_cliques) * size, ((np.arange(n_cliques) + 1) % n_cliques) * size + 1))
+    src = np.concatenate([r[0] for r in rows])
+    dst = np.concatenate([r[1] for r in rows])
+    g = sp.coo_matrix((np.ones(src.size, np.float32), (src, dst)), shape=(labels.size,) * 2).tocsr()
+    g = (g + g.T).tocsr()
+    angle = 2 * np.pi * labels / n_cliques
+    z = np.column_stack([np.cos(angle), np.sin(angle)]).astype(np.float32) * 100
+    z += np.random.default_rng(0).normal(0, 0.1, z.shape).astype(np.float32)
+    coarse = leiden_parts.coarse_graph(stored(tmp_path, g), z, part_cells=100, micro_resolution=10.0, seed=0)
+    assert pd.crosstab(coarse.micro, labels).max(axis=1).sum() == labels.size  # no micro-community straddles
+    whole, _ = clustering.communities(g, "leiden", resolution=1.0, seed=0)
+    assert adjusted_rand_score(labels, whole) == 1.0
+    for method in ("leiden", "louvain"):
+        by_parts, _ = clustering.communities(coarse, method, resolution=1.0, seed=0)
+        assert adjusted_rand_score(labels, by_parts) == 1.0, method
