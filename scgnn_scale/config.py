@@ -215,7 +215,7 @@ class ClusterConfig:
     restarts: int = _f(1, "'leiden'/'louvain' in the first pass: run this many times (seeds seed..seed+R-1) and "
                        "take their consensus (edges weighted by how often their ends are together, those under "
                        "consensus_threshold dropped, again until the runs agree; Lancichinetti & Fortunato 2012); "
-                       "1: one run", why="on HALF_A (5 seeds) 10 restarts cut the SD over Leiden seeds on a fixed "
+                       "1: one run; not applied with cluster.partition 'parts'", why="on HALF_A (5 seeds) 10 restarts cut the SD over Leiden seeds on a fixed "
                        "graph (e.g. mouse_bladder_2100 0.073 -> 0.014) but not the SD over run seeds, which the "
                        "feature autoencoder's seed dominates, and lowered the mean first-pass ARI 0.707 -> 0.677 "
                        "(the consensus keeps the split most runs make); README, 'Clusters that hold from seed to seed'")
@@ -224,6 +224,15 @@ class ClusterConfig:
     consensus_rounds: int = _f(5, "cluster.restarts > 1: rounds of the consensus at most (1: no consensus graph, the "
                                "run that agrees most with the majority of the runs on the graph's edges)")
     kmeans_max_cells: int = _f(50000, "LouvainK: full KMeans up to this many cells, MiniBatchKMeans beyond")
+    partition: str = _f("auto", "where Louvain/Leiden see the pruned graph: 'whole' (all of it in igraph, about 85 "
+                        "bytes per edge); 'parts' (micro-communities in k-means parts of about part_cells cells, then "
+                        "Louvain/Leiden on their aggregate graph: memory flat in N); 'auto' ('parts' when 'whole' "
+                        "would take more than memory_budget_mb)", ("auto", "whole", "parts"))
+    memory_budget_mb: int = _f(2048, "cluster.partition 'auto': igraph's memory for the whole graph at most this "
+                               "(about 25M edges: 3.6M cells at the cell graph's mean degree of 14)")
+    part_cells: int = _f(250_000, "cluster.partition 'parts': cells per part (one part's edges are in igraph at a time)")
+    micro_resolution: float = _f(10.0, "cluster.partition 'parts': resolution of the micro-communities (the whole "
+                                 "graph's modularity, restricted to each part; higher: smaller)")
     gpu: bool = _f(False, "use cuGraph's Louvain/Leiden when a CUDA device and cugraph are present (off by default: "
                     "that path has not run on a GPU here yet; igraph/leidenalg is the tested one)")
 
@@ -447,7 +456,8 @@ BOUNDS: dict[str, tuple] = {
     "gae.torch_threads": _AT_LEAST_0,
     "cluster.resolution": _POSITIVE, "cluster.small_factor": _POSITIVE, "cluster.large_factor": _POSITIVE,
     "cluster.max_clusters": _AT_LEAST_1, "cluster.min_cluster_size": _AT_LEAST_1, "cluster.embedding_k": _AT_LEAST_1,
-    "cluster.kmeans_max_cells": _AT_LEAST_1,
+    "cluster.kmeans_max_cells": _AT_LEAST_1, "cluster.memory_budget_mb": _AT_LEAST_0,
+    "cluster.part_cells": _AT_LEAST_1, "cluster.micro_resolution": _POSITIVE,
     "iterate.max_iterations": _AT_LEAST_0, "iterate.graph_lambda": _FRACTION, "iterate.graph_tol": _AT_LEAST_0,
     "iterate.cluster_steps": _AT_LEAST_0, "iterate.cluster_max_epochs": _AT_LEAST_0,
     "iterate.cluster_gamma": _AT_LEAST_0, "iterate.cluster_plateau_tol": _FRACTION, "iterate.cluster_memory_budget_mb": _AT_LEAST_0,

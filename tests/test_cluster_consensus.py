@@ -110,3 +110,16 @@ def test_consensus_memory_is_in_edges_not_cells_squared():
     tracemalloc.stop()
     assert adjusted_rand_score(labels, membership) > 0.9
     assert peak < 64 * 2**20, peak  # numpy's allocations; 1.6 GB if it were dense
+
+
+def test_restarts_are_not_applied_to_a_graph_clustered_by_parts(tmp_path):
+    # cluster.partition 'parts' clusters an aggregate graph: one run there, said in the stage's info
+    from test_leiden_parts import planted_graph, stored
+
+    from scgnn_scale import leiden_parts
+
+    g, z, labels = planted_graph([250, 150, 100], seed=5)
+    coarse = leiden_parts.coarse_graph(stored(tmp_path, g), z, part_cells=200, micro_resolution=10.0, seed=0)
+    pred, info = clustering.cluster_embedding(z, coarse, ClusterConfig(restarts=5), device="cpu", seed=0)
+    assert info["consensus"].startswith("not applied")
+    assert adjusted_rand_score(labels, pred) > 0.95
