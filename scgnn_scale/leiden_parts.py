@@ -19,8 +19,8 @@ igraph holds about :data:`IGRAPH_BYTES_PER_EDGE` bytes per undirected edge while
    lift to the cells (tests/test_leiden_parts.py), so this optimises the whole-graph path's own
    objective over the partitions that keep every micro-community whole.
 
-Memory: four O(N) integer arrays (part, index in the part, degree, micro-community: 18 bytes per
-cell), the graph's indptr (8 bytes per cell), one block of streamed edges, one part's subgraph in
+Memory: four O(N) integer arrays (part, index in the part, degree, micro-community: 20 bytes per
+cell; the degree counted in int64 while the edges are spilled), the graph's indptr (8 bytes per cell), one block of streamed edges, one part's subgraph in
 igraph and the aggregate graph. The edges inside the parts are spilled once to a temporary
 directory (8 bytes per edge).
 """
