@@ -63,7 +63,7 @@ from .cell_graph import knn_graph
 from .config import ClusterConfig, GraphConfig
 from .errors import InputError
 from .keys import KEYS
-from .leiden_parts import CoarseGraph, StoredGraph, coarse_graph, igraph_bytes
+from .leiden_parts import CoarseGraph, coarse_graph, igraph_bytes, stored_edges
 
 log = logging.getLogger("scgnn_scale")
 
@@ -496,7 +496,7 @@ def cluster_cells(ctx, staging, *, embedding_key: str, graph_key: str,
     partition = "whole"
     if needs_graph:
         location = staging.location_of(graph_key)
-        partition = graph_partition(cfg, StoredGraph(location).n_entries // 2)
+        partition = graph_partition(cfg, stored_edges(location))
         if partition == "parts":
             with ctx.progress(z.shape[0], "micro-communities by part") as bar:
                 graph = coarse_graph(location, z, part_cells=cfg.part_cells, micro_resolution=cfg.micro_resolution,

@@ -51,6 +51,14 @@ BLOCK_ENTRIES = 1 << 24
 MICRO_ITERATIONS = 2
 
 
+def stored_edges(location: str) -> int:
+    """Undirected edges of the symmetric CSR graph stored at ``location`` (its last indptr entry / 2)."""
+    import zarr
+
+    indptr = zarr.open_group(location, mode="r", zarr_format=3)["indptr"]
+    return int(indptr[indptr.shape[0] - 1]) // 2
+
+
 def igraph_bytes(n_undirected_edges: int) -> int:
     """Estimated peak bytes of the whole graph in igraph."""
     return int(n_undirected_edges) * IGRAPH_BYTES_PER_EDGE

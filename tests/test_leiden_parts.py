@@ -53,6 +53,7 @@ def modularity(graph: sp.csr_matrix, labels, resolution=1.0) -> float:
 def test_upper_edges_stream_each_edge_once(tmp_path):
     g, _, _ = planted_graph([60, 40])
     graph = leiden_parts.StoredGraph(stored(tmp_path, g))
+    assert leiden_parts.stored_edges(stored(tmp_path, g)) == g.nnz // 2 == graph.n_entries // 2
     blocks = list(graph.upper_edges(block_entries=97))
     assert len(blocks) > 5
     i = np.concatenate([b[0] for b in blocks])
