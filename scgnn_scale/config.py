@@ -215,7 +215,8 @@ class ClusterConfig:
     restarts: int = _f(1, "'leiden'/'louvain' in the first pass: run this many times (seeds seed..seed+R-1) and "
                        "take their consensus (edges weighted by how often their ends are together, those under "
                        "consensus_threshold dropped, again until the runs agree; Lancichinetti & Fortunato 2012); "
-                       "1: one run; not applied with cluster.partition 'parts'", why="on HALF_A (5 seeds) 10 restarts cut the SD over Leiden seeds on a fixed "
+                       "1: one run; not applied with cluster.partition 'parts'",
+                       why="on HALF_A (5 seeds) 10 restarts cut the SD over Leiden seeds on a fixed "
                        "graph (e.g. mouse_bladder_2100 0.073 -> 0.014) but not the SD over run seeds, which the "
                        "feature autoencoder's seed dominates, and lowered the mean first-pass ARI 0.707 -> 0.677 "
                        "(the consensus keeps the split most runs make); README, 'Clusters that hold from seed to seed'")
@@ -457,7 +458,8 @@ BOUNDS: dict[str, tuple] = {
     "cluster.resolution": _POSITIVE, "cluster.small_factor": _POSITIVE, "cluster.large_factor": _POSITIVE,
     "cluster.max_clusters": _AT_LEAST_1, "cluster.min_cluster_size": _AT_LEAST_1, "cluster.embedding_k": _AT_LEAST_1,
     "cluster.kmeans_max_cells": _AT_LEAST_1, "cluster.memory_budget_mb": _AT_LEAST_0,
-    "cluster.part_cells": _AT_LEAST_1, "cluster.micro_resolution": _POSITIVE,
+    "cluster.part_cells": _AT_LEAST_1, "cluster.micro_resolution": _POSITIVE, "cluster.restarts": (1, 255, True),
+    "cluster.consensus_threshold": _FRACTION, "cluster.consensus_rounds": _AT_LEAST_1,
     "iterate.max_iterations": _AT_LEAST_0, "iterate.graph_lambda": _FRACTION, "iterate.graph_tol": _AT_LEAST_0,
     "iterate.cluster_steps": _AT_LEAST_0, "iterate.cluster_max_epochs": _AT_LEAST_0,
     "iterate.cluster_gamma": _AT_LEAST_0, "iterate.cluster_plateau_tol": _FRACTION, "iterate.cluster_memory_budget_mb": _AT_LEAST_0,
