@@ -56,8 +56,9 @@ def load_run(run_dir: str):
     return graph, z, truth
 
 
-def runs_consensus(subset, cfg, threshold=0.5, leiden_restarts=10):
-    """Labels of the consensus of the runs in ``subset`` ((seed, graph, z, truth) each) on their graphs' edges."""
+def runs_consensus(subset, own, cfg, threshold=0.5, leiden_restarts=10):
+    """Labels of the consensus of the runs in ``subset`` ((seed, graph, z, truth) each) on their graphs' edges;
+    ``own`` maps a run's seed to its own clusters."""
     import scipy.sparse as sp
 
     from scgnn_scale.clustering import consensus_communities, merge_small_clusters
@@ -66,9 +67,8 @@ def runs_consensus(subset, cfg, threshold=0.5, leiden_restarts=10):
     union = sum((sp.triu(g, k=1) != 0).astype(np.float32) for _, g, _, _ in subset).tocoo()
     rows, cols = union.row, union.col
     together = np.zeros(rows.size)
-    for seed, graph, z, _ in subset:
-        labels, _ = cluster_embedding(z, graph, cfg, device="cpu", seed=seed)
-        together += labels[rows] == labels[cols]
+    for seed, _, _, _ in subset:
+        together += own[seed][rows] == own[seed][cols]
     together /= len(subset)
     keep = together >= threshold
     w = sp.coo_matrix((together[keep], (rows[keep], cols[keep])), shape=(n, n))
@@ -120,14 +120,15 @@ def main() -> None:
             single = [r["first_pass_ari"] for r in runs]
             aris, seconds, medoid = [], [], []
             by_seed = {r["seed"]: r["first_pass_ari"] for r in runs}
+            # each run's own clusters (today's single Leiden run with its seed), once per run
+            own = {s: cluster_embedding(z, g, ClusterConfig(), device="cpu", seed=s)[0] for s, g, z, _ in loaded}
             for subset in combinations(loaded, args.runs_consensus):
                 t0 = time.process_time()
-                labels, _ = runs_consensus(list(subset), ClusterConfig())
+                labels, _ = runs_consensus(list(subset), own, ClusterConfig())
                 seconds.append(time.process_time() - t0)
                 aris.append(ari(subset[0][3], labels))
                 # the medoid run: the one whose clusters agree best (mean ARI) with the subset's others
-                own = [cluster_embedding(z, g, ClusterConfig(), device="cpu", seed=s)[0] for s, g, z, _ in subset]
-                agree = [np.mean([ari(a, b) for b in own]) for a in own]
+                agree = [np.mean([ari(own[a[0]], own[b[0]]) for b in subset]) for a in subset]
                 medoid.append(by_seed[subset[int(np.argmax(agree))][0]])
             row = {"set": name, "runs_consensus": args.runs_consensus, "aris": aris, "mean": statistics.mean(aris),
                    "sd": sd(aris), "single": single, "seconds": statistics.mean(seconds), "medoid": medoid,

@@ -52,13 +52,13 @@ With ``cluster.gpu = true`` on a CUDA device with cugraph importable, Louvain/Le
 from __future__ import annotations
 
 import logging
-import random
 import time
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import igraphs
 from .cell_graph import knn_graph
 from .config import ClusterConfig, GraphConfig
 from .errors import InputError
@@ -85,21 +85,8 @@ def louvaink_count(k_louvain: int, n_cells: int, cfg: ClusterConfig) -> int:
 
 
 def _igraph(graph: sp.csr_matrix):
-    import igraph
-
     coo = sp.triu(graph, k=1).tocoo()
-    return igraph.Graph(n=graph.shape[0], edges=np.column_stack([coo.row, coo.col]).astype(np.int64),
-                        directed=False)
-
-
-def _igraph_edges(n: int, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray | None = None):
-    """An undirected igraph graph of ``n`` nodes from an edge list, with edge attribute 'weight' if given."""
-    import igraph
-
-    g = igraph.Graph(n=n, edges=np.column_stack([rows, cols]).astype(np.int64), directed=False)
-    if weights is not None:
-        g.es["weight"] = np.asarray(weights, dtype=np.float64).tolist()
-    return g
+    return igraphs.from_edges(graph.shape[0], np.column_stack([coo.row, coo.col]))
 
 
 def _cugraph_available(use_gpu: bool) -> bool:
@@ -134,8 +121,6 @@ def communities(graph: sp.csr_matrix | CoarseGraph, method: str, *, resolution: 
     coarse = graph if isinstance(graph, CoarseGraph) else None
     if coarse is None and _cugraph_available(use_gpu):
         return _communities_cugraph(graph, method, resolution=resolution), "cugraph"
-    import igraph
-
     if coarse is not None:  # the aggregate graph of micro-communities, weighted (cluster.partition 'parts')
         g, weights = coarse.igraph(), "weight"
         # Leiden's default node weights leave self-loops out: give each node its cells' degree sum
@@ -146,9 +131,7 @@ def communities(graph: sp.csr_matrix | CoarseGraph, method: str, *, resolution: 
         g = igraph_graph if igraph_graph is not None else _igraph(graph)
         weights = "weight" if "weight" in g.es.attributes() else None  # the consensus graph's co-assignment
         node_weights = None
-    # igraph draws from a Python RNG object (the ``random`` module by default): seed a private one
-    igraph.set_random_number_generator(random.Random(seed))
-    try:
+    with igraphs.seeded(seed):
         if method == "leiden":
             init = None if initial_membership is None else np.asarray(initial_membership).tolist()
             part = g.community_leiden(objective_function="modularity", weights=weights, resolution=resolution,
@@ -157,8 +140,6 @@ def communities(graph: sp.csr_matrix | CoarseGraph, method: str, *, resolution: 
             part = g.community_multilevel(weights=weights, resolution=resolution)
         else:
             raise ValueError(method)
-    finally:
-        igraph.set_random_number_generator(random)
     membership = np.asarray(part.membership, dtype=np.int64)
     return (coarse.lift(membership) if coarse is not None else membership), "igraph"
 
@@ -216,7 +197,7 @@ def consensus_communities(graph: sp.csr_matrix, method: str, *, restarts: int, t
     best = None
     keep_runs = n * restarts <= KEEP_RUNS_MAX  # memberships kept to choose among them, within a bound
     for rounds in range(1, max(1, max_rounds) + 1):
-        g = _igraph_edges(n, rows, cols, weights)
+        g = igraphs.from_edges(n, np.column_stack([rows, cols]), weights)
         together = np.zeros(rows.size, np.uint8)  # runs that put the edge's two ends together
         runs = []
         for r in range(restarts):

@@ -28,7 +28,6 @@ directory (8 bytes per edge).
 from __future__ import annotations
 
 import logging
-import random
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import igraphs
 from .knn import row_blocks
 
 log = logging.getLogger("scgnn_scale")
@@ -94,19 +94,6 @@ class StoredGraph:
             a = b
 
 
-def _seeded_igraph(seed: int):
-    import igraph
-
-    igraph.set_random_number_generator(random.Random(seed))
-    return igraph
-
-
-def _unseed_igraph() -> None:
-    import igraph
-
-    igraph.set_random_number_generator(random)
-
-
 @dataclass
 class CoarseGraph:
     """The aggregate graph of the micro-communities and the map from cells to them.
@@ -135,11 +122,7 @@ class CoarseGraph:
     def igraph(self):
         """The aggregate graph in igraph, edge attribute 'weight' (built once)."""
         if self._igraph is None:
-            import igraph
-
-            g = igraph.Graph(n=self.n_nodes, edges=self.edges, directed=False)
-            g.es["weight"] = self.weights.astype(np.float64)
-            self._igraph = g
+            self._igraph = igraphs.from_edges(self.n_nodes, self.edges, self.weights)
         return self._igraph
 
     def node_weights(self) -> np.ndarray:
@@ -233,16 +216,13 @@ def micro_communities(parts: np.ndarray, degree: np.ndarray, scratch: Path, *, r
     offset = 0
     for p in range(int(parts.max()) + 1):
         cells = np.flatnonzero(parts == p)
-        edges = np.fromfile(scratch / f"part_{p}.bin", dtype=np.int32).reshape(-1, 2).astype(np.int64)
-        igraph = _seeded_igraph(seed + p)
-        try:
-            g = igraph.Graph(n=cells.size, edges=edges, directed=False)
+        edges = np.fromfile(scratch / f"part_{p}.bin", dtype=np.int32).reshape(-1, 2)
+        with igraphs.seeded(seed + p):
+            g = igraphs.from_edges(cells.size, edges)
             del edges
             part = g.community_leiden(objective_function="CPM", resolution=resolution / max(two_m, 1.0),
                                       node_weights=degree[cells].astype(np.float64).tolist(),
                                       n_iterations=n_iterations)
-        finally:
-            _unseed_igraph()
         membership = np.asarray(part.membership, dtype=np.int64)
         micro[cells] = offset + membership
         offset += int(membership.max()) + 1 if membership.size else 0
