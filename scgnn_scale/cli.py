@@ -80,7 +80,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-work", action="store_true",
                    help="store the cells x genes reconstructions that iterate and impute read, and keep them "
                         "when the run ends (4 bytes per cell and gene each; without it they are computed from "
-                        "the saved models as read; same as --runtime-keep-work true)")
+                        "the saved models as read), and keep work/input, the input's copy that is otherwise "
+                        "removed once preprocess has finished; same as --runtime-keep-work true")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
     _add_verbosity_flags(p)

@@ -316,8 +316,9 @@ class RuntimeConfig:
     keep_work: bool = _f(False, "store the feature autoencoder's cells x genes reconstructions (work/recon, "
                          "work/recon_final; 4 bytes per cell and gene each, and one more per iteration while it "
                          "runs) and keep them when the run ends; without it iterate and impute compute them from "
-                         "the saved models and 128-d embeddings as they read them, and nothing cells x genes is "
-                         "stored under work/")
+                         "the saved models and 128-d embeddings as they read them, nothing cells x genes is "
+                         "stored under work/, and work/input (the input's copy, read only by preprocess) is "
+                         "removed once preprocess has finished")
 
 
 SECTIONS: dict[str, type] = {

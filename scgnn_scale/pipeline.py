@@ -148,7 +148,9 @@ def run(
             order = list(STAGES)
             last = order.index(until) if until else len(order) - 1
             _redo_damaged(store)
+            _check_input_copy(store, order[: last + 1], hashes)
             _check_reconstruction_models(store, config, order[: last + 1], hashes)
+            _drop_input_copy(store, config, hashes)  # a run killed between preprocess and its removal
             for i, stage in enumerate(order[: last + 1]):
                 if store.stage_done(stage, hashes[stage]):
                     log.info("%s: already done, skipped", stage)
@@ -176,6 +178,7 @@ def run(
                 release_freed_memory()
                 store.record_stage(stage, hashes[stage], seconds, info)
                 log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
+                _drop_input_copy(store, config, hashes)
                 handler.flush()
                 mirror.sync()
             publish(store)
@@ -226,6 +229,23 @@ def _check_options_against_cells(store: RunStore, config: RunConfig) -> None:
     if config.graph.k >= n:
         raise InputError(f"{store.root}: graph.k = {config.graph.k} neighbours needs more cells than that; "
                          f"{n} are left after preprocessing (lower --graph-k)")
+
+
+def _check_input_copy(store: RunStore, stages: list[str], hashes: dict) -> None:
+    """Ingest again where preprocess is to be (re)done and its input copy was removed after the last one."""
+    if ("preprocess" in stages and not store.stage_done("preprocess", hashes["preprocess"])
+            and store.stage_done("ingest", hashes["ingest"]) and not store.has(KEYS.input)):
+        log.info("preprocess is to be redone and %s was removed after the last one: ingesting again", KEYS.input)
+        store.forget_stages(list(STAGE_NAMES))
+
+
+def _drop_input_copy(store: RunStore, config: RunConfig, hashes: dict) -> None:
+    """Remove ``work/input`` once preprocess has finished: only preprocess reads it, and the kept cells'
+    counts are in ``.raw`` (``preprocess.keep_counts``). ``runtime.keep_work`` keeps it."""
+    if (not config.runtime.keep_work and store.stage_done("preprocess", hashes["preprocess"])
+            and store.has(KEYS.input)):
+        store.delete(KEYS.input)
+        log.info("removed %s (the input's copy; preprocess has finished)", KEYS.input)
 
 
 def _check_reconstruction_models(store: RunStore, config: RunConfig, stages: list[str], hashes: dict) -> None:

@@ -150,6 +150,25 @@ def test_finished_run_holds_no_reconstruction_and_recomputes_it_for_a_rerun(full
                                rtol=1e-4, atol=1e-4)
 
 
+def test_input_copy_is_removed_after_preprocess_and_made_again_when_preprocess_is_redone(full_run, tiny_input,
+                                                                                         tmp_path, caplog):
+    """work/input is read only by preprocess: a finished run has none, and a rerun that must preprocess
+    again ingests again first, to the same X as a fresh run with that option."""
+    inp, cfg = tiny_input
+    assert not RunStore.open(full_run).has("work/input")
+    out = tmp_path / "reprocess"
+    shutil.copytree(full_run, out)
+    ran = _stages_run(caplog, _run_args(inp, cfg, out, "--overwrite", "--preprocess-n-top-genes", "100",
+                                        "--until", "preprocess"))
+    assert ran == {"ingest", "preprocess"}
+    assert not RunStore.open(out).has("work/input")
+    fresh = tmp_path / "fresh"
+    assert main(_run_args(inp, cfg, fresh, "--preprocess-n-top-genes", "100", "--until", "preprocess")) == 0
+    x, y = RunStore.open(out).open_array("X")[:], RunStore.open(fresh).open_array("X")[:]
+    assert x.shape[1] == 100
+    np.testing.assert_array_equal(x, y)
+
+
 def test_missing_feature_model_redoes_the_feature_stage(full_run, tiny_input, tmp_path, caplog):
     """Without models/feature_ae.pt the reconstruction cannot be computed: the feature stage is redone."""
     inp, cfg = tiny_input
@@ -206,6 +225,7 @@ def test_keep_work_keeps_the_reconstructions_and_gives_the_results_of_a_run_with
     assert main(_run_args(inp, cfg, out, "--keep-work")) == 0
     store = RunStore.open(out)
     assert store.has("work/recon") and store.has("work/recon_final")
+    assert store.has("work/input")  # kept too
     n_genes = read_run(out).n_vars
     assert sorted(_cells_by_genes_arrays(out, n_genes)) == ["work.zarr/recon", "work.zarr/recon_final"]
     kept, lean = read_run(out), read_run(full_run)
