@@ -131,9 +131,11 @@ class FeatureConfig:
                         "'auto': bfloat16 on a CPU that has it in hardware (AVX512-BF16 or AMX), float32 elsewhere",
                         ("auto", "float32", "bfloat16"),
                         why="bfloat16 took 0.58x the CPU time of a float32 step of the 2,000 -> 512 -> 128 network on a "
-                        "CPU with AVX512-BF16 and cut a whole run's CPU by about a third, but its mean ARI on the half "
-                        "of the gold sets defaults are chosen on was 0.012 lower (README, 'Small and medium sets'), "
-                        "so float32 stays the default; on a CPU without bfloat16 in hardware it is emulated and slower")
+                        "CPU with AVX512-BF16 and cut a whole run's CPU by about a third; over 5 seeds on the half of "
+                        "the gold sets defaults are chosen on it tied float32 on the Leiden-averaged ARI (0.6819 "
+                        "against 0.6822) and its own-seed runs averaged 0.035 lower, so float32 stays the default "
+                        "(bench/RESULTS.md, 'bfloat16 against float32 over five seeds'); on a CPU without bfloat16 "
+                        "in hardware it is emulated and slower")
 
 
 @dataclass(frozen=True)
