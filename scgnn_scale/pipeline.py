@@ -178,7 +178,8 @@ def run(
                 release_freed_memory()
                 store.record_stage(stage, hashes[stage], seconds, info)
                 log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
-                _drop_input_copy(store, config, hashes)
+                if stage == "preprocess":
+                    _drop_input_copy(store, config, hashes)
                 handler.flush()
                 mirror.sync()
             publish(store)
