@@ -372,3 +372,26 @@ def test_features_on_disk_never_hold_the_whole_embedding(tmp_path, monkeypatch):
     assert peak < n * d * 4 / 4  # numpy's allocations: blocks and minibatches, never the N x d features
     z = out[:]
     assert np.isfinite(z).all() and z.std() > 0
+
+
+def test_disk_rows_gather_in_windows_equals_numpy_take(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    table = rng.normal(size=(1000, 8)).astype(np.float32)
+    rows = graph_autoencoder.DiskRows(tmp_path / "t.f32", table.shape)
+    for a in range(0, 1000, 300):
+        rows.write(a, table[a:a + 300])
+    monkeypatch.setattr(graph_autoencoder, "MAP_WINDOW_BYTES", 64 * 8 * 4)  # windows of 64 rows
+    mapped = []
+    memmap = np.memmap
+
+    def recording_memmap(*args, **kwargs):
+        m = memmap(*args, **kwargs)
+        mapped.append(m.shape[0])
+        return m
+
+    monkeypatch.setattr(graph_autoencoder.np, "memmap", recording_memmap)
+    ids = np.r_[rng.integers(1000, size=500), [999, 0, 0, 63, 64]]  # unsorted, repeats, window edges
+    np.testing.assert_array_equal(rows.take(ids), table[ids])
+    assert mapped and max(mapped) <= 64  # no map of the whole file: only what the kernel may count resident
+    np.testing.assert_array_equal(rows[100:437], table[100:437])
+    assert rows.take(np.empty(0, np.int64)).shape == (0, 8)
