@@ -97,7 +97,7 @@ def scvi_clusters(name: str, seed: int, *, max_steps: int) -> tuple[np.ndarray, 
 
     adata, _ = _read(name)
     scvi.settings.seed = seed
-    sc.pp.highly_variable_genes(adata, n_top_genes=min(2000, adata.n_vars), flavor="seurat_v3")  # on counts
+    span = seurat_v3_genes(adata)
     adata = adata[:, adata.var["highly_variable"]].copy()
     scvi.model.SCVI.setup_anndata(adata)
     model = scvi.model.SCVI(adata)
@@ -105,7 +105,25 @@ def scvi_clusters(name: str, seed: int, *, max_steps: int) -> tuple[np.ndarray, 
     adata.obsm["X_scVI"] = model.get_latent_representation()
     sc.pp.neighbors(adata, use_rep="X_scVI", n_neighbors=15, random_state=seed, transformer="sklearn")
     sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2)
-    return adata.obs["leiden"].to_numpy(), {"epochs": int(model.history["elbo_train"].shape[0])}
+    return adata.obs["leiden"].to_numpy(), {"epochs": int(model.history["elbo_train"].shape[0]), "hvg_span": span}
+
+
+def seurat_v3_genes(adata) -> float:
+    """scvi-tools' gene selection: 2000 genes by the seurat_v3 rule on the counts; returns the loess span used.
+
+    The rule's loess fit fails on some sets (worm_neuron: 'reciprocal condition number 5.5e-15'); the
+    workaround of scanpy's issue #2669 is a wider span, so 0.5 is tried after the default 0.3.
+    """
+    import scanpy as sc
+
+    for span in (0.3, 0.5):
+        try:
+            sc.pp.highly_variable_genes(adata, n_top_genes=min(2000, adata.n_vars), flavor="seurat_v3", span=span)
+            return span
+        except ValueError as err:
+            if "condition number" not in str(err) and "singularities" not in str(err):
+                raise
+    raise RuntimeError("seurat_v3 gene selection failed with spans 0.3 and 0.5")
 
 
 def scgnn_clusters(name: str, seed: int, *, method: str, work: Path) -> tuple[np.ndarray, dict]:
@@ -164,6 +182,7 @@ def quality(names: list[str], seeds: int, max_steps: int, work: Path, commit: st
                        "seconds": float(np.mean([p["seconds"] for p in per_seed])), "commit": commit}
                 if "epochs" in per_seed[0]:
                     row["scvi_epochs"] = per_seed[0]["epochs"]
+                    row["hvg_span"] = per_seed[0]["hvg_span"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
