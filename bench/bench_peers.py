@@ -149,20 +149,26 @@ def scgnn_clusters(name: str, seed: int, *, method: str, work: Path) -> tuple[np
     return pred, {"seconds": seconds, "peak_rss_mb": measured["peak_rss_mb"]}
 
 
-def quality(names: list[str], seeds: int, max_steps: int, work: Path, commit: str) -> list[dict]:
+#: the quality part's methods, by the name --methods takes
+QUALITY_METHODS = ("scanpy", "scvi", "scgnn", "louvaink")
+
+
+def quality(names: list[str], seeds: int, max_steps: int, work: Path, commit: str,
+            only: tuple[str, ...] = QUALITY_METHODS) -> list[dict]:
     import scanpy  # noqa: F401  (imported once here, so that no method's seconds count the import)
     import scvi  # noqa: F401
 
     rows = []
     for name in names:
         _, levels = _read(name)
-        methods = [("scanpy default (Leiden 1.0)", partial(scanpy_default, name))]
+        methods = [("scanpy", "scanpy default (Leiden 1.0)", partial(scanpy_default, name))]
         if holds_counts(DATA / name):
-            methods.append(("scVI (latent, Leiden 1.0)", partial(scvi_clusters, name, max_steps=max_steps)))
+            methods.append(("scvi", "scVI (latent, Leiden 1.0)", partial(scvi_clusters, name, max_steps=max_steps)))
         # ours before LouvainK: its runs reuse the default run's stages up to the GAE
-        methods += [("scgnn-scale default", partial(scgnn_clusters, name, method="leiden", work=work)),
-                    ("scGNN rule: LouvainK (scgnn-scale)", partial(scgnn_clusters, name, method="louvaink", work=work))]
-        for label, fit in methods:
+        methods += [("scgnn", "scgnn-scale default", partial(scgnn_clusters, name, method="leiden", work=work)),
+                    ("louvaink", "scGNN rule: LouvainK (scgnn-scale)",
+                     partial(scgnn_clusters, name, method="louvaink", work=work))]
+        for _, label, fit in (m for m in methods if m[0] in only):
             per_seed = []
             for seed in range(seeds):
                 t0 = time.perf_counter()
@@ -334,6 +340,8 @@ def main() -> None:
     ap.add_argument("--tables-from", metavar="LOG",
                     help="print the tables of the JSON lines an earlier invocation printed (e.g. one stopped early)")
     ap.add_argument("--part", choices=("quality", "imputation", "both"), default="both")
+    ap.add_argument("--methods", default=",".join(QUALITY_METHODS),
+                    help=f"comma-separated methods of the quality part (default: all of {', '.join(QUALITY_METHODS)})")
     args = ap.parse_args()
     if args.tables_from:
         print_tables_from(Path(args.tables_from))
@@ -349,6 +357,9 @@ def main() -> None:
     for n in imp_names:
         if not holds_counts(DATA / n):
             raise SystemExit(f"{DATA / n}: X does not hold counts (stats.json integer_valued); no imputation on it")
+    only = tuple(args.methods.split(","))
+    if set(only) - set(QUALITY_METHODS):
+        raise SystemExit(f"--methods {args.methods}: each one of {', '.join(QUALITY_METHODS)}")
     if not Path(CLI).is_file():
         raise SystemExit(f"{CLI}: scgnn-scale is not installed in this environment")
     commit = _commit()
@@ -359,7 +370,7 @@ def main() -> None:
     result = {"commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime()), "cpus": os.cpu_count(),
               "load_at_start": [round(x, 2) for x in load], "args": vars(args)}
     if args.part in ("quality", "both"):
-        result["quality"] = quality(names, args.seeds, args.scvi_max_steps, work / "quality", commit)
+        result["quality"] = quality(names, args.seeds, args.scvi_max_steps, work / "quality", commit, only)
     if args.part in ("imputation", "both"):
         rates = [float(r) for r in args.rates.split(",")]
         result["imputation"] = imputation(imp_names, rates, args.repeats, args.scvi_max_steps, work, commit)
