@@ -2,6 +2,7 @@
 
     python bench/bench_peers.py [--seeds 3] [--sets a,b] [--imputation-sets a,b] [--rates 0.1,0.3]
                                 [--repeats 3] [--scvi-max-steps N] [--part quality|imputation|both]
+                                [--methods scanpy,scvi,scgnn,louvaink]
     python bench/bench_peers.py --tables-from LOG      # the tables of the JSON lines an invocation printed
 
 Needs the bench extra (scanpy, scvi-tools, magic-impute): pip install -e ".[bench]".
