@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seed_spread import sd  # noqa: E402  (this script's folder is on the path when it runs)
+
 from scgnn_scale import igraphs  # noqa: E402
 from scgnn_scale.cell_graph import knn_graph  # noqa: E402
 from scgnn_scale.clustering import communities, merge_small_clusters  # noqa: E402
@@ -103,10 +105,6 @@ def cluster(graph: sp.csr_matrix, z: np.ndarray, seed: int, cfg: ClusterConfig) 
     membership, _ = communities(graph, "leiden", resolution=cfg.resolution, n_iterations=cfg.n_iterations,
                                 seed=seed, igraph_graph=g)
     return merge_small_clusters(membership, z, min_size=cfg.min_cluster_size, max_clusters=cfg.max_clusters)
-
-
-def sd(values):
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:

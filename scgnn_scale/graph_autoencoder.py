@@ -124,7 +124,7 @@ class DiskRows:
         return np.memmap(self.path, dtype=np.float32, mode=mode, offset=start * row_bytes,
                          shape=(stop - start, self.shape[1]))
 
-    def window_rows(self) -> int:
+    def _window_rows(self) -> int:
         return max(1, MAP_WINDOW_BYTES // (4 * self.shape[1]))
 
     def write(self, start: int, rows: np.ndarray) -> None:
@@ -145,7 +145,7 @@ class DiskRows:
             return gathered
         if ordered[0] < 0 or ordered[-1] >= self.shape[0]:
             raise IndexError(f"{self.path}: row ids outside 0..{self.shape[0] - 1}")
-        window = self.window_rows()
+        window = self._window_rows()
         starts = np.arange(int(ordered[0]) // window * window, int(ordered[-1]) + 1, window)
         cuts = np.searchsorted(ordered, np.r_[starts, starts[-1] + window])
         for start, lo, hi in zip(starts.tolist(), cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
