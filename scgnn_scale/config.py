@@ -104,12 +104,17 @@ class FeatureConfig:
     gamma: float = _f(0.1, "weight of the plain squared error")
     alpha: float = _f(0.9, "weight of the LTMG-weighted squared error")
     l1: float = _f(1.0, "weight of the L1 penalty on the network weights")
-    batch_size: int = _f(1024, "cells per minibatch")
+    batch_size: int = _f(512, "cells per minibatch (of the imputation autoencoder too)",
+                         why="512 against 1,024 over 5 seeds on the half of the gold sets defaults are chosen on: "
+                         "Leiden-averaged ARI 0.6829 against 0.6822, own-seed mean 0.715 against 0.706, at half the "
+                         "CPU per step; 256 fell to 0.680 and 0.674 (klein_subset 0.69 against 0.84) "
+                         "(bench/RESULTS.md, 'Half the minibatch')")
     min_steps: int = _f(500, "optimiser steps at least (the original: 500 full-batch epochs = 500 steps)")
     max_epochs: int = _f(10, "passes over the data when that takes more than min_steps: the schedule is "
                          "max(min_steps, min(max_epochs x batches per epoch, max_steps)) optimiser steps")
-    max_steps: int = _f(2000, "cap on the epoch rule's steps (0: none); reached from about 205k cells on",
-                        why="2,000 steps = 2M cells seen (1M cells: 2 passes, not 10); what decides how far Adam "
+    max_steps: int = _f(2000, "cap on the epoch rule's steps (0: none); reached from about 102k cells on "
+                        "(at the default batch of 512)",
+                        why="2,000 steps = about 1M cells seen (1M cells: 1 pass, not 10); what decides how far Adam "
                         "gets is the number of steps, and a larger atlas of the same cell types is not a harder "
                         "problem")
     iter_steps: int = _f(200, "optimiser steps of the continued feature AE in each later iteration")

@@ -323,12 +323,12 @@ class MinibatchLoader:
         return self._memory
 
     def _read_blocks(self, blocks: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """``(row ids, parts)`` per block; in memory, the one part is the rows' positions in the held arrays."""
         if self.in_memory:
-            held = self._load_memory()
             for a, b in blocks:
                 lo, hi = (a, b) if self.rows is None else self._selected(a, b)
                 row_ids = np.arange(a, b, dtype=np.int64) if self.rows is None else self.rows[lo:hi]
-                yield row_ids, [h[lo:hi] for h in held]
+                yield row_ids, [np.arange(lo, hi, dtype=np.int64)]
             return
 
         def produce(stopped):
@@ -369,6 +369,15 @@ class MinibatchLoader:
 
     def _batches(self, epoch: int, stopped: Callable[[], bool]) -> Iterator[Minibatch]:
         rng = np.random.default_rng([self.seed, epoch])
+        # in memory the pool holds positions, and a batch is gathered from the held arrays at once: the
+        # same rows as gathering from a concatenated copy of the pool, without copying the pool each time
+        held = self._load_memory() if self.in_memory else None
+
+        def gather(columns: list[np.ndarray], take: np.ndarray) -> list:
+            if held is None:
+                return [self._take(c, take) for c in columns]
+            return [self._take(h, columns[0][take]) for h in held]
+
         blocks = self._all_blocks()
         if self.shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
@@ -387,7 +396,7 @@ class MinibatchLoader:
             columns = [
                 np.concatenate(([leftover_parts[k]] if leftover_parts is not None else [])
                                + [p[k] for p in pool_parts])
-                for k in range(len(self.arrays))
+                for k in range(len(pool_parts[0]))
             ]
             pool_rows, pool_parts = [], []
             order = rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
@@ -395,14 +404,14 @@ class MinibatchLoader:
             for s in range(0, n_full, self.batch_size):
                 # a batch is a set: gathering its rows in pool order is faster (memory locality)
                 take = np.sort(order[s:s + self.batch_size])
-                yield Minibatch([self._take(c, take) for c in columns], rows[take], epoch)
+                yield Minibatch(gather(columns, take), rows[take], epoch)
             rest = np.sort(order[n_full:])
             leftover_rows = rows[rest]
             leftover_parts = [c[rest] for c in columns]
         if len(leftover_rows) and not self.drop_last:
             parts = leftover_parts
-            if self.pin_memory:
-                parts = [self._take(c, np.arange(len(leftover_rows))) for c in leftover_parts]
+            if self.pin_memory or held is not None:
+                parts = gather(leftover_parts, np.arange(len(leftover_rows)))
             yield Minibatch(parts, leftover_rows, epoch)
 
     def _take(self, column: np.ndarray, take: np.ndarray):
