@@ -104,7 +104,7 @@ class FeatureConfig:
     gamma: float = _f(0.1, "weight of the plain squared error")
     alpha: float = _f(0.9, "weight of the LTMG-weighted squared error")
     l1: float = _f(1.0, "weight of the L1 penalty on the network weights")
-    batch_size: int = _f(512, "cells per minibatch (of the imputation autoencoder too)",
+    batch_size: int = _f(512, "cells per minibatch of every dense autoencoder (feature, cluster, imputation)",
                          why="512 against 1,024 over 5 seeds on the half of the gold sets defaults are chosen on: "
                          "Leiden-averaged ARI 0.6829 against 0.6822, own-seed mean 0.715 against 0.706, at half the "
                          "CPU per step; 256 fell to 0.680 and 0.674 (klein_subset 0.69 against 0.84) "
