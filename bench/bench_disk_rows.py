@@ -24,8 +24,7 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 from scgnn_scale.graph_autoencoder import DiskRows
 path, n, rows, setting = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-table = DiskRows.__new__(DiskRows)
-table.path, table.shape = path, (n, 128)
+table = DiskRows(path, (n, 128), create=False)
 ids = np.sort(np.random.default_rng(0).choice(n, rows, replace=False))
 
 def whole(ids):  # the gather before 536da5c: the whole file mapped for each gather

@@ -115,9 +115,13 @@ class DiskRows:
     table.
     """
 
-    def __init__(self, path, shape: tuple[int, int]):
+    def __init__(self, path, shape: tuple[int, int], *, create: bool = True):
+        """A new zero-filled table at ``path``; ``create=False`` attaches to an existing file of this shape."""
         self.path, self.shape = str(path), (int(shape[0]), int(shape[1]))
-        np.memmap(self.path, dtype=np.float32, mode="w+", shape=self.shape).flush()
+        if create:
+            np.memmap(self.path, dtype=np.float32, mode="w+", shape=self.shape).flush()
+        elif os.path.getsize(self.path) != 4 * self.shape[0] * self.shape[1]:
+            raise ValueError(f"{self.path}: not a float32 table of shape {self.shape}")
 
     def _map(self, start: int, stop: int, mode: str = "r") -> np.memmap:
         row_bytes = 4 * self.shape[1]

@@ -376,7 +376,8 @@ class MinibatchLoader:
         def gather(columns: list[np.ndarray], take: np.ndarray) -> list:
             if held is None:
                 return [self._take(c, take) for c in columns]
-            return [self._take(h, columns[0][take]) for h in held]
+            positions = columns[0][take]
+            return [self._take(h, positions) for h in held]
 
         blocks = self._all_blocks()
         if self.shuffle:

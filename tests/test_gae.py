@@ -395,3 +395,12 @@ def test_disk_rows_gather_in_windows_equals_numpy_take(tmp_path, monkeypatch):
     assert mapped and max(mapped) <= 64  # no map of the whole file: only what the kernel may count resident
     np.testing.assert_array_equal(rows[100:437], table[100:437])
     assert rows.take(np.empty(0, np.int64)).shape == (0, 8)
+
+
+def test_disk_rows_attach_to_an_existing_file_without_clearing_it(tmp_path):
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    graph_autoencoder.DiskRows(tmp_path / "t.f32", table.shape).write(0, table)
+    attached = graph_autoencoder.DiskRows(tmp_path / "t.f32", table.shape, create=False)
+    np.testing.assert_array_equal(attached.take(np.arange(10)), table)
+    with pytest.raises(ValueError, match="not a float32 table"):
+        graph_autoencoder.DiskRows(tmp_path / "t.f32", (11, 4), create=False)
