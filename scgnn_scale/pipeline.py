@@ -21,7 +21,7 @@ from .context import StageContext
 from .errors import InputError
 from .fingerprint import describe_change, input_identity, input_record
 from .keys import FEATURE_MODEL, INTERMEDIATE_RECONS, ITERATE_MODELS, ITERATED, KEYS
-from .memory import peak_rss_mb, release_freed_memory
+from .memory import peak_rss_mb, release_freed_memory, unfreeze_survivors
 from .paths import LogMirror, as_path, is_url, listing, redact
 from .results import publish
 from .runtime import Runtime
@@ -175,7 +175,9 @@ def run(
                 seconds = time.perf_counter() - t0
                 info["peak_rss_mb"] = peak_rss_mb()  # of this process so far (Dask worker threads included)
                 info["cpu_seconds"] = round(time.process_time() - cpu0, 3)  # every thread of this process
-                release_freed_memory()
+                del ctx  # the finished stage's context is garbage before its survivors are frozen
+                runtime.stop_idle_cluster()
+                release_freed_memory(freeze_survivors=True)
                 store.record_stage(stage, hashes[stage], seconds, info)
                 log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
                 if stage == "preprocess":
@@ -197,6 +199,7 @@ def run(
             write_report_safely(store)  # RUN_DIR/report/index.html; a failure is a warning, not the run's
             store.remove_empty_staging()
         finally:
+            unfreeze_survivors()
             runtime.close()
             log.removeHandler(handler)
             handler.close()

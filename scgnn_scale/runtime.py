@@ -42,6 +42,18 @@ class Runtime:
             self._client_holder = ClientHolder(self.config, self.memory)
         return self._client_holder.get()
 
+    def stop_idle_cluster(self) -> None:
+        """Close the embedded LocalCluster of worker threads between stages; the next stage that needs it starts it again.
+
+        Idle, its scheduler and workers still tick (heartbeats, memory monitors): 0.06 CPU-s a second on the
+        2-core VM, against 0.05 CPU-s to start it. A ``--scheduler`` connection, worker processes (seconds to
+        start) and a cluster serving ``--runtime-dashboard`` stay up until :meth:`close`.
+        """
+        cfg = self.config
+        if self._client_holder is not None and not (cfg.scheduler or cfg.worker_processes or cfg.dashboard):
+            self._client_holder.close()
+            self._client_holder = None
+
     def lost_workers(self) -> str | None:
         """Why the Dask work stopped when ``--scheduler`` had no worker left (None otherwise)."""
         return self._client_holder.lost if self._client_holder is not None else None

@@ -238,6 +238,13 @@ def test_keep_work_keeps_the_reconstructions_and_gives_the_results_of_a_run_with
     assert not any("computed from" in r.getMessage() for r in caplog.records)  # read the kept work/recon
 
 
+def test_a_finished_run_leaves_no_object_frozen(full_run):
+    """Between stages the survivors are frozen so that collections skip them; the run gives them back."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+
+
 def test_until_stops_after_the_stage(tiny_input, tmp_path):
     inp, cfg = tiny_input
     out = tmp_path / "partial"
