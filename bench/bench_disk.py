@@ -29,8 +29,10 @@ _DONE = re.compile(r"\b(\w+): (?:done in|already done)")
 
 
 def dir_bytes(root: Path) -> int:
-    """Bytes of the files under ``root`` (files vanishing while it walks are skipped)."""
+    """Bytes of the files under ``root``, a file with several hard links once, as ``du`` counts them (files
+    vanishing while it walks are skipped)."""
     total = 0
+    seen: set[tuple[int, int]] = set()
     stack = [str(root)]
     while stack:
         try:
@@ -40,7 +42,12 @@ def dir_bytes(root: Path) -> int:
                         if e.is_dir(follow_symlinks=False):
                             stack.append(e.path)
                         elif e.is_file(follow_symlinks=False):
-                            total += e.stat(follow_symlinks=False).st_size
+                            st = e.stat(follow_symlinks=False)
+                            if st.st_nlink > 1:
+                                if (st.st_dev, st.st_ino) in seen:
+                                    continue
+                                seen.add((st.st_dev, st.st_ino))
+                            total += st.st_size
                     except OSError:
                         pass
         except OSError:

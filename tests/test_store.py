@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import anndata
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 from scgnn_scale.config import RunConfig, build_config
 from scgnn_scale.errors import InputError
@@ -98,3 +101,42 @@ def test_work_arrays_take_the_work_codec(tmp_path, planted, work_codec):
     names = {key: str(arr.compressors[0].cname.value) for key, arr in (("work", recon), ("obsm", emb))}
     assert names == {"work": work_codec, "obsm": "zstd"}
     np.testing.assert_array_equal(store.open_array("work/recon")[:], counts.astype(np.float32))
+
+
+def _first_pass_and_published(tmp_path):
+    store = RunStore.create(tmp_path / "run", identity={"a": 1}, config=RunConfig())
+    data = np.arange(40, dtype=np.float32).reshape(10, 4)
+    with store.staging("feature") as st:
+        st.create_matrix("work/first_pass/X_scgnn_feature", data.shape, np.float32)[:] = data
+    with store.staging("publish") as st:
+        st.copy_array("obsm/X_scgnn_feature", store.open_array("work/first_pass/X_scgnn_feature"))
+    src, dst = (Path(store.path_of(k)) for k in ("work/first_pass/X_scgnn_feature", "obsm/X_scgnn_feature"))
+    files = [p.relative_to(src) for p in src.rglob("*") if p.is_file()]
+    return store, data, src, dst, files
+
+
+def test_copied_array_shares_its_files_on_local_disk_and_keeps_them_when_the_source_changes(tmp_path):
+    store, data, src, dst, files = _first_pass_and_published(tmp_path)
+    assert len(files) > 1 and all((src / f).stat().st_ino == (dst / f).stat().st_ino for f in files)
+    zarr.open_array(str(src), mode="r+")[:] = -1  # a write replaces the file: the copy keeps its bytes
+    with store.staging("feature") as st:  # a redone stage stages a new array
+        st.create_matrix("work/first_pass/X_scgnn_feature", data.shape, np.float32)[:] = -data
+    store.delete("work/first_pass/X_scgnn_feature")
+    np.testing.assert_array_equal(store.open_array("obsm/X_scgnn_feature")[:], data)
+    assert store.check_integrity()[0] == []
+
+
+def test_copied_array_is_streamed_where_links_cannot_be_made(tmp_path, monkeypatch):
+    import os
+
+    real_link = os.link
+
+    def refuse_in_staging(a, b, **kw):  # zarr's own exclusive writes link too
+        if "staging" in str(b) and not str(a).endswith(".partial"):
+            raise OSError("links not allowed here")
+        return real_link(a, b, **kw)
+
+    monkeypatch.setattr("os.link", refuse_in_staging)
+    store, data, src, dst, files = _first_pass_and_published(tmp_path)
+    assert all((src / f).stat().st_ino != (dst / f).stat().st_ino for f in files if (dst / f).exists())
+    np.testing.assert_array_equal(store.open_array("obsm/X_scgnn_feature")[:], data)
