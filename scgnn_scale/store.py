@@ -128,9 +128,9 @@ class Staging:
         """``src`` staged under ``key`` as hard links to its files (metadata and chunks, so its codec too).
 
         Safe because a committed chunk is never written in place: zarr writes a new file and renames it over
-        the old one, and a redone stage stages new arrays. So the published embeddings and graph of the first
-        pass share their bytes with ``work/first_pass`` (8.5 GB at 10M cells). None where links cannot be
-        made (an object store, another file system): the caller copies.
+        the old one, and a redone stage stages new arrays. So the published embeddings share their bytes with
+        ``work/first_pass`` or ``work/iterated`` (at 10M cells the feature embedding alone is 5.1 GB before
+        compression). None where links cannot be made (an object store, another file system): the caller copies.
         """
         from zarr.storage import LocalStore
 
