@@ -68,7 +68,7 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
             warnings.catch_warnings(record=True) as caught, \
-            mock.patch("scgnn_scale.pipeline.release_freed_memory", lambda: None):
+            mock.patch("scgnn_scale.pipeline.release_freed_memory", lambda **_: None):
         warnings.simplefilter("always")
         # what the package itself silences for its users (store.py), as an installed scgnn-scale does
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
