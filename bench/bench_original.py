@@ -84,6 +84,7 @@ def run_original(name: str, seed: int, mode: str, original: Path, python: str, t
         first = run_measured(preprocess, cwd=original, stdout=log, stderr=subprocess.STDOUT)
         second = run_measured(method, cwd=original, stdout=log, stderr=subprocess.STDOUT)
     labels = pd.read_csv(out_dir / f"{name}_results.txt", index_col=0)["Celltype"]
+    labels.index = labels.index.astype(str)  # cell names that look like numbers are read as numbers
     truth = anndata.read_h5ad(DATA / name / "counts.h5ad", backed="r").obs["label"].astype(str)
     truth = truth.loc[labels.index].to_numpy()  # the cells its preprocessing kept
     pred = labels.astype(str).to_numpy()
