@@ -81,8 +81,12 @@ def run_original(name: str, seed: int, mode: str, original: Path, python: str, t
               "--outputDir", f"{out_dir}/", "--quickmode", "--nonsparseMode", "--no-cuda", "--seed", str(seed),
               *MODES[mode]]
     with open(str(base) + ".log", "w") as log:
-        first = run_measured(preprocess, cwd=original, stdout=log, stderr=subprocess.STDOUT)
-        second = run_measured(method, cwd=original, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            first = run_measured(preprocess, cwd=original, stdout=log, stderr=subprocess.STDOUT)
+            second = run_measured(method, cwd=original, stdout=log, stderr=subprocess.STDOUT)
+        except RuntimeError as exc:  # the original failed: recorded, its log kept, the other runs go on
+            return {"set": name, "method": f"original ({mode})", "seed": seed, "tag": tag, "commit": _commit(),
+                    "date": time.strftime("%Y-%m-%d", time.gmtime()), "failed": str(exc), "log": str(base) + ".log"}
     labels = pd.read_csv(out_dir / f"{name}_results.txt", index_col=0)["Celltype"]
     labels.index = labels.index.astype(str)  # cell names that look like numbers are read as numbers
     truth = anndata.read_h5ad(DATA / name / "counts.h5ad", backed="r").obs["label"].astype(str)
@@ -101,6 +105,9 @@ def summarise(tag: str) -> None:
     rows = [json.loads(line) for line in (OUT / f"{tag}.jsonl").read_text().splitlines() if line.strip()]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
+        if "failed" in r:
+            print(f"{r['set']} {r['method']} seed {r['seed']}: failed ({r['log']})")
+            continue
         groups.setdefault((r["set"], r["method"]), []).append(r)
 
     def ms(values, digits):
