@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_small import DATA, _commit, run_one  # noqa: E402
 from measure import run_measured  # noqa: E402
+from peer_scoring import cluster_scores  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "original"
 MODES = {
@@ -67,7 +68,6 @@ def write_original_input(name: str, work: Path) -> Path:
 def run_original(name: str, seed: int, mode: str, original: Path, python: str, tag: str) -> dict:
     import anndata
     import pandas as pd
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     base = OUT / "runs" / f"{tag}_{name}_{mode}_s{seed}_{time.strftime('%H%M%S', time.gmtime())}"
     data_dir = base / "data"
@@ -80,24 +80,23 @@ def run_original(name: str, seed: int, mode: str, original: Path, python: str, t
     method = [python, "-W", "ignore", "scGNN.py", "--datasetName", name, "--datasetDir", f"{data_dir}/",
               "--outputDir", f"{out_dir}/", "--quickmode", "--nonsparseMode", "--no-cuda", "--seed", str(seed),
               *MODES[mode]]
+    row = {"set": name, "method": f"original ({mode})", "seed": seed, "tag": tag, "commit": _commit(),
+           "date": time.strftime("%Y-%m-%d", time.gmtime())}
     with open(str(base) + ".log", "w") as log:
         try:
             first = run_measured(preprocess, cwd=original, stdout=log, stderr=subprocess.STDOUT)
             second = run_measured(method, cwd=original, stdout=log, stderr=subprocess.STDOUT)
         except RuntimeError as exc:  # the original failed: recorded, its log kept, the other runs go on
-            return {"set": name, "method": f"original ({mode})", "seed": seed, "tag": tag, "commit": _commit(),
-                    "date": time.strftime("%Y-%m-%d", time.gmtime()), "failed": str(exc), "log": str(base) + ".log"}
+            return {**row, "failed": str(exc), "log": str(base) + ".log"}
     labels = pd.read_csv(out_dir / f"{name}_results.txt", index_col=0)["Celltype"]
     labels.index = labels.index.astype(str)  # cell names that look like numbers are read as numbers
     truth = anndata.read_h5ad(DATA / name / "counts.h5ad", backed="r").obs["label"].astype(str)
     truth = truth.loc[labels.index].to_numpy()  # the cells its preprocessing kept
-    pred = labels.astype(str).to_numpy()
-    return {"set": name, "method": f"original ({mode})", "seed": seed, "tag": tag, "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d", time.gmtime()), "load_1min": os.getloadavg()[0],
+    return {**row, "load_1min": os.getloadavg()[0],
             "cpu_seconds": round(first["cpu_seconds"] + second["cpu_seconds"], 2),
             "wall_seconds": round(first["seconds"] + second["seconds"], 2),
             "peak_rss_mb": max(first["peak_rss_mb"], second["peak_rss_mb"]),
-            "ari": adjusted_rand_score(truth, pred), "nmi": normalized_mutual_info_score(truth, pred),
+            **cluster_scores(truth, labels.to_numpy()),
             "clusters": int(labels.nunique()), "cells_kept": int(len(labels)), "run_dir": str(base)}
 
 
