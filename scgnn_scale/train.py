@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
+from .bit_rounding import FLOAT32_MANTISSA_BITS, round_mantissa
 from .devices import training_precision
 from .errors import InputError
 from .loader import BackgroundWriter, MinibatchLoader, iter_row_blocks
@@ -269,12 +270,13 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
 
 
 def write_outputs(model, x, *, embedding=None, recon=None, progress: Progress = silent_progress,
-                  name: str = "writing outputs") -> dict:
+                  name: str = "writing outputs", mantissa_bits: int = FLOAT32_MANTISSA_BITS) -> dict:
     """One streamed inference pass: embedding and/or reconstruction written block by block.
 
     Reads ``x`` in chunk-aligned row blocks (prefetched), runs the model, and writes each block
     to ``embedding`` / ``recon`` (zarr arrays of N rows) on a writer thread, so compression
-    overlaps compute. Returns the exact mean squared reconstruction error over all entries.
+    overlaps compute; the reconstruction is rounded to ``mantissa_bits`` there (23: unrounded).
+    Returns the exact mean squared reconstruction error over all entries (of the unrounded values).
     """
     import torch
 
@@ -293,8 +295,8 @@ def write_outputs(model, x, *, embedding=None, recon=None, progress: Progress = 
                 rb, zb = model(xb)
                 sq_sum += float(((rb - xb) ** 2).sum(dtype=torch.float64))
                 z_np = zb.float().cpu().numpy() if embedding is not None else None
-                r_np = rb.float().cpu().numpy().astype(recon.dtype, copy=False) if recon is not None else None
-                writer.submit(_write_block, embedding, recon, a, b, z_np, r_np)
+                r_np = rb.float().cpu().numpy() if recon is not None else None
+                writer.submit(_write_block, embedding, recon, a, b, z_np, r_np, mantissa_bits)
                 bar.update(b - a)
         finally:
             bar.close()
@@ -302,11 +304,13 @@ def write_outputs(model, x, *, embedding=None, recon=None, progress: Progress = 
     return {"recon_mse": sq_sum / max(n * g, 1), "seconds_infer": round(time.perf_counter() - t0, 3)}
 
 
-def _write_block(embedding, recon, a, b, z_np, r_np):
+def _write_block(embedding, recon, a, b, z_np, r_np, mantissa_bits):
     if embedding is not None:
         embedding[a:b] = z_np
     if recon is not None:
-        recon[a:b] = r_np
+        if mantissa_bits < np.finfo(recon.dtype).nmant:  # float16 keeps 10 bits by itself: no double rounding
+            r_np = round_mantissa(r_np, mantissa_bits)
+        recon[a:b] = r_np.astype(recon.dtype, copy=False)
 
 
 @contextlib.contextmanager
@@ -354,7 +358,8 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
                     embedding_key: str | None, recon_key: str | None, gamma: float, alpha: float, l1: float,
                     min_steps: int, max_epochs: int, max_steps: int, cell_weight: np.ndarray | None = None,
                     seed: int | None = None, resume: bool = False, desc: str = "training",
-                    recon_dtype=np.float32, x_array=None, plateau_tol: float = 0.0) -> dict:
+                    recon_dtype=np.float32, recon_mantissa_bits: int = FLOAT32_MANTISSA_BITS, x_array=None,
+                    plateau_tol: float = 0.0) -> dict:
     """Build or load an autoencoder, train it on ``x_key`` (+ ``trs_key``), save it, write its outputs.
 
     The body the feature, iterate and impute stages share. Inputs staged in ``staging`` are read
@@ -365,6 +370,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
     (:mod:`scgnn_scale.reconstruction`). ``plateau_tol`` > 0 stops before the schedule's last step once the
     loss has stopped falling (:class:`TrainPlan`). A resumed run starts watching for the plateau again at
     its checkpoint, so it may stop one window (50 steps) later than an uninterrupted run would.
+    ``recon_mantissa_bits`` below 23 bit-rounds the reconstruction as it is written (:mod:`.bit_rounding`).
     """
     import torch
 
@@ -428,7 +434,8 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
 
         emb_arr = staging.create_matrix(embedding_key, (n, model.latent), np.float32) if embedding_key else None
         recon_arr = staging.create_matrix(recon_key, (n, g), recon_dtype) if recon_key else None
-        info.update(write_outputs(model, x, embedding=emb_arr, recon=recon_arr, progress=ctx.progress))
+        info.update(write_outputs(model, x, embedding=emb_arr, recon=recon_arr, progress=ctx.progress,
+                                  mantissa_bits=recon_mantissa_bits))
     info.update({"n_cells": n, "n_genes": g, "ltmg": trs_key is not None, "seed": seed})
     ctx.log.info("%s: %d of %d steps (%s, %s) loss %.4g -> %.4g, recon MSE %.4g, %.0f cells/s, loader wait %.1f%%",
                  ctx.stage, info["steps_total"], info["steps"], info["loader"], info["device"], info["loss_first"] or float("nan"),

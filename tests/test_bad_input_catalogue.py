@@ -474,6 +474,11 @@ def test_option_compression_level_above_9(tmp_path, capsys):
                   needles=("out of range (must be at least 0 and at most 9)",))
 
 
+def test_option_mantissa_bits_above_float32s(tmp_path, capsys):
+    refuse_option(capsys, tmp_path, "impute.mantissa_bits", "--impute-mantissa-bits", "24",
+                  needles=("out of range (must be at least 1 and at most 23)",))
+
+
 def test_option_unknown_orientation(tmp_path, capsys):
     refuse_option(capsys, tmp_path, "ingest.orientation", "--orientation", "sideways",
                   needles=("'sideways' is not one of auto, genes-x-cells, cells-x-genes",))

@@ -191,7 +191,7 @@ def test_defaults_beat_both_baselines_on_planted_dropouts(tmp_path):
 
 
 def test_float16_layer_holds_the_float32_values_to_its_precision(tmp_path):
-    config32 = _config(input="X")
+    config32 = _config(input="X", mantissa_bits=23)
     store, counts, _ = _masked_store(tmp_path, config32)
     impute.run(stage_context(store, "impute", config32))
     full = store.open_array("layers/imputed")[:]
@@ -204,6 +204,22 @@ def test_float16_layer_holds_the_float32_values_to_its_precision(tmp_path):
     # float16 keeps 11 significant bits: |x - f16(x)| <= 2^-11 |x| (normal numbers), tiny absolute below
     assert np.all(np.abs(values - full) <= np.abs(full) * 2.0**-11 + 1e-7 + 1e-4 * np.abs(full).max())
     assert _disk_bytes(store.root / "adata.zarr/layers/imputed") < 0.75 * size32
+
+
+def test_rounded_layer_keeps_its_mantissa_bits_and_takes_less_disk(tmp_path):
+    config_full = _config(input="X", mantissa_bits=23)
+    store, _, _ = _masked_store(tmp_path, config_full)
+    impute.run(stage_context(store, "impute", config_full))
+    full = store.open_array("layers/imputed")[:]
+    size_full = _disk_bytes(store.root / "adata.zarr/layers/imputed")
+    config12 = _config(input="X", mantissa_bits=12)
+    info = impute.run(stage_context(store, "impute", config12))  # same seed and inputs: the same network
+    rounded = store.open_array("layers/imputed")[:]
+    assert rounded.dtype == np.float32 and info["mantissa_bits"] == 12
+    assert not np.any(rounded.view(np.uint32) & np.uint32(2**11 - 1))  # the 11 dropped bits are zero
+    assert np.all(np.abs(rounded - full) <= np.abs(full) * 2.0**-13)  # to the nearest of 12 bits
+    assert np.array_equal(rounded == 0, full == 0)
+    assert _disk_bytes(store.root / "adata.zarr/layers/imputed") < 0.9 * size_full
 
 
 def _disk_bytes(path):

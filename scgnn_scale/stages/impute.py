@@ -46,8 +46,8 @@ baron and mouse bladder (better on goolam, worse on baron, equal on the others):
 gain over ``recon``, which is the published input.
 
 Writes ``layers/imputed`` (N x G, the reconstruction, block by block; float32, or float16 with
-``impute.dtype``) and
-``models/impute_ae.pt``.
+``impute.dtype``; each value rounded to ``impute.mantissa_bits`` as it is written, :mod:`..bit_rounding`)
+and ``models/impute_ae.pt``.
 """
 
 from __future__ import annotations
@@ -144,8 +144,9 @@ def run(ctx) -> dict:
             model_in=None, model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None,
             recon_key=KEYS.imputed, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
             max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=weights, resume=True,
-            desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype))
+            desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype), recon_mantissa_bits=icfg.mantissa_bits)
     info["regularisers"] = weight_info
     info["input"] = x_key
+    info["mantissa_bits"] = min(icfg.mantissa_bits, int(np.finfo(icfg.dtype).nmant))
     info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
     return info
