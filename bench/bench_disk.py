@@ -28,11 +28,12 @@ _STARTED = re.compile(r"\b(\w+): started$")
 _DONE = re.compile(r"\b(\w+): (?:done in|already done)")
 
 
-def dir_bytes(root: Path) -> int:
+def dir_bytes(root: Path, seen: set[tuple[int, int]] | None = None) -> int:
     """Bytes of the files under ``root``, a file with several hard links once, as ``du`` counts them (files
-    vanishing while it walks are skipped)."""
+    vanishing while it walks are skipped). A ``seen`` shared between calls counts a linked file under the
+    first root that holds it only, as ``du`` does for several arguments."""
     total = 0
-    seen: set[tuple[int, int]] = set()
+    seen = set() if seen is None else seen
     stack = [str(root)]
     while stack:
         try:

@@ -46,10 +46,12 @@ def one_size(n: int, genes: int, until: str, extra: list[str], resume: bool = Fa
     for e in manifest["stages"].values():
         metrics.update(e.get("info", {}).get("metrics", {}))
     adata = run_dir / "adata.zarr"
-    sizes = {p.relative_to(adata).as_posix(): dir_bytes(p) for g in ("X", "layers", "obsm", "obsp")
+    # a published embedding shares its files with work.zarr (hard links): counted under the first part that
+    # holds them (obsm), so work.zarr shows what it holds besides and no file is counted twice among the parts
+    seen: set[tuple[int, int]] = set()
+    sizes = {p.relative_to(adata).as_posix(): dir_bytes(p, seen) for g in ("X", "layers", "obsm", "obsp")
              for p in ([adata / g] if g == "X" else sorted((adata / g).glob("*")))}
-    sizes["work.zarr"] = dir_bytes(run_dir / "work.zarr")
-    # a published embedding shares its files with work.zarr (hard links), so the parts add up to more than this
+    sizes["work.zarr"] = dir_bytes(run_dir / "work.zarr", seen)
     sizes["run directory"] = dir_bytes(run_dir)
     return {"cells": n, "genes": genes, "simulate": sim, "total_seconds": measured["seconds"],
             "peak_rss_mb": measured["peak_rss_mb"], "stage_seconds": stages, "metrics": metrics,
