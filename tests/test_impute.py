@@ -190,14 +190,21 @@ def test_defaults_beat_both_baselines_on_planted_dropouts(tmp_path):
     assert l1["scgnn"] < l1["knn"] < l1["zeros"], l1  # measured: 0.49 < 0.55 < 1.39
 
 
-def test_float16_layer_holds_the_float32_values_to_its_precision(tmp_path):
-    config32 = _config(input="X", mantissa_bits=23)
-    store, counts, _ = _masked_store(tmp_path, config32)
-    impute.run(stage_context(store, "impute", config32))
+def _every_bit_then(tmp_path, **impute_options):
+    """The layer with every float32 bit, then the same network's layer written with ``impute_options``:
+    (store, the first layer, its bytes on disk, the second run's info)."""
+    config_full = _config(input="X", mantissa_bits=23)
+    store, _, _ = _masked_store(tmp_path, config_full)
+    impute.run(stage_context(store, "impute", config_full))
     full = store.open_array("layers/imputed")[:]
-    size32 = _disk_bytes(store.root / "adata.zarr/layers/imputed")
-    config16 = _config(input="X", dtype="float16")
-    impute.run(stage_context(store, "impute", config16))  # same seed and inputs: the same network
+    size_full = _disk_bytes(store.root / "adata.zarr/layers/imputed")
+    config = _config(input="X", **impute_options)
+    info = impute.run(stage_context(store, "impute", config))  # same seed and inputs: the same network
+    return store, full, size_full, info
+
+
+def test_float16_layer_holds_the_float32_values_to_its_precision(tmp_path):
+    store, full, size32, _ = _every_bit_then(tmp_path, dtype="float16")
     half = store.open_array("layers/imputed")
     assert half.dtype == np.float16
     values = half[:].astype(np.float32)
@@ -207,13 +214,7 @@ def test_float16_layer_holds_the_float32_values_to_its_precision(tmp_path):
 
 
 def test_rounded_layer_keeps_its_mantissa_bits_and_takes_less_disk(tmp_path):
-    config_full = _config(input="X", mantissa_bits=23)
-    store, _, _ = _masked_store(tmp_path, config_full)
-    impute.run(stage_context(store, "impute", config_full))
-    full = store.open_array("layers/imputed")[:]
-    size_full = _disk_bytes(store.root / "adata.zarr/layers/imputed")
-    config12 = _config(input="X", mantissa_bits=12)
-    info = impute.run(stage_context(store, "impute", config12))  # same seed and inputs: the same network
+    store, full, size_full, info = _every_bit_then(tmp_path, mantissa_bits=12)
     rounded = store.open_array("layers/imputed")[:]
     assert rounded.dtype == np.float32 and info["mantissa_bits"] == 12
     assert not np.any(rounded.view(np.uint32) & np.uint32(2**11 - 1))  # the 11 dropped bits are zero
