@@ -359,7 +359,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
                     min_steps: int, max_epochs: int, max_steps: int, cell_weight: np.ndarray | None = None,
                     seed: int | None = None, resume: bool = False, desc: str = "training",
                     recon_dtype=np.float32, recon_mantissa_bits: int = FLOAT32_MANTISSA_BITS, x_array=None,
-                    plateau_tol: float = 0.0) -> dict:
+                    trs_array=None, plateau_tol: float = 0.0) -> dict:
     """Build or load an autoencoder, train it on ``x_key`` (+ ``trs_key``), save it, write its outputs.
 
     The body the feature, iterate and impute stages share. Inputs staged in ``staging`` are read
@@ -367,7 +367,8 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
     ``resume`` continues from this stage's checkpoint (saved every ``feature.checkpoint_minutes``;
     each save is announced as the context's event ``"checkpoint"``). ``x_array`` is read instead of
     ``x_key`` (which then only names it): a reconstruction computed as it is read
-    (:mod:`scgnn_scale.reconstruction`). ``plateau_tol`` > 0 stops before the schedule's last step once the
+    (:mod:`scgnn_scale.reconstruction`); ``trs_array`` likewise instead of ``trs_key`` (the imputation's
+    per-entry weights, :mod:`scgnn_scale.zero_weights`). ``plateau_tol`` > 0 stops before the schedule's last step once the
     loss has stopped falling (:class:`TrainPlan`). A resumed run starts watching for the plateau again at
     its checkpoint, so it may stop one window (50 steps) later than an uninterrupted run would.
     ``recon_mantissa_bits`` below 23 bit-rounds the reconstruction as it is written (:mod:`.bit_rounding`).
@@ -385,7 +386,7 @@ def train_and_write(ctx, staging, *, x_key: str, trs_key: str | None, steps: int
         raise InputError(f"{ctx.store.root}: '{x_key}' is empty ({n} x {g}); nothing to train on")
     arrays = [x]
     if trs_key is not None:
-        trs = staging.open_array(trs_key)
+        trs = staging.open_array(trs_key) if trs_array is None else trs_array
         if tuple(trs.shape) != (n, g):
             raise InputError(f"{ctx.store.root}: '{trs_key}' has shape {tuple(trs.shape)}, '{x_key}' has {(n, g)}")
         arrays.append(trs)

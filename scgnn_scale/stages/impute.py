@@ -1,5 +1,11 @@
 """Stage ``impute``: the imputation autoencoder, regularised by the final cell graph and clusters.
 
+Two rules, ``impute.zero_weight``. ``'expected'`` trains the autoencoder on ``X`` itself and weighs each
+observed zero by its chance under a Poisson of its cluster's mean of that gene
+(:mod:`scgnn_scale.zero_weights`): dropouts of well-expressed genes barely count, zeros the cluster
+expects keep the published weight; the clusters enter there, not as regularisers, and ``impute.input``,
+``gamma1`` and ``gamma2`` are not used. ``'published'`` is the paper's, described below.
+
 docs/METHOD.md step 9, as the published scGNN runs it (``scGNN.py``, "Starts Imputation"): after the
 iterations, the autoencoder is reset to its state before any training (``ptfileStart``: the
 feature autoencoder's initial weights and a fresh Adam) and trained ``EM_epochs`` (200) epochs on
@@ -60,6 +66,7 @@ from ..nn.losses import ORIGINAL_BATCH_CELLS, imputation_cell_weights
 from ..paths import as_path
 from ..reconstruction import feature_reconstruction
 from ..train import train_and_write
+from ..zero_weights import EntryWeights, cluster_mean_expression
 
 #: ``impute.input`` -> the store key the imputation AE reconstructs
 INPUT_KEYS = {"recon": KEYS.recon, "final": KEYS.final_recon, "X": KEYS.x}
@@ -133,7 +140,10 @@ def input_array(ctx) -> tuple[str, object]:
 
 
 def run(ctx) -> dict:
-    """Stage ``impute``: train the regularised autoencoder on ``impute.input`` and write ``layers/imputed``."""
+    """Stage ``impute``: train the imputation autoencoder and write ``layers/imputed``: on ``X`` with the
+    expected zeros' weights (``impute.zero_weight = 'expected'``), or the published way."""
+    if ctx.config.impute.zero_weight == "expected":
+        return _run_expected_zeros(ctx)
     fcfg, icfg = ctx.config.feature, ctx.config.impute
     n_cells = int(ctx.store.open_array(KEYS.x).shape[0])
     weights, weight_info = regulariser_weights(ctx, n_cells)
@@ -147,6 +157,36 @@ def run(ctx) -> dict:
             desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype), recon_mantissa_bits=icfg.mantissa_bits)
     info["regularisers"] = weight_info
     info["input"] = x_key
+    info["mantissa_bits"] = min(icfg.mantissa_bits, int(np.finfo(icfg.dtype).nmant))
+    info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
+    return info
+
+
+def _run_expected_zeros(ctx) -> dict:
+    """The imputation AE on ``X``, each observed zero weighted by its chance under its cluster's mean
+    (:class:`~scgnn_scale.zero_weights.EntryWeights`); the clusters enter there, not as regularisers."""
+    fcfg, icfg = ctx.config.feature, ctx.config.impute
+    x = ctx.store.open_array(KEYS.x)
+    clusters = np.asarray(ctx.store.read_elem(KEYS.clusters)).astype(str)
+    if clusters.shape[0] != x.shape[0]:
+        raise InputError(f"{ctx.store.root}: obs/scgnn_cluster has {clusters.shape[0]} cells, X has {x.shape[0]}")
+    names, labels = np.unique(clusters, return_inverse=True)
+    means = cluster_mean_expression(x, labels, len(names))
+    states_key = ltmg_key(ctx.store, ctx.config) if icfg.use_ltmg else None
+    weights = EntryWeights(x, ctx.store.open_array(states_key) if states_key else None, labels, means,
+                           gamma=fcfg.gamma, alpha=fcfg.alpha)
+    with ctx.store.staging(ctx.stage) as st:
+        # the weights carry gamma and alpha: the loss adds them as an alpha-1 "state" over a gamma of 0
+        info = train_and_write(
+            ctx, st, x_key=KEYS.x, trs_key="weights of the entries (computed)", trs_array=weights, steps=None,
+            model_in=None, model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None,
+            recon_key=KEYS.imputed, gamma=0.0, alpha=1.0, l1=icfg.l1, min_steps=icfg.steps,
+            max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=None, resume=True,
+            desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype), recon_mantissa_bits=icfg.mantissa_bits)
+    info["input"] = KEYS.x
+    info["ltmg"] = states_key is not None
+    info["zero_weight"] = {"rule": "expected", "clusters": len(names), "ltmg": states_key is not None,
+                           "mean_zero_weight_over_clusters_and_genes": round(float(weights.zero_weight.mean()), 6)}
     info["mantissa_bits"] = min(icfg.mantissa_bits, int(np.finfo(icfg.dtype).nmant))
     info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
     return info
