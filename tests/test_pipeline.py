@@ -135,17 +135,18 @@ def test_finished_run_holds_no_reconstruction_and_recomputes_it_for_a_rerun(full
     inp, cfg = tiny_input
     assert not any(RunStore.open(full_run).has(key) for key in INTERMEDIATE_RECONS)
     assert _cells_by_genes_arrays(full_run, read_run(full_run).n_vars) == []
-    # other impute options on the finished run: its input is computed again from the saved feature
+    # the published imputation on the finished run: its input is computed again from the saved feature
     # autoencoder and the first pass's embedding (no feature stage), and the imputation equals that of a
     # run that kept work/recon
+    published = ("--impute-l1", "0.5", "--impute-zero-weight", "published")
     out = tmp_path / "rerun"
     shutil.copytree(full_run, out)
-    ran = _stages_run(caplog, _run_args(inp, cfg, out, "--overwrite", "--impute-l1", "0.5"))
+    ran = _stages_run(caplog, _run_args(inp, cfg, out, "--overwrite", *published))
     assert ran == {"impute"}
     assert any("computed from the saved feature autoencoder" in r.getMessage() for r in caplog.records)
     assert not RunStore.open(out).has("work/recon")
     kept = tmp_path / "kept"
-    assert main(_run_args(inp, cfg, kept, "--keep-work", "--impute-l1", "0.5")) == 0
+    assert main(_run_args(inp, cfg, kept, "--keep-work", *published)) == 0
     np.testing.assert_allclose(read_run(out).layers["imputed"].compute(), read_run(kept).layers["imputed"].compute(),
                                rtol=1e-4, atol=1e-4)
 
@@ -233,8 +234,9 @@ def test_keep_work_keeps_the_reconstructions_and_gives_the_results_of_a_run_with
     np.testing.assert_allclose(kept.obsm["X_scgnn"], lean.obsm["X_scgnn"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(kept.layers["imputed"].compute(), lean.layers["imputed"].compute(), rtol=1e-4,
                                atol=1e-4)
-    assert _stages_run(caplog, _run_args(inp, cfg, out, "--keep-work", "--overwrite", "--impute-l1", "0.5")) == {
-        "impute"}
+    assert _stages_run(caplog, _run_args(inp, cfg, out, "--keep-work", "--overwrite", "--impute-l1", "0.5",
+                                         "--impute-zero-weight", "published")) == {"impute"}
+    assert RunStore.open(out).manifest["stages"]["impute"]["info"]["input"] == "work/recon"
     assert not any("computed from" in r.getMessage() for r in caplog.records)  # read the kept work/recon
 
 
