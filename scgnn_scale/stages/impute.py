@@ -1,4 +1,5 @@
-"""Stage ``impute``: the imputation autoencoder, regularised by the final cell graph and clusters.
+"""Stage ``impute``: the imputation autoencoder (by default weighing zeros by their chance; the published rule is
+regularised by the final cell graph and clusters).
 
 Two rules, ``impute.zero_weight``. ``'expected'`` trains the autoencoder on ``X`` itself and weighs each
 observed zero by its chance under a Poisson of its cluster's mean of that gene
