@@ -28,7 +28,7 @@ cluster_steps = 60
 [impute]
 steps = 80
 [ltmg]
-max_iter = 400
+max_iter = 1000
 tol = 0.0
 block_genes = 16
 [store]
