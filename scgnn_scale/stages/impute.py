@@ -73,6 +73,15 @@ from ..zero_weights import EntryWeights, cluster_mean_expression
 INPUT_KEYS = {"recon": KEYS.recon, "final": KEYS.final_recon, "X": KEYS.x}
 
 
+def cluster_codes(ctx, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """The committed clusters as codes 0..K-1 per cell, and each cluster's size."""
+    clusters = np.asarray(ctx.store.read_elem(KEYS.clusters)).astype(str)
+    if clusters.shape[0] != n_cells:
+        raise InputError(f"{ctx.store.root}: obs/scgnn_cluster has {clusters.shape[0]} cells, X has {n_cells}")
+    _, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
 def regulariser_weights(ctx, n_cells: int) -> tuple[np.ndarray, dict]:
     """Per-cell weights of the graph and cell-type regularisers from the committed graph and clusters."""
     icfg = ctx.config.impute
@@ -81,10 +90,7 @@ def regulariser_weights(ctx, n_cells: int) -> tuple[np.ndarray, dict]:
         raise InputError(f"{ctx.store.root}: obsp/scgnn_graph is {graph.shape[0]} x {graph.shape[1]}, "
                          f"X has {n_cells} cells")
     degree = np.asarray(graph.sum(axis=0), dtype=np.float64).reshape(-1)  # colsum(A): sum(A @ E) = colsum . e
-    clusters = np.asarray(ctx.store.read_elem(KEYS.clusters)).astype(str)
-    if clusters.shape[0] != n_cells:
-        raise InputError(f"{ctx.store.root}: obs/scgnn_cluster has {clusters.shape[0]} cells, X has {n_cells}")
-    _, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
+    inverse, counts = cluster_codes(ctx, n_cells)
     cluster_size = counts[inverse].astype(np.float64)
     weights = imputation_cell_weights(degree, cluster_size, gamma1=icfg.gamma1, gamma2=icfg.gamma2,
                                       n_cells=n_cells)
@@ -143,23 +149,15 @@ def input_array(ctx) -> tuple[str, object]:
 def run(ctx) -> dict:
     """Stage ``impute``: train the imputation autoencoder and write ``layers/imputed``: on ``X`` with the
     expected zeros' weights (``impute.zero_weight = 'expected'``), or the published way."""
-    if ctx.config.impute.zero_weight == "expected":
-        return _run_expected_zeros(ctx)
     fcfg, icfg = ctx.config.feature, ctx.config.impute
+    if icfg.zero_weight == "expected":
+        return _run_expected_zeros(ctx)
     n_cells = int(ctx.store.open_array(KEYS.x).shape[0])
     weights, weight_info = regulariser_weights(ctx, n_cells)
     x_key, x = input_array(ctx)
-    with ctx.store.staging(ctx.stage) as st:
-        info = train_and_write(
-            ctx, st, x_key=x_key, x_array=x, trs_key=ltmg_key(ctx.store, ctx.config) if icfg.use_ltmg else None, steps=None,
-            model_in=None, model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None,
-            recon_key=KEYS.imputed, gamma=fcfg.gamma, alpha=fcfg.alpha, l1=icfg.l1, min_steps=icfg.steps,
-            max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=weights, resume=True,
-            desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype), recon_mantissa_bits=icfg.mantissa_bits)
+    info = _train(ctx, x_key=x_key, x_array=x, trs_key=ltmg_key(ctx.store, ctx.config) if icfg.use_ltmg else None,
+                  gamma=fcfg.gamma, alpha=fcfg.alpha, cell_weight=weights)
     info["regularisers"] = weight_info
-    info["input"] = x_key
-    info["mantissa_bits"] = min(icfg.mantissa_bits, int(np.finfo(icfg.dtype).nmant))
-    info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
     return info
 
 
@@ -168,26 +166,31 @@ def _run_expected_zeros(ctx) -> dict:
     (:class:`~scgnn_scale.zero_weights.EntryWeights`); the clusters enter there, not as regularisers."""
     fcfg, icfg = ctx.config.feature, ctx.config.impute
     x = ctx.store.open_array(KEYS.x)
-    clusters = np.asarray(ctx.store.read_elem(KEYS.clusters)).astype(str)
-    if clusters.shape[0] != x.shape[0]:
-        raise InputError(f"{ctx.store.root}: obs/scgnn_cluster has {clusters.shape[0]} cells, X has {x.shape[0]}")
-    names, labels = np.unique(clusters, return_inverse=True)
-    means = cluster_mean_expression(x, labels, len(names))
+    labels, sizes = cluster_codes(ctx, int(x.shape[0]))
+    means = cluster_mean_expression(x, labels, len(sizes))
     states_key = ltmg_key(ctx.store, ctx.config) if icfg.use_ltmg else None
     weights = EntryWeights(x, ctx.store.open_array(states_key) if states_key else None, labels, means,
                            gamma=fcfg.gamma, alpha=fcfg.alpha)
-    with ctx.store.staging(ctx.stage) as st:
-        # the weights carry gamma and alpha: the loss adds them as an alpha-1 "state" over a gamma of 0
-        info = train_and_write(
-            ctx, st, x_key=KEYS.x, trs_key="weights of the entries (computed)", trs_array=weights, steps=None,
-            model_in=None, model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None,
-            recon_key=KEYS.imputed, gamma=0.0, alpha=1.0, l1=icfg.l1, min_steps=icfg.steps,
-            max_epochs=icfg.max_epochs, max_steps=icfg.max_steps, cell_weight=None, resume=True,
-            desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype), recon_mantissa_bits=icfg.mantissa_bits)
-    info["input"] = KEYS.x
+    # the weights carry gamma and alpha: the loss adds them as an alpha-1 "state" over a gamma of 0
+    info = _train(ctx, x_key=KEYS.x, x_array=x, trs_key="weights of the entries (computed)", trs_array=weights,
+                  gamma=0.0, alpha=1.0, cell_weight=None)
     info["ltmg"] = states_key is not None
-    info["zero_weight"] = {"rule": "expected", "clusters": len(names), "ltmg": states_key is not None,
+    info["zero_weight"] = {"rule": "expected", "clusters": len(sizes),
                            "mean_zero_weight_over_clusters_and_genes": round(float(weights.zero_weight.mean()), 6)}
+    return info
+
+
+def _train(ctx, *, x_key: str, x_array, trs_key, gamma: float, alpha: float, cell_weight, trs_array=None) -> dict:
+    """The imputation AE of either rule: trained on ``x_key`` from fresh weights, ``layers/imputed`` written."""
+    icfg = ctx.config.impute
+    with ctx.store.staging(ctx.stage) as st:
+        info = train_and_write(
+            ctx, st, x_key=x_key, x_array=x_array, trs_key=trs_key, trs_array=trs_array, steps=None, model_in=None,
+            model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None, recon_key=KEYS.imputed, gamma=gamma,
+            alpha=alpha, l1=icfg.l1, min_steps=icfg.steps, max_epochs=icfg.max_epochs, max_steps=icfg.max_steps,
+            cell_weight=cell_weight, resume=True, desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype),
+            recon_mantissa_bits=icfg.mantissa_bits)
+    info["input"] = x_key
     info["mantissa_bits"] = min(icfg.mantissa_bits, int(np.finfo(icfg.dtype).nmant))
     info["metrics"] = {"impute_recon_mse": info["recon_mse"]}
     return info
