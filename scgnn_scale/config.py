@@ -296,6 +296,13 @@ class ImputeConfig:
                           "goolam at 30% 0.243 / 0.497 against 0.530 / 1.401, no row worse by more than 0.02 "
                           "(klein_subset's RMSE 0.016); reported on HALF_B: baron_pancreas_toy at 30% 0.340 against "
                           "0.629 (bench/RESULTS.md, 'Zeros weighted by their chance')")
+    init: str = _f("fresh", "where the imputation AE starts: 'fresh' (new weights from the run's seed, the published "
+                   "code) or 'feature' (the feature autoencoder's trained weights and optimiser, which already "
+                   "reconstruct X, so fewer steps may do)", ("fresh", "feature"),
+                   why="'feature' with 50 steps took a quarter of the CPU and was better on klein_subset, but on "
+                   "goolam at 30% it kept the dropouts the feature AE had learned (median L1 0.456 against 0.243) "
+                   "and on mouse_bladder_2100 it was 0.008-0.015 worse (bench/RESULTS.md, 'The imputation started "
+                   "from the feature autoencoder')")
     steps: int = _f(200, "optimiser steps at least (the published code: EM_epochs = 200 full-batch epochs)")
     max_epochs: int = _f(10, "passes over the data once that exceeds 'steps' (as feature.max_epochs); the "
                          "network size, batch size, learning rate and loader are the feature autoencoder's")

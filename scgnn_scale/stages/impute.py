@@ -181,11 +181,13 @@ def _run_expected_zeros(ctx) -> dict:
 
 
 def _train(ctx, *, x_key: str, x_array, trs_key, gamma: float, alpha: float, cell_weight, trs_array=None) -> dict:
-    """The imputation AE of either rule: trained on ``x_key`` from fresh weights, ``layers/imputed`` written."""
+    """The imputation AE of either rule: trained on ``x_key`` from fresh weights
+    (or the feature AE's, ``impute.init = 'feature'``), ``layers/imputed`` written."""
     icfg = ctx.config.impute
     with ctx.store.staging(ctx.stage) as st:
         info = train_and_write(
-            ctx, st, x_key=x_key, x_array=x_array, trs_key=trs_key, trs_array=trs_array, steps=None, model_in=None,
+            ctx, st, x_key=x_key, x_array=x_array, trs_key=trs_key, trs_array=trs_array, steps=None,
+            model_in=ctx.store.model_path(FEATURE_MODEL) if icfg.init == "feature" else None,
             model_out=ctx.store.model_path(IMPUTE_MODEL), embedding_key=None, recon_key=KEYS.imputed, gamma=gamma,
             alpha=alpha, l1=icfg.l1, min_steps=icfg.steps, max_epochs=icfg.max_epochs, max_steps=icfg.max_steps,
             cell_weight=cell_weight, resume=True, desc="imputation autoencoder", recon_dtype=np.dtype(icfg.dtype),
