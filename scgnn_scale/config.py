@@ -301,8 +301,8 @@ class ImputeConfig:
                    "reconstruct X, so fewer steps may do)", ("fresh", "feature"),
                    why="'feature' with 50 steps took a quarter of the CPU and was better on klein_subset, but on "
                    "goolam at 30% it kept the dropouts the feature AE had learned (median L1 0.456 against 0.243) "
-                   "and on mouse_bladder_2100 it was 0.008-0.015 worse (bench/RESULTS.md, 'The imputation started "
-                   "from the feature autoencoder')")
+                   "and on mouse_bladder_2100 it was 0.008-0.015 worse (bench/RESULTS.md, 'Three ways to less CPU or "
+                   "less spread', item 3)")
     steps: int = _f(200, "optimiser steps at least (the published code: EM_epochs = 200 full-batch epochs)")
     max_epochs: int = _f(10, "passes over the data once that exceeds 'steps' (as feature.max_epochs); the "
                          "network size, batch size, learning rate and loader are the feature autoencoder's")
