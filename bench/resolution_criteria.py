@@ -42,7 +42,12 @@ RESOLUTIONS = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5)
 
 def score_resolutions(run_dir: str, seed: int) -> dict:
     import scipy.sparse as sp
-    from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score, silhouette_score
+    from sklearn.metrics import (
+        adjusted_rand_score,
+        calinski_harabasz_score,
+        davies_bouldin_score,
+        silhouette_score,
+    )
 
     cfg = ClusterConfig()
     feature, z, _, truth = load_run(run_dir)

@@ -255,6 +255,6 @@ def test_imputation_started_from_the_feature_autoencoder_keeps_its_weights(tmp_p
         first, _ = load_model(store.model_path(FEATURE_MODEL), "cpu")
         imputation, _ = load_model(store.model_path(IMPUTE_MODEL), "cpu")
         distance[init] = max(float(torch.max(torch.abs(a - b)))
-                             for a, b in zip(first.state_dict().values(), imputation.state_dict().values()))
+                             for a, b in zip(first.state_dict().values(), imputation.state_dict().values(), strict=True))
     # two Adam steps of lr 1e-3 move a weight by about 2e-3 at most; the feature AE's 100 moved them further
     assert distance["feature"] < 5e-3 < 0.02 < distance["fresh"], distance
