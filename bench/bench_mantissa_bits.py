@@ -52,7 +52,7 @@ def measure_pair(run0: Path, run1: Path, bits: list[int], level: int) -> dict:
         block_a = np.asarray(a[r:r + rows])
         block_b = np.asarray(b[r:r + rows])
         big = np.maximum(np.abs(block_a), np.abs(block_b)) >= 1e-3
-        seed_rel.append((np.abs(block_a - block_b)[big] / np.maximum(np.abs(block_a), np.abs(block_b))[big]))
+        seed_rel.append(np.abs(block_a - block_b)[big] / np.maximum(np.abs(block_a), np.abs(block_b))[big])
         for c in range(0, a.shape[1], cols):
             chunk = np.ascontiguousarray(block_a[:, c:c + cols])
             nonzero = chunk != 0
