@@ -10,7 +10,10 @@
 #   STEPS="scaling_wait" WAIT=<device time left - 20> bash bench/gpu_bench.sh 1000000 $OUT     # timeout_s WAIT+20
 # (on an H200 at commit e666c54: simulation 34 s, then the whole method 612 s; the two calls took 558 +
 # 116 s of command time, 712 s of device time with the machine's start, in a 15-minute lease: the
-# second call must follow the first at once)
+# second call must follow the first at once). Since 2761c4f the default runs no iterations: at e666c54 the
+# first pass and the imputation took 254 + 55 s of those 612, so one call is expected to see the 1M run end
+# (not run on a GPU since; planned as one call of timeout_s 590, leaving device time for a rerun):
+#   STEPS="scaling_start gpu_tests scaling_wait" WAIT=480 bash bench/gpu_bench.sh 1000000 $OUT
 # The atlas and the run directory go to /dev/shm when it has 48 GiB free (the machine's RAM holds the
 # run's files; BENCH_DIR overrides), else to bench/out. The run uses Dask worker processes (16 cores:
 # the LTMG fits hold the GIL in threads).
