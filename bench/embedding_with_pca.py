@@ -1,17 +1,18 @@
 """The cell graph searched in our embedding and scanpy's PCA side by side, against ours alone.
 
-    python bench/embedding_with_pca.py --tags f32_512_A,f32_512_B [--runs-dir DIR]
+    python bench/embedding_with_pca.py --tags f32_512_A,f32_512_B [--runs-dir DIR] [--pca-of counts|X]
 
 Needs scanpy (the ``bench`` extra). Reads the runs that ``bench/bench_small.py --tag TAG --until cluster``
 recorded (one run directory per set and seed). For each run: the feature autoencoder's embedding
 (``obsm/X_scgnn_feature``) and scanpy's default PCA of the input's counts (normalize_total, log1p, 2,000 HVG,
-50 components, the run's seed; :func:`why_sets_lose.scanpy_pca`), each centred and scaled to a mean squared
+50 components, the run's seed; :func:`why_sets_lose.scanpy_pca`; with ``--pca-of X``, 50 principal components of
+the run's own ``X`` instead: log1p of the counts of its 2,000 genes, not normalised), each centred and scaled to a mean squared
 norm of 1 per cell, are put side by side (178 columns: both weigh the same in a distance), and that is
 clustered as the cluster stage clusters ours (our cell graph, k = 10 with 'std' pruning, Leiden at 0.3 with
 the run's seed, the small-cluster merge in the same side-by-side embedding). ARI against ``obs['label']``,
 mean ± SD over the run seeds, beside the run's own; means per half of bench/gold_split.py. A prototype of a
 choice, not built into the package: the package has no streamed PCA. One JSON line per set goes to
-bench/out/small/with_pca_<tags>.jsonl; a markdown table is printed.
+bench/out/small/with_pca_<tags>[_X].jsonl; a markdown table is printed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gold_split import HALF_A, HALF_B  # noqa: E402
+from graph_variants import pca  # noqa: E402
 from why_sets_lose import cluster_cells, load_run, scanpy_pca  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -41,19 +43,31 @@ def unit_scale(embedding: np.ndarray) -> np.ndarray:
     return centred / np.sqrt((centred ** 2).sum(axis=1).mean())
 
 
+def run_x_pca(run_dir: str, seed: int) -> np.ndarray:
+    """50 principal components of the run's own X."""
+    import zarr
+    from anndata.io import read_elem
+
+    x = read_elem(zarr.open_group(Path(run_dir) / "adata.zarr", mode="r")["X"])
+    return pca(x, 50, seed).astype(np.float32)
+
+
 def main() -> None:
     from sklearn.metrics import adjusted_rand_score
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tags", required=True, help="comma-separated bench_small tags whose runs are read")
     ap.add_argument("--runs-dir", default=str(HERE / "out" / "small"), help="where the tags' JSON lines are")
+    ap.add_argument("--pca-of", choices=("counts", "X"), default="counts",
+                    help="scanpy's PCA of the normalised counts (default) or a PCA of the run's X")
     args = ap.parse_args()
     runs: dict[str, list[dict]] = {}
     for tag in args.tags.split(","):
         for line in (Path(args.runs_dir) / f"{tag}.jsonl").read_text().splitlines():
             row = json.loads(line)
             runs.setdefault(row["set"], []).append(row)
-    out = HERE / "out" / "small" / f"with_pca_{args.tags.replace(',', '_')}.jsonl"
+    suffix = "_X" if args.pca_of == "X" else ""
+    out = HERE / "out" / "small" / f"with_pca_{args.tags.replace(',', '_')}{suffix}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     scores = {}
     for name in [s for s in (*HALF_A, *HALF_B) if s in runs]:
@@ -61,7 +75,8 @@ def main() -> None:
         for row in sorted(runs[name], key=lambda r: r["seed"]):
             seed = int(row["seed"])
             feature, _, cells, truth = load_run(row["run_dir"])
-            side_by_side = np.hstack([unit_scale(feature), unit_scale(scanpy_pca(name, cells, seed))])
+            other = run_x_pca(row["run_dir"], seed) if args.pca_of == "X" else scanpy_pca(name, cells, seed)
+            side_by_side = np.hstack([unit_scale(feature), unit_scale(other)])
             side_by_side = side_by_side.astype(np.float32)
             labels = cluster_cells(side_by_side, side_by_side, "graph 0.3", seed, len(set(truth)))
             both.append(float(adjusted_rand_score(truth, labels)))
