@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gold_split import HALF_A, HALF_B  # noqa: E402
 from graph_variants import pca  # noqa: E402
-from why_sets_lose import cluster_cells, load_run, scanpy_pca  # noqa: E402
+from why_sets_lose import cluster_cells, load_run, runs_by_set, scanpy_pca  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,11 +65,7 @@ def main() -> None:
                     help="scanpy's PCA of the normalised counts (default) or a PCA of the run's X")
     ap.add_argument("--leiden-seeds", type=int, default=0, help="also average over this many Leiden seeds")
     args = ap.parse_args()
-    runs: dict[str, list[dict]] = {}
-    for tag in args.tags.split(","):
-        for line in (Path(args.runs_dir) / f"{tag}.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            runs.setdefault(row["set"], []).append(row)
+    runs = runs_by_set(args.runs_dir, args.tags)
     suffix = "_X" if args.pca_of == "X" else ""
     out = HERE / "out" / "small" / f"with_pca_{args.tags.replace(',', '_')}{suffix}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gold_split import HALF_A, HALF_B  # noqa: E402
-from why_sets_lose import load_run  # noqa: E402
+from why_sets_lose import load_run, runs_by_set  # noqa: E402
 
 from scgnn_scale import igraphs  # noqa: E402
 from scgnn_scale.cell_graph import knn_graph  # noqa: E402
@@ -106,14 +106,12 @@ def main() -> None:
     out = HERE / "out" / "small" / f"resolutions_{args.tags.replace(',', '_')}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
-    for tag in args.tags.split(","):
-        for line in (Path(args.runs_dir) / f"{tag}.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            scores = score_resolutions(row["run_dir"], int(row["seed"]))
-            runs.append({"set": row["set"], "seed": int(row["seed"]), "scores": scores})
-            with out.open("a") as fh:
-                fh.write(json.dumps(runs[-1]) + "\n")
-            print(row["set"], row["seed"], {k: round(v["ari"], 3) for k, v in scores.items()}, flush=True)
+    for row in (r for rows in runs_by_set(args.runs_dir, args.tags).values() for r in rows):
+        scores = score_resolutions(row["run_dir"], int(row["seed"]))
+        runs.append({"set": row["set"], "seed": int(row["seed"]), "scores": scores})
+        with out.open("a") as fh:
+            fh.write(json.dumps(runs[-1]) + "\n")
+        print(row["set"], row["seed"], {k: round(v["ari"], 3) for k, v in scores.items()}, flush=True)
     sets = [s for s in (*HALF_A, *HALF_B) if any(r["set"] == s for r in runs)]
     print("\n| rule | mean, HALF_A | mean, HALF_B | " + " | ".join(sets) + " |")
     print("|---|---|---|" + "---|" * len(sets))

@@ -48,6 +48,16 @@ EMBEDDINGS = ("ours", "pca")
 CLUSTERINGS = ("graph 0.3", "graph 1.0", "graph, labelled count", "scanpy")
 
 
+def runs_by_set(runs_dir: str, tags: str) -> dict[str, list[dict]]:
+    """The JSON lines that ``bench/bench_small.py --tag T`` wrote for each of the comma-separated ``tags``, by set."""
+    runs: dict[str, list[dict]] = {}
+    for tag in tags.split(","):
+        for line in (Path(runs_dir) / f"{tag}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            runs.setdefault(row["set"], []).append(row)
+    return runs
+
+
 def load_run(run_dir: str):
     import zarr
     from anndata.io import read_elem
@@ -106,11 +116,7 @@ def main() -> None:
     ap.add_argument("--sets", default="", help="comma-separated; default: every set of the tags")
     ap.add_argument("--runs-dir", default=str(HERE / "out" / "small"), help="where the tags' JSON lines are")
     args = ap.parse_args()
-    runs: dict[str, list[dict]] = {}
-    for tag in args.tags.split(","):
-        for line in (Path(args.runs_dir) / f"{tag}.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            runs.setdefault(row["set"], []).append(row)
+    runs = runs_by_set(args.runs_dir, args.tags)
     wanted = [s for s in args.sets.split(",") if s] or list(runs)
     out = HERE / "out" / "small" / f"why_{args.tags.replace(',', '_')}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
