@@ -1,13 +1,14 @@
 """The cell graph searched in our embedding and scanpy's PCA side by side, against ours alone.
 
-    python bench/embedding_with_pca.py --tags f32_512_A,f32_512_B [--runs-dir DIR] [--pca-of counts|X]
+    python bench/embedding_with_pca.py --tags f32_512_A,f32_512_B [--runs-dir DIR] [--pca-of counts|X|X_normalised]
                                       [--leiden-seeds L]
 
 Needs scanpy (the ``bench`` extra). Reads the runs that ``bench/bench_small.py --tag TAG --until cluster``
 recorded (one run directory per set and seed). For each run: the feature autoencoder's embedding
 (``obsm/X_scgnn_feature``) and scanpy's default PCA of the input's counts (normalize_total, log1p, 2,000 HVG,
 50 components, the run's seed; :func:`why_sets_lose.scanpy_pca`; with ``--pca-of X``, 50 principal components of
-the run's own ``X`` instead: log1p of the counts of its 2,000 genes, not normalised), each centred and scaled to a mean squared
+the run's own ``X`` instead: log1p of the counts of its 2,000 genes, not normalised; with ``--pca-of
+X_normalised``, of those genes' counts normalised to 10,000 per cell and log1p'd), each centred and scaled to a mean squared
 norm of 1 per cell, are put side by side (178 columns: both weigh the same in a distance), and that is
 clustered as the cluster stage clusters ours (our cell graph, k = 10 with 'std' pruning, Leiden at 0.3 with
 the run's seed, the small-cluster merge in the same side-by-side embedding). ARI against ``obs['label']``,
@@ -15,7 +16,7 @@ mean ± SD over the run seeds, beside the run's own; means per half of bench/gol
 ``--leiden-seeds L`` also the mean over the runs x Leiden seeds 0, 100, ..., 100 (L-1) on each run's graphs
 (ours and the side-by-side one): the less noisy estimator of "Clusters from seed to seed". A prototype of a
 choice, not built into the package: the package has no streamed PCA. One JSON line per set goes to
-bench/out/small/with_pca_<tags>[_X].jsonl; a markdown table is printed.
+bench/out/small/with_pca_<tags>[_<pca-of>].jsonl; a markdown table is printed.
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ def unit_scale(embedding: np.ndarray) -> np.ndarray:
     return centred / np.sqrt((centred ** 2).sum(axis=1).mean())
 
 
-def run_x_pca(run_dir: str, seed: int) -> np.ndarray:
-    """50 principal components of the run's own X."""
+def run_x_pca(run_dir: str, seed: int, normalised: bool = False) -> np.ndarray:
+    """50 principal components of the run's own X (log1p of counts), or of its counts normalised to 10,000 per
+    cell and log1p'd again."""
+    import scipy.sparse as sp
     import zarr
     from anndata.io import read_elem
 
     x = read_elem(zarr.open_group(Path(run_dir) / "adata.zarr", mode="r")["X"])
+    if normalised:
+        counts = np.expm1(x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64))
+        library = counts.sum(axis=1, keepdims=True)
+        x = np.log1p(counts / np.where(library > 0, library, 1.0) * 1e4)
     return pca(x, 50, seed).astype(np.float32)
 
 
@@ -61,12 +68,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tags", required=True, help="comma-separated bench_small tags whose runs are read")
     ap.add_argument("--runs-dir", default=str(HERE / "out" / "small"), help="where the tags' JSON lines are")
-    ap.add_argument("--pca-of", choices=("counts", "X"), default="counts",
-                    help="scanpy's PCA of the normalised counts (default) or a PCA of the run's X")
+    ap.add_argument("--pca-of", choices=("counts", "X", "X_normalised"), default="counts",
+                    help="scanpy's PCA of the normalised counts (default), a PCA of the run's X, or of X's genes "
+                    "normalised per cell")
     ap.add_argument("--leiden-seeds", type=int, default=0, help="also average over this many Leiden seeds")
     args = ap.parse_args()
     runs = runs_by_set(args.runs_dir, args.tags)
-    suffix = "_X" if args.pca_of == "X" else ""
+    suffix = "" if args.pca_of == "counts" else f"_{args.pca_of}"
     out = HERE / "out" / "small" / f"with_pca_{args.tags.replace(',', '_')}{suffix}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     scores = {}
@@ -75,7 +83,8 @@ def main() -> None:
         for row in sorted(runs[name], key=lambda r: r["seed"]):
             seed = int(row["seed"])
             feature, z, cells, truth = load_run(row["run_dir"])
-            other = run_x_pca(row["run_dir"], seed) if args.pca_of == "X" else scanpy_pca(name, cells, seed)
+            other = (scanpy_pca(name, cells, seed) if args.pca_of == "counts"
+                     else run_x_pca(row["run_dir"], seed, normalised=args.pca_of == "X_normalised"))
             side_by_side = np.hstack([unit_scale(feature), unit_scale(other)])
             side_by_side = side_by_side.astype(np.float32)
             labels = cluster_cells(side_by_side, side_by_side, "graph 0.3", seed, len(set(truth)))
