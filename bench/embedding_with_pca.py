@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gold_split import HALF_A, HALF_B  # noqa: E402
 from graph_variants import pca  # noqa: E402
-from why_sets_lose import cluster_cells, load_run, runs_by_set, scanpy_pca  # noqa: E402
+from why_sets_lose import cluster_cells, load_run, our_graph, runs_by_set, scanpy_pca  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -87,13 +87,15 @@ def main() -> None:
                      else run_x_pca(row["run_dir"], seed, normalised=args.pca_of == "X_normalised"))
             side_by_side = np.hstack([unit_scale(feature), unit_scale(other)])
             side_by_side = side_by_side.astype(np.float32)
-            labels = cluster_cells(side_by_side, side_by_side, "graph 0.3", seed, len(set(truth)))
+            graph_both = our_graph(side_by_side, seed)
+            labels = cluster_cells(side_by_side, side_by_side, "graph 0.3", seed, 0, graph=graph_both)
             both.append(float(adjusted_rand_score(truth, labels)))
             own.append(float(row["ari"]))
+            graph_own = our_graph(feature, seed) if args.leiden_seeds else None
             for leiden_seed in range(0, 100 * args.leiden_seeds, 100):
-                mine = cluster_cells(feature, z, "graph 0.3", leiden_seed, 0)
+                mine = cluster_cells(feature, z, "graph 0.3", leiden_seed, 0, graph=graph_own)
                 draws_own.append(float(adjusted_rand_score(truth, mine)))
-                theirs = cluster_cells(side_by_side, side_by_side, "graph 0.3", leiden_seed, 0)
+                theirs = cluster_cells(side_by_side, side_by_side, "graph 0.3", leiden_seed, 0, graph=graph_both)
                 draws_both.append(float(adjusted_rand_score(truth, theirs)))
         scores[name] = (own, both, draws_own, draws_both)
         line = {"set": name, "seeds": len(own), "pca_of": args.pca_of, "ours": own, "ours_and_pca": both,

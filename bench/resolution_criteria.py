@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -29,19 +30,16 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gold_split import HALF_A, HALF_B  # noqa: E402
-from why_sets_lose import load_run, runs_by_set  # noqa: E402
+from graph_variants import cluster as leiden_clusters  # noqa: E402
+from why_sets_lose import load_run, our_graph, runs_by_set  # noqa: E402
 
-from scgnn_scale import igraphs  # noqa: E402
-from scgnn_scale.cell_graph import knn_graph  # noqa: E402
-from scgnn_scale.clustering import communities, merge_small_clusters  # noqa: E402
-from scgnn_scale.config import ClusterConfig, GraphConfig  # noqa: E402
+from scgnn_scale.config import ClusterConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESOLUTIONS = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5)
 
 
 def score_resolutions(run_dir: str, seed: int) -> dict:
-    import scipy.sparse as sp
     from sklearn.metrics import (
         adjusted_rand_score,
         calinski_harabasz_score,
@@ -51,15 +49,11 @@ def score_resolutions(run_dir: str, seed: int) -> dict:
 
     cfg = ClusterConfig()
     feature, z, _, truth = load_run(run_dir)
-    graph = knn_graph(feature, GraphConfig(), device="cpu", seed=seed)[0]
-    coo = sp.triu(graph, k=1).tocoo()
-    g = igraphs.from_edges(graph.shape[0], np.column_stack([coo.row, coo.col]), None)
+    graph = our_graph(feature, seed)
     sample = np.random.default_rng(0).choice(len(truth), min(3000, len(truth)), replace=False)
     out = {}
     for res in RESOLUTIONS:
-        membership, _ = communities(graph, "leiden", resolution=res, n_iterations=cfg.n_iterations, seed=seed,
-                                    igraph_graph=g)
-        labels = merge_small_clusters(membership, z, min_size=cfg.min_cluster_size, max_clusters=cfg.max_clusters)
+        labels = leiden_clusters(graph, z, seed, replace(cfg, resolution=res))
         k = int(np.unique(labels).size)
         several = k > 1 and np.unique(labels[sample]).size > 1
         out[str(res)] = {

@@ -31,6 +31,7 @@ import json
 import os
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,8 +39,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_variants import cluster as leiden_clusters  # noqa: E402
+
 from scgnn_scale.cell_graph import knn_graph  # noqa: E402
-from scgnn_scale.clustering import communities, communities_with_count, merge_small_clusters  # noqa: E402
+from scgnn_scale.clustering import communities_with_count, merge_small_clusters  # noqa: E402
 from scgnn_scale.config import ClusterConfig, GraphConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -95,17 +99,23 @@ def scanpy_clusters(emb: np.ndarray, seed: int) -> np.ndarray:
     return adata.obs["leiden"].to_numpy()
 
 
-def cluster_cells(emb: np.ndarray, merge_in: np.ndarray, how: str, seed: int, n_labels: int) -> np.ndarray:
+def our_graph(emb: np.ndarray, seed: int):
+    """The graph stage's cell graph of an embedding (``graph.k`` 10, 'std' pruning)."""
+    return knn_graph(emb, GraphConfig(), device="cpu", seed=seed)[0]
+
+
+def cluster_cells(emb: np.ndarray, merge_in: np.ndarray, how: str, seed: int, n_labels: int,
+                  graph=None) -> np.ndarray:
+    """Clusters of ``emb`` by one of CLUSTERINGS; ``graph`` is :func:`our_graph` of ``emb`` when already built."""
     if how == "scanpy":
         return scanpy_clusters(emb, seed)
     cfg = ClusterConfig()
-    graph = knn_graph(emb, GraphConfig(), device="cpu", seed=seed)[0]
+    graph = our_graph(emb, seed) if graph is None else graph
     if how == "graph, labelled count":
         labels, _ = communities_with_count(graph, "leiden", n_labels, embedding=merge_in, cfg=cfg, seed=seed)
-    else:
-        resolution = cfg.resolution if how == "graph 0.3" else 1.0
-        labels, _ = communities(graph, "leiden", resolution=resolution, n_iterations=cfg.n_iterations, seed=seed)
-    return merge_small_clusters(labels, merge_in, min_size=cfg.min_cluster_size, max_clusters=cfg.max_clusters)
+        return merge_small_clusters(labels, merge_in, min_size=cfg.min_cluster_size, max_clusters=cfg.max_clusters)
+    resolution = cfg.resolution if how == "graph 0.3" else 1.0
+    return leiden_clusters(graph, merge_in, seed, replace(cfg, resolution=resolution))
 
 
 def main() -> None:
@@ -129,8 +139,9 @@ def main() -> None:
             n_labels = len(set(truth))
             pca = scanpy_pca(name, cells, seed)
             for emb_name, emb, merge_in in (("ours", feature, z), ("pca", pca, pca)):
+                graph = our_graph(emb, seed)  # built once for the three clusterings on it
                 for how in CLUSTERINGS:
-                    pred = cluster_cells(emb, merge_in, how, seed, n_labels)
+                    pred = cluster_cells(emb, merge_in, how, seed, n_labels, graph=graph)
                     scores[(emb_name, how)].append(float(adjusted_rand_score(truth, pred)))
         for (emb_name, how), values in scores.items():
             line = {"set": name, "embedding": emb_name, "clustering": how, "seeds": len(values),

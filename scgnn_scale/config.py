@@ -297,8 +297,8 @@ class ImputeConfig:
                           "(klein_subset's RMSE 0.016); reported on HALF_B: baron_pancreas_toy at 30% 0.340 against "
                           "0.629 (bench/RESULTS.md, 'Zeros weighted by their chance')")
     init: str = _f("fresh", "where the imputation AE starts: 'fresh' (new weights from the run's seed, the published "
-                   "code) or 'feature' (the feature autoencoder's trained weights and optimiser, which already "
-                   "reconstruct X, so fewer steps may do)", ("fresh", "feature"),
+                   "code) or 'feature' (the first pass's feature autoencoder's trained weights and optimiser, which "
+                   "already reconstruct X, so fewer steps may do)", ("fresh", "feature"),
                    why="'feature' with 50 steps took a quarter of the CPU and was better on klein_subset, but on "
                    "goolam at 30% it kept the dropouts the feature AE had learned (median L1 0.456 against 0.243) "
                    "and on mouse_bladder_2100 it was 0.008-0.015 worse (bench/RESULTS.md, 'Three ways to less CPU or "
