@@ -1,6 +1,8 @@
 """The pruned, symmetric k-nearest-neighbour cell graph (docs/METHOD.md step 4).
 
-From an N x d embedding (loaded whole, except by the 'blocks' backend, which streams it): each cell's
+From an N x d embedding (the feature embedding, and beside it the principal components of the normalised
+counts when ``pca.n_comps`` > 0, each part unit-scaled: :func:`searched_embedding`; loaded whole, except
+by the 'blocks' backend, which streams it): each cell's
 k nearest neighbours (Euclidean, self excluded) with the backend of ``graph.method``, the edges the
 pruning rule rejects dropped, symmetrised by union: a scipy CSR matrix, float32 weights of 1.0, int64
 ``indptr`` and ``indices``, no self loops. The graph stage and each iteration build it with
@@ -10,6 +12,7 @@ pruning rule rejects dropped, symmetrised by union: a scipy CSR matrix, float32 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,11 @@ import scipy.sparse as sp
 from . import knn, knn_blocks
 from .config import GraphConfig
 from .errors import InputError
+from .keys import KEYS
+from .normalised_pca import unit_scale
+
+# rows per block while the side-by-side embedding's scale is measured and its rows are written
+SCALE_BLOCK_ROWS = 65536
 
 
 def choose_method(cfg: GraphConfig, n_cells: int, cuda: bool, *, embedding_bytes: int = 0) -> str:
@@ -177,6 +185,51 @@ def _union_rows(indices, keep, sources_ptr, sources, a: int, b: int, n: int) -> 
     return rows[not_self], cols[not_self]
 
 
+def _unit_scaled(array) -> tuple[np.ndarray, float]:
+    """:func:`scgnn_scale.normalised_pca.unit_scale` of a stored ``(N, d)`` array, read in row blocks."""
+    n, d = array.shape
+    sums, sums_sq = np.zeros(d), np.zeros(d)
+    for a, b in knn.row_blocks(n, SCALE_BLOCK_ROWS):
+        block = np.asarray(array[a:b], dtype=np.float64)
+        sums += block.sum(axis=0)
+        sums_sq += (block * block).sum(axis=0)
+    return unit_scale(sums, sums_sq, n)
+
+
+@contextmanager
+def searched_embedding(parts: list, *, streamed: bool, scratch_dir: Path | None = None):
+    """The embedding the cell graph is searched in: the one stored array of ``parts`` as it is, or several
+    side by side, each centred and scaled to a mean squared row norm of 1 (both weigh the same in a
+    distance). In memory (float32), or with ``streamed`` a zarr array written in row blocks to a temporary
+    directory under ``scratch_dir`` (for the 'blocks' search, which reads it in row blocks)."""
+    import tempfile
+
+    import zarr
+
+    if len(parts) == 1:
+        yield parts[0] if streamed else np.asarray(parts[0][:], dtype=np.float32)
+        return
+    scales = [_unit_scaled(p) for p in parts]
+    n, d = parts[0].shape[0], sum(p.shape[1] for p in parts)
+
+    def rows(a: int, b: int) -> np.ndarray:
+        return np.hstack([((np.asarray(p[a:b], dtype=np.float64) - mean) * factor).astype(np.float32)
+                          for p, (mean, factor) in zip(parts, scales, strict=True)])
+
+    if not streamed:
+        whole = np.empty((n, d), np.float32)
+        for a, b in knn.row_blocks(n, SCALE_BLOCK_ROWS):
+            whole[a:b] = rows(a, b)
+        yield whole
+        return
+    with tempfile.TemporaryDirectory(prefix="side-by-side-", dir=scratch_dir) as tmp:
+        out = zarr.create_array(store=str(Path(tmp) / "x.zarr"), shape=(n, d), dtype=np.float32,
+                                chunks=(min(SCALE_BLOCK_ROWS, n), d))
+        for a, b in knn.row_blocks(n, SCALE_BLOCK_ROWS):
+            out[a:b] = rows(a, b)
+        yield out
+
+
 def build_graph(ctx, staging, *, embedding_key: str, graph_key: str) -> dict:
     """Build the pruned KNN graph of ``embedding_key`` and stage it at ``graph_key``.
 
@@ -196,17 +249,24 @@ def build_graph(ctx, staging, *, embedding_key: str, graph_key: str) -> dict:
     dict
         n_edges, mean_degree, method, recall (exact: 1.0; pynndescent, blocks: measured on a sample), timings.
     """
-    stored = staging.open_array(embedding_key)
+    parts = [staging.open_array(embedding_key)]
+    if ctx.config.pca.n_comps > 0:
+        if not ctx.store.has(KEYS.pca):
+            raise InputError(f"{ctx.store.root}: {KEYS.pca} is missing (pca.n_comps {ctx.config.pca.n_comps}); "
+                             "run the pca stage first")
+        parts.append(ctx.store.open_array(KEYS.pca))
     cfg = ctx.config.graph
-    n, d = stored.shape
+    n = parts[0].shape[0]
+    d = sum(p.shape[1] for p in parts)
     if n <= cfg.k:
         raise InputError(f"{embedding_key}: {n} cells are too few for graph.k = {cfg.k} neighbours")
     method = choose_method(cfg, n, ctx.runtime.cuda, embedding_bytes=4 * n * d)
-    x = stored if method == "blocks" else np.asarray(stored[:], dtype=np.float32)
     scratch_dir = staging.root if isinstance(staging.root, Path) else None  # beside the staged outputs
-    with ctx.progress(n, f"{method} {cfg.k}-NN") as bar:
-        graph, info = knn_graph(x, cfg, device=ctx.runtime.device, seed=ctx.config.runtime.seed, progress=bar,
-                                method=method, scratch_dir=scratch_dir)
+    with searched_embedding(parts, streamed=method == "blocks", scratch_dir=scratch_dir) as x:
+        with ctx.progress(n, f"{method} {cfg.k}-NN") as bar:
+            graph, info = knn_graph(x, cfg, device=ctx.runtime.device, seed=ctx.config.runtime.seed, progress=bar,
+                                    method=method, scratch_dir=scratch_dir)
+    info["embedding_columns"] = int(d)
     staging.write_elem(graph_key, graph)
     ctx.log.info("graph: %d cells, %d edges, mean degree %.2f (%s, recall %s)", n, info["n_edges"],
                  info["mean_degree"], method, info.get("recall"))

@@ -144,6 +144,20 @@ class FeatureConfig:
 
 
 @dataclass(frozen=True)
+class PCAConfig:
+    n_comps: int = _f(50, "the cell graph is searched in the feature embedding and this many principal components "
+                      "of the library-normalised counts side by side, each part centred and scaled to a mean "
+                      "squared norm of 1 per cell (0: off, the published graph of the feature embedding alone)",
+                      why="the cell graph of [feature embedding | PCA] clustered better than the feature embedding "
+                          "alone (bench/RESULTS.md, 'The feature embedding beside a PCA of normalised counts')")
+    n_top_genes: int = _f(2000, "genes of the PCA: the most variable of all input genes by normalised dispersion "
+                          "(Seurat's rule, as scanpy's default highly_variable_genes), after normalising")
+    target_sum: float = _f(0.0, "counts per cell after library-size normalisation (0: the median library size, as "
+                           "scanpy's normalize_total), then log1p")
+    max_cells: int = _f(100000, "cells sampled (the run's seed) to fit the components; every cell is projected")
+
+
+@dataclass(frozen=True)
 class GraphConfig:
     k: int = _f(10, "neighbours per cell")
     method: str = _f("auto", "KNN search: 'auto' ('blocks' when the embedding is larger than memory_budget_mb, "
@@ -357,6 +371,7 @@ SECTIONS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "ltmg": LTMGConfig,
     "feature": FeatureConfig,
+    "pca": PCAConfig,
     "graph": GraphConfig,
     "gae": GAEConfig,
     "cluster": ClusterConfig,
@@ -373,6 +388,7 @@ class RunConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     ltmg: LTMGConfig = field(default_factory=LTMGConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     gae: GAEConfig = field(default_factory=GAEConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

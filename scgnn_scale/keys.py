@@ -24,6 +24,7 @@ class StoreKeys(NamedTuple):
     ltmg_sds: str = "varm/ltmg_sds"
     imputed: str = "layers/imputed"
     feature_embedding: str = "obsm/X_scgnn_feature"
+    pca: str = "obsm/X_pca"  # principal components of the normalised counts (stage pca)
     embedding: str = "obsm/X_scgnn"
     graph: str = "obsp/scgnn_graph"
     clusters: str = "obs/scgnn_cluster"

@@ -35,6 +35,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "preprocess": ("preprocess",),
     "ltmg": ("ltmg",),
     "feature": ("feature",),
+    "pca": ("pca",),
     "graph": ("graph",),
     "gae": ("gae",),
     "cluster": ("cluster",),
@@ -148,7 +149,7 @@ def run(
             order = list(STAGES)
             last = order.index(until) if until else len(order) - 1
             _redo_damaged(store)
-            _check_input_copy(store, order[: last + 1], hashes)
+            _check_input_copy(store, config, order[: last + 1], hashes)
             _check_reconstruction_models(store, config, order[: last + 1], hashes)
             _drop_input_copy(store, config, hashes)  # a run killed between preprocess and its removal
             for i, stage in enumerate(order[: last + 1]):
@@ -180,7 +181,7 @@ def run(
                 release_freed_memory(freeze_survivors=True)
                 store.record_stage(stage, hashes[stage], seconds, info)
                 log.info("%s: done in %.1f s%s", stage, seconds, _short(info))
-                if stage == "preprocess":
+                if stage in ("preprocess", "pca"):
                     _drop_input_copy(store, config, hashes)
                 handler.flush()
                 mirror.sync()
@@ -235,19 +236,29 @@ def _check_options_against_cells(store: RunStore, config: RunConfig) -> None:
                          f"{n} are left after preprocessing (lower --graph-k)")
 
 
-def _check_input_copy(store: RunStore, stages: list[str], hashes: dict) -> None:
-    """Ingest again where preprocess is to be (re)done and its input copy was removed after the last one."""
-    if ("preprocess" in stages and not store.stage_done("preprocess", hashes["preprocess"])
-            and store.stage_done("ingest", hashes["ingest"]) and not store.has(KEYS.input)):
-        log.info("preprocess is to be redone and %s was removed after the last one: ingesting again", KEYS.input)
+def _pca_reads_input(store: RunStore, config: RunConfig, hashes: dict) -> bool:
+    """Whether the pca stage is still to read ``work/input``: it is to be (re)done and ``.raw`` is absent."""
+    return (config.pca.n_comps > 0 and not store.stage_done("pca", hashes["pca"])
+            and not config.preprocess.keep_counts)
+
+
+def _check_input_copy(store: RunStore, config: RunConfig, stages: list[str], hashes: dict) -> None:
+    """Ingest again where preprocess (or pca without ``.raw``) is to be (re)done and the input copy was
+    removed after the last one."""
+    redo = "preprocess" in stages and not store.stage_done("preprocess", hashes["preprocess"])
+    redo = redo or ("pca" in stages and _pca_reads_input(store, config, hashes) and not store.has(KEYS.raw))
+    if redo and store.stage_done("ingest", hashes["ingest"]) and not store.has(KEYS.input):
+        log.info("a stage that reads %s is to be redone and it was removed after the last one: ingesting again",
+                 KEYS.input)
         store.forget_stages(list(STAGE_NAMES))
 
 
 def _drop_input_copy(store: RunStore, config: RunConfig, hashes: dict) -> None:
-    """Remove ``work/input`` once preprocess has finished: only preprocess reads it, and the kept cells'
-    counts are in ``.raw`` (``preprocess.keep_counts``). ``runtime.keep_work`` keeps it."""
+    """Remove ``work/input`` once preprocess has finished: only preprocess reads it (and pca, when
+    ``preprocess.keep_counts`` is off, until it has finished), and the kept cells' counts are in ``.raw``.
+    ``runtime.keep_work`` keeps it."""
     if (not config.runtime.keep_work and store.stage_done("preprocess", hashes["preprocess"])
-            and store.has(KEYS.input)):
+            and not _pca_reads_input(store, config, hashes) and store.has(KEYS.input)):
         store.delete(KEYS.input)
         log.info("removed %s (the input's copy; preprocess has finished)", KEYS.input)
 
