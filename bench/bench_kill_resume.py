@@ -61,7 +61,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "kill_resume"
 DEFAULT_RUN_OPTIONS = ["--label-key", "label", "--iterate-max-iterations", "3", "--quiet"]
-STAGES = ("ingest", "preprocess", "ltmg", "feature", "graph", "gae", "cluster", "iterate", "impute")
+STAGES = ("ingest", "preprocess", "ltmg", "feature", "pca", "graph", "gae", "cluster", "iterate", "impute")
 #: a line of RUN_DIR/run.log: '2026-12-06 02:05:27,123 INFO message'
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ (.*)$")
 

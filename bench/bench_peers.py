@@ -143,7 +143,8 @@ def scgnn_clusters(name: str, seed: int, *, method: str, work: Path) -> tuple[np
     obs = store.read_elem("obs")
     kept = np.asarray(store.read_elem(KEYS.kept_cells), dtype=np.int64)
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    seconds = sum(stages[s]["seconds"] for s in ("ingest", "preprocess", "ltmg", "feature", "graph", "gae", "cluster"))
+    seconds = sum(stages[s]["seconds"] for s in ("ingest", "preprocess", "ltmg", "feature", "pca", "graph", "gae", "cluster")
+                  if s in stages)
     n_input = int(json.loads((DATA / name / "stats.json").read_text())["n_cells"])
     pred = np.full(n_input, "-1", dtype=object)
     pred[kept] = obs["scgnn_cluster"].astype(str).to_numpy()

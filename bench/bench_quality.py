@@ -108,9 +108,9 @@ def scgnn_row(name: str, until: str, method: str, seed: int, work: Path) -> dict
     kept = np.asarray(RunStore.open(run_dir).read_elem(KEYS.kept_cells), dtype=np.int64)
     levels = _level_scores(_deeper_levels(input_obs, kept), pred)
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    order = ["ingest", "preprocess", "ltmg", "feature", "graph", "gae", "cluster", "iterate"]
+    order = ["ingest", "preprocess", "ltmg", "feature", "pca", "graph", "gae", "cluster", "iterate"]
     last = "iterate" if until == "impute" else until  # impute does not change the clusters
-    seconds = sum(stages[s]["seconds"] for s in order[: order.index(last) + 1])
+    seconds = sum(stages[s]["seconds"] for s in order[: order.index(last) + 1] if s in stages)
     whole = {}
     if until == "impute":
         whole = {"impute_seconds": stages["impute"]["seconds"], "imputed": "layers/imputed" in result}

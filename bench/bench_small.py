@@ -30,7 +30,7 @@ from measure import run_measured  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "out" / "small"
-STAGES = ["ingest", "preprocess", "ltmg", "feature", "graph", "gae", "cluster", "iterate", "impute"]
+STAGES = ["ingest", "preprocess", "ltmg", "feature", "pca", "graph", "gae", "cluster", "iterate", "impute"]
 
 
 def _cli() -> list[str]:

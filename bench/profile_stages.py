@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
-STAGES = ["ingest", "preprocess", "ltmg", "feature", "graph", "gae", "cluster", "iterate", "impute"]
+STAGES = ["ingest", "preprocess", "ltmg", "feature", "pca", "graph", "gae", "cluster", "iterate", "impute"]
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
 
 

@@ -47,6 +47,11 @@ def stage_result(stage: str, info: dict) -> str:
         return "genes per K: " + ", ".join(f"{k}: {c:,}" for k, c in info.get("k_counts", {}).items())
     if stage in ("feature", "impute"):
         return f"{info.get('steps', '?')} steps{_loss(info)}"
+    if stage == "pca":
+        if not info.get("n_comps"):
+            return "off (pca.n_comps = 0)"
+        share = 100 * sum(info.get("variance_ratio", []))
+        return f"{info['n_comps']} components of {info.get('n_genes', 0):,} genes, {share:.1f}% of their variance"
     if stage == "graph":
         return f"{info.get('n_edges', 0):,} edges, mean degree {info.get('mean_degree', 0):.1f}"
     if stage == "gae":

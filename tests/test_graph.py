@@ -12,6 +12,9 @@ from scgnn_scale.keys import FIRST_PASS
 from scgnn_scale.stages import graph as graph_stage
 from scgnn_scale.testing import stage_context, store_with_matrix
 
+#: the stores here hold an embedding, no counts: the graph of the feature embedding alone (no pca stage)
+FEATURE_ALONE = build_config({"pca": {"n_comps": 0}})
+
 
 def _blobs(n, d, centres, seed=0, spread=1.0, scale=4.0):
     rng = np.random.default_rng(seed)
@@ -174,7 +177,7 @@ def _run_with_embedding(tmp_path, emb, config=None):
 def test_graph_stage_writes_symmetric_csr(tmp_path):
     emb, _ = _blobs(200, 16, 3)
     store = _run_with_embedding(tmp_path, emb)
-    info = graph_stage.run(stage_context(store, "graph"))
+    info = graph_stage.run(stage_context(store, "graph", FEATURE_ALONE))
     g = store.read_elem(FIRST_PASS.graph)
     assert sp.issparse(g) and g.shape == (200, 200)
     assert g.indptr.dtype == np.int64 and g.dtype == np.float32
@@ -186,4 +189,4 @@ def test_graph_stage_writes_symmetric_csr(tmp_path):
 def test_graph_stage_refuses_too_few_cells(tmp_path):
     store = _run_with_embedding(tmp_path, np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))
     with pytest.raises(InputError, match="too few"):
-        graph_stage.run(stage_context(store, "graph", build_config({"graph": {"k": 10}})))
+        graph_stage.run(stage_context(store, "graph", build_config({"graph": {"k": 10}, "pca": {"n_comps": 0}})))

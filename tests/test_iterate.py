@@ -23,6 +23,7 @@ def tiny_config(keep_work=False, **iterate_options):
         "feature": {"hidden": 48, "latent": 16, "batch_size": 64, "min_steps": 100, "max_epochs": 1, "l1": 0.01,
                     "iter_steps": 25, "memory_budget_mb": 64},
         "graph": {"k": 8},
+        "pca": {"n_comps": 0},  # the store holds no counts of every gene: the graph of the feature embedding alone
         "gae": {"epochs": 30},
         "cluster": {"method": "leiden"},
         "iterate": {"max_iterations": 3, "cluster_steps": 15, "cluster_executor": "local",
@@ -325,6 +326,7 @@ def test_iterations_keep_the_planted_cluster_count(tmp_path):
         "feature": {"hidden": 64, "latent": 16, "batch_size": 256, "min_steps": 150, "max_epochs": 1,
                     "iter_steps": 50, "memory_budget_mb": 64},
         "graph": {"k": 10},
+        "pca": {"n_comps": 0},
         "gae": {"epochs": 60},
         "iterate": {"max_iterations": 3, "ari_stop": 1.1, "cluster_steps": 50, "cluster_executor": "local",
                     "scatter_buffer_mb": 4},

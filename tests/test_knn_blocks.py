@@ -163,7 +163,7 @@ def test_graph_stage_with_blocks(tmp_path):
     store = store_with_matrix(tmp_path / "run", np.ones((x.shape[0], 3), np.float32))
     with store.staging("feature") as st:
         st.write_elem(FIRST_PASS.feature_embedding, x)
-    config = build_config({"graph": {"method": "blocks", "block_cells": 500}})
+    config = build_config({"graph": {"method": "blocks", "block_cells": 500}, "pca": {"n_comps": 0}})
     info = graph_stage.run(stage_context(store, "graph", config))
     graph = store.read_elem(FIRST_PASS.graph)
     assert info["method"] == "blocks" and info["n_parts"] >= 6 and info["recall"] >= 0.95

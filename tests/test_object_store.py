@@ -80,7 +80,7 @@ def test_verify_inspect_report_and_export_read_the_run_on_s3(tiny, s3_run, tmp_p
     assert "no damage" in capsys.readouterr().out
     assert main(["inspect", s3_run]) == 0
     out = capsys.readouterr().out
-    assert "9 of 9 stages done" in out and "running: no" in out and "s3://runs/full/report/index.html" in out
+    assert "10 of 10 stages done" in out and "running: no" in out and "s3://runs/full/report/index.html" in out
     assert main(["report", s3_run, "--to", str(tmp_path / "report.html")]) == 0
     assert "scgnn-scale run report" in (tmp_path / "report.html").read_text()
     assert main(["export", s3_run, "--to", str(tmp_path / "out.h5ad")]) == 0

@@ -177,7 +177,7 @@ def test_missing_feature_model_redoes_the_feature_stage(full_run, tiny_input, tm
     shutil.copytree(full_run, out)
     (out / "models" / "feature_ae.pt").unlink()
     ran = _stages_run(caplog, _run_args(inp, cfg, out, "--overwrite", "--impute-l1", "0.5"))
-    assert ran == {"feature", "graph", "gae", "cluster", "iterate", "impute"}
+    assert ran == {"feature", "pca", "graph", "gae", "cluster", "iterate", "impute"}
 
 
 def test_other_cluster_resolution_redoes_only_the_clustering_and_after(full_run, tiny_input, tmp_path, caplog):

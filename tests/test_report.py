@@ -273,7 +273,7 @@ def test_inspect_a_finished_run(finished_run, tiny_input, capsys):
         assert re.search(rf"^  {stage} +done +[0-9.]+ s +[0-9,]+ MiB", out, re.M), (stage, out)
     assert re.search(r"cluster +done .* \d+ clusters \(leiden\), ARI [01]\.\d{3}$", out, re.M)
     assert re.search(r"iterate +done .* \d iterations?, stopped: \w+, \d+ clusters$", out, re.M)
-    assert "9 of 9 stages done" in out and "left to do: nothing" in out
+    assert "10 of 10 stages done" in out and "left to do: nothing" in out
     assert f"report: {finished_run / 'report' / 'index.html'}" in out
 
 
@@ -283,7 +283,7 @@ def test_inspect_a_partial_run(partial_run, capsys):
     assert re.search(r"^  graph +done", out, re.M)
     for stage in ("gae", "cluster", "iterate", "impute"):
         assert re.search(rf"^  {stage} +to do +- +-$", out, re.M), (stage, out)
-    assert "5 of 9 stages done" in out
+    assert "6 of 10 stages done" in out
     assert "left to do: gae, cluster, iterate, impute" in out
 
 
@@ -302,7 +302,7 @@ def test_inspect_tells_a_running_run_stale_stages_and_a_killed_iteration(finishe
     store.save_checkpoint("iterate", "old", {"done": 1, "history": [], "stopped": None})
     store._save_manifest()
     states = {s["stage"]: s["state"] for s in describe_run(out)["stages"]}
-    assert states == {**dict.fromkeys(STAGE_NAMES[:4], "done"), "graph": "stale", "gae": "stale",
+    assert states == {**dict.fromkeys(STAGE_NAMES[:5], "done"), "graph": "stale", "gae": "stale",
                       "cluster": "stale", "iterate": "to do", "impute": "stale"}
     # a checkpoint of this config is a stage part-way done
     from scgnn_scale.config import config_from_dict

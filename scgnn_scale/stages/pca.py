@@ -14,7 +14,7 @@ when ``preprocess.keep_counts`` is off):
 - pass 2 (at most ``pca.max_cells`` cells, sampled with the run's seed): the Gram matrix and column sums of
   ``log1p`` of their normalised counts on those genes, whose covariance's leading eigenvectors are the axes
   (:func:`scgnn_scale.normalised_pca.components_from_gram`);
-- pass 3 (every cell): the scores ``(y - mean) @ axes``, written to ``obsm/X_pca`` in whole row chunks.
+- pass 3 (every cell): the scores ``(y - mean) @ axes``, written to ``obsm/X_pca``, one task per row chunk.
 
 Memory: one block of rows per thread, a genes x genes Gram matrix per pass-2 task (32 MB at 2,000 genes),
 and O(n_cells) library sizes. Tasks take store paths (as preprocess's), so they run in threads or on the
@@ -31,7 +31,7 @@ from ..keys import KEYS
 from ..normalised_pca import components_from_gram, dispersion_genes
 from .preprocess import _compute, _iter_selected, _tree_sum
 
-# rows of one pass-2 or pass-3 task (read in sub-blocks of the store's chunk rows)
+# sampled rows of one pass-2 task, in chunks of the store's chunk rows (fewer genes x genes partial sums)
 _TASK_BLOCKS = 16
 PCA_GENES = "work/pca/genes"
 
@@ -174,9 +174,8 @@ def run(ctx) -> dict:
         out = st.create_matrix(KEYS.pca, (m, n_comps), np.float32, chunks=(min(chunk, m), n_comps))
         out_path = st.path_of(KEYS.pca)
         axes_d, offset_d = dask.delayed(axes), dask.delayed(centre @ axes)
-        tasks = [dask.delayed(_project)(path, rows[a:min(a + step, m)], scale[a:min(a + step, m)], n_genes,
-                                        col_map_d, len(genes), axes_d, offset_d, out_path, a)
-                 for a in range(0, m, step)]
+        tasks = [dask.delayed(_project)(path, rows[a:b], scale[a:b], n_genes, col_map_d, len(genes), axes_d,
+                                        offset_d, out_path, a) for a, b in ranges]
         _compute(ctx, "pca: scores", tasks)
         del out
         st.write_elem(PCA_GENES, genes)
