@@ -78,7 +78,7 @@ def test_other_config_is_refused_without_overwrite(full_run, tiny_input, capsys)
     err = capsys.readouterr().err
     assert "graph.k 10 -> 7" in err and "Traceback" not in err
     # the stages a rerun keeps and redoes are named
-    assert "keeps ingest, preprocess, ltmg, feature and redoes graph, gae, cluster, iterate, impute" in err
+    assert "keeps ingest, preprocess, ltmg, feature, pca and redoes graph, gae, cluster, iterate, impute" in err
     assert (full_run / "manifest.json").read_text() == manifest
 
 
