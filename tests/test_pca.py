@@ -210,3 +210,20 @@ def test_graph_stage_searches_both(tmp_path, planted):
     assert (alone != knn_graph(feature, GraphConfig(), device="cpu", seed=0)[0]).nnz == 0
     same_type = lambda g: (types[g.tocoo().row] == types[g.tocoo().col]).mean()  # noqa: E731
     assert same_type(got) > 0.9 > 0.5 > same_type(alone)  # the planted types come from the PCA part
+
+
+def test_run_without_raw_keeps_the_input_copy_until_pca_has_finished(tmp_path, planted):
+    """--preprocess-keep-counts false: work/input outlives preprocess for the pca stage, then is removed."""
+    counts, _ = planted
+    adata = ad.AnnData(sp.csr_matrix(counts))
+    adata.obs_names = [f"cell{i}" for i in range(counts.shape[0])]
+    adata.var_names = [f"gene{j}" for j in range(counts.shape[1])]
+    config = build_config({"preprocess": {"keep_counts": False}, "ltmg": {"enabled": False},
+                           "feature": {"hidden": 32, "latent": 8, "min_steps": 5, "max_epochs": 1},
+                           "pca": {"n_top_genes": 60, "n_comps": 5}, "runtime": {"n_workers": 1}})
+    store = run(adata, tmp_path / "run", config=config, until="feature", quiet=True)
+    assert store.has(KEYS.input) and not store.has(KEYS.raw)  # pca is still to read it
+    store = run(adata, tmp_path / "run", config=config, until="pca", quiet=True)
+    assert store.has(KEYS.pca) and not store.has(KEYS.input)
+    genes, ref_scores, ref_var = reference(counts, 60, 5)
+    _same_up_to_sign(np.asarray(zarr.open_array(store.path_of(KEYS.pca))[:]), ref_scores, ref_var)
