@@ -120,8 +120,9 @@ def main() -> None:
             single = [r["first_pass_ari"] for r in runs]
             aris, seconds, medoid = [], [], []
             by_seed = {r["seed"]: r["first_pass_ari"] for r in runs}
-            # each run's own clusters (today's single Leiden run with its seed), once per run
-            own = {s: cluster_embedding(z, g, ClusterConfig(), device="cpu", seed=s)[0] for s, g, z, _ in loaded}
+            # each run's own clusters (a single Leiden run with its seed), once per run
+            single_run = replace(ClusterConfig(), restarts=1)  # one Leiden run, whatever the default's restarts
+            own = {s: cluster_embedding(z, g, single_run, device="cpu", seed=s)[0] for s, g, z, _ in loaded}
             for subset in combinations(loaded, args.runs_consensus):
                 t0 = time.process_time()
                 labels, _ = runs_consensus(list(subset), own, ClusterConfig())

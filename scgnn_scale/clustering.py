@@ -40,10 +40,12 @@ toy, 3 seeds of GAE and clustering; (b) PCA-50 of log1p counts on those plus mou
 and worm neuron, 2 seeds. Sets with many classes (pollen, bladder, worm) prefer higher resolutions,
 so 0.3 is the compromise. The scanpy default scores 0.543 on the 7 sets of (b).
 
-With ``cluster.restarts`` R > 1 (first pass, 'leiden'/'louvain'): R runs and their consensus
-(:func:`consensus_communities`); off by default: on HALF_A of the gold sets it removed most of the
-spread that Leiden's seed makes but not the spread from the feature autoencoder's seed, and lowered the
-mean ARI over 5 seeds (bench/RESULTS.md, "Clusters from seed to seed").
+With ``cluster.restarts`` R > 1 (first pass, 'leiden'/'louvain', up to ``cluster.restarts_max_cells``
+cells): R runs and their consensus (:func:`consensus_communities`). R = 10 by default since the cell graph
+is searched beside the PCA of the normalised counts: on HALF_A of the gold sets it then raised the mean
+ARI over 5 seeds and left an SD of at most 0.007 on every set (bench/RESULTS.md, "Ten Leiden runs and
+their consensus on the graph beside the PCA"); on the graph of the feature embedding alone it had
+lowered the mean ("Clusters from seed to seed").
 
 With ``cluster.gpu = true`` on a CUDA device with cugraph importable, Louvain/Leiden run in cuGraph
 (**off by default and untested here: no GPU with cugraph was available; the CPU path is the tested one**).
@@ -406,13 +408,14 @@ def cluster_embedding(z: np.ndarray, graph: sp.csr_matrix | None, cfg: ClusterCo
 
             cluster_graph, ginfo = knn_graph(z, replace(gcfg, k=k_emb), device=device, seed=seed, prune="none")
             info["embedding_graph"] = {"k": k_emb, "method": ginfo["method"], "n_edges": ginfo["n_edges"]}
-        consensus = cfg.restarts > 1 and not isinstance(cluster_graph, CoarseGraph)
-        if n_clusters is None and cfg.restarts > 1 and not consensus:
+        restarts = cfg.restarts if n <= cfg.restarts_max_cells else 1
+        consensus = restarts > 1 and not isinstance(cluster_graph, CoarseGraph)
+        if n_clusters is None and restarts > 1 and not consensus:
             log.warning("cluster: cluster.restarts %d is not applied to a graph clustered by parts; one run",
-                        cfg.restarts)
+                        restarts)
             info["consensus"] = "not applied: cluster.partition 'parts'"
         if n_clusters is None and consensus:
-            membership, cinfo = consensus_communities(cluster_graph, cfg.method, restarts=cfg.restarts,
+            membership, cinfo = consensus_communities(cluster_graph, cfg.method, restarts=restarts,
                                                       threshold=cfg.consensus_threshold, resolution=cfg.resolution,
                                                       max_rounds=cfg.consensus_rounds,
                                                       n_iterations=cfg.n_iterations, seed=seed)

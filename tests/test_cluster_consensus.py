@@ -72,8 +72,23 @@ def test_cluster_embedding_uses_the_consensus_with_restarts():
     pred, info = clustering.cluster_embedding(z, g, cfg, device="cpu", seed=0)
     assert info["consensus"]["restarts"] == 4
     assert adjusted_rand_score(labels, pred) > 0.9
-    _, plain = clustering.cluster_embedding(z, g, ClusterConfig(resolution=1.0), device="cpu", seed=0)
-    assert "consensus" not in plain  # restarts = 1: today's single run
+    _, plain = clustering.cluster_embedding(z, g, ClusterConfig(resolution=1.0, restarts=1), device="cpu", seed=0)
+    assert "consensus" not in plain  # restarts = 1: the single run
+
+
+def test_restarts_stop_above_their_cell_limit():
+    """Above cluster.restarts_max_cells the first pass runs Leiden once: the single run's clusters exactly."""
+    g, labels = sbm([100] * 6, 0.1, 0.03)
+    z = np.eye(6, 16, dtype=np.float32)[labels] * 5
+    assert ClusterConfig().restarts == 10  # the default
+    capped, info = clustering.cluster_embedding(z, g, ClusterConfig(resolution=1.0, restarts_max_cells=599),
+                                                device="cpu", seed=3)
+    single, _ = clustering.cluster_embedding(z, g, ClusterConfig(resolution=1.0, restarts=1), device="cpu", seed=3)
+    assert "consensus" not in info
+    np.testing.assert_array_equal(capped, single)
+    _, within = clustering.cluster_embedding(z, g, ClusterConfig(resolution=1.0, restarts_max_cells=600),
+                                             device="cpu", seed=3)
+    assert within["consensus"]["restarts"] == 10
 
 
 def test_restarts_out_of_range_is_an_input_error():
