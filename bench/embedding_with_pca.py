@@ -14,8 +14,8 @@ clustered as the cluster stage clusters ours (our cell graph, k = 10 with 'std' 
 the run's seed, the small-cluster merge in the same side-by-side embedding). ARI against ``obs['label']``,
 mean ± SD over the run seeds, beside the run's own; means per half of bench/gold_split.py. With
 ``--leiden-seeds L`` also the mean over the runs x Leiden seeds 0, 100, ..., 100 (L-1) on each run's graphs
-(ours and the side-by-side one): the less noisy estimator of "Clusters from seed to seed". A prototype of a
-choice, not built into the package: the package has no streamed PCA. One JSON line per set goes to
+(ours and the side-by-side one): the less noisy estimator of "Clusters from seed to seed". The prototype of
+what the package's ``pca`` stage now does out of core (with scanpy's in-memory PCA here). One JSON line per set goes to
 bench/out/small/with_pca_<tags>[_<pca-of>].jsonl; a markdown table is printed.
 """
 
@@ -38,13 +38,15 @@ from gold_split import HALF_A, HALF_B  # noqa: E402
 from graph_variants import pca  # noqa: E402
 from why_sets_lose import cluster_cells, load_run, our_graph, runs_by_set, scanpy_pca  # noqa: E402
 
+from scgnn_scale.cell_graph import searched_embedding  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 
-def unit_scale(embedding: np.ndarray) -> np.ndarray:
-    """Centred, and scaled so that the mean squared norm of a cell's row is 1."""
-    centred = embedding - embedding.mean(axis=0)
-    return centred / np.sqrt((centred ** 2).sum(axis=1).mean())
+def beside(*parts: np.ndarray) -> np.ndarray:
+    """The parts side by side, each unit-scaled, as the graph stage searches them (in memory)."""
+    with searched_embedding(list(parts), streamed=False) as whole:
+        return whole
 
 
 def run_x_pca(run_dir: str, seed: int, normalised: bool = False) -> np.ndarray:
@@ -85,8 +87,7 @@ def main() -> None:
             feature, z, cells, truth = load_run(row["run_dir"])
             other = (scanpy_pca(name, cells, seed) if args.pca_of == "counts"
                      else run_x_pca(row["run_dir"], seed, normalised=args.pca_of == "X_normalised"))
-            side_by_side = np.hstack([unit_scale(feature), unit_scale(other)])
-            side_by_side = side_by_side.astype(np.float32)
+            side_by_side = beside(feature, other)
             graph_both = our_graph(side_by_side, seed)
             labels = cluster_cells(side_by_side, side_by_side, "graph 0.3", seed, 0, graph=graph_both)
             both.append(float(adjusted_rand_score(truth, labels)))

@@ -22,7 +22,6 @@ from . import knn, knn_blocks
 from .config import GraphConfig
 from .errors import InputError
 from .keys import KEYS
-from .normalised_pca import unit_scale
 
 # rows per block while the side-by-side embedding's scale is measured and its rows are written
 SCALE_BLOCK_ROWS = 65536
@@ -185,15 +184,14 @@ def _union_rows(indices, keep, sources_ptr, sources, a: int, b: int, n: int) -> 
     return rows[not_self], cols[not_self]
 
 
-def _unit_scaled(array) -> tuple[np.ndarray, float]:
-    """:func:`scgnn_scale.normalised_pca.unit_scale` of a stored ``(N, d)`` array, read in row blocks."""
-    n, d = array.shape
-    sums, sums_sq = np.zeros(d), np.zeros(d)
-    for a, b in knn.row_blocks(n, SCALE_BLOCK_ROWS):
-        block = np.asarray(array[a:b], dtype=np.float64)
-        sums += block.sum(axis=0)
-        sums_sq += (block * block).sum(axis=0)
-    return unit_scale(sums, sums_sq, n)
+def unit_scale(array) -> tuple[np.ndarray, float]:
+    """``(mean, factor)`` with ``(x - mean) * factor`` of mean squared row norm 1 (factor 1 for a constant
+    embedding), for an ``(N, d)`` numpy or zarr array read in row blocks."""
+    from .graph_autoencoder import column_moments
+
+    mean, sd = column_moments(array, SCALE_BLOCK_ROWS, constant_sd=0.0)
+    spread = float(np.sum(sd * sd))  # the mean squared norm of a centred row
+    return mean, (1.0 / np.sqrt(spread) if spread > 0 else 1.0)
 
 
 @contextmanager
@@ -209,7 +207,7 @@ def searched_embedding(parts: list, *, streamed: bool, scratch_dir: Path | None 
     if len(parts) == 1:
         yield parts[0] if streamed else np.asarray(parts[0][:], dtype=np.float32)
         return
-    scales = [_unit_scaled(p) for p in parts]
+    scales = [unit_scale(p) for p in parts]
     n, d = parts[0].shape[0], sum(p.shape[1] for p in parts)
 
     def rows(a: int, b: int) -> np.ndarray:

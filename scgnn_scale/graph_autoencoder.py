@@ -68,8 +68,9 @@ def _row_blocks(n: int, block_rows: int | None = None) -> list[tuple[int, int]]:
     return [(a, min(n, a + block_rows)) for a in range(0, n, block_rows)]
 
 
-def column_moments(x, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (constant columns: 1) of each column, in float64, in row blocks.
+def column_moments(x, block_rows: int | None = None, *, constant_sd: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation of each column, in float64, in row blocks; a constant
+    column reports ``constant_sd`` (1: dividing by it leaves the column at 0 once centred).
 
     ``x`` is anything sliced by rows (a numpy or zarr array); two passes, so the only memory is a block.
     """
@@ -83,7 +84,7 @@ def column_moments(x, block_rows: int | None = None) -> tuple[np.ndarray, np.nda
         diff = np.asarray(x[a:b]) - mean
         squares += np.einsum("ij,ij->j", diff, diff)
     sd = np.sqrt(squares / max(n, 1))
-    sd[sd <= 0] = 1.0
+    sd[sd <= 0] = constant_sd
     return mean, sd
 
 

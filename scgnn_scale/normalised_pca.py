@@ -9,8 +9,6 @@ Gram matrix; these functions turn them into what scanpy's default pipeline compu
   equal-width bins of ``log1p(mean)``; the dispersion z-scored within its bin (a bin of one gene: 1).
   Genes never expressed, or of zero variance, are never chosen.
 - :func:`components_from_gram`: the leading eigenvectors of the covariance of the log values.
-- :func:`unit_scale`: the centring and scale that give an embedding a mean squared row norm of 1, so that
-  two embeddings side by side weigh the same in a Euclidean distance.
 """
 
 from __future__ import annotations
@@ -69,10 +67,3 @@ def components_from_gram(gram: np.ndarray, sums: np.ndarray, n: int, n_comps: in
     components *= np.where(signs == 0, 1.0, signs)
     return mean, components, np.maximum(values[order], 0.0)
 
-
-def unit_scale(sums: np.ndarray, sums_sq: np.ndarray, n: int) -> tuple[np.ndarray, float]:
-    """``(mean, factor)`` with ``(x - mean) * factor`` of mean squared row norm 1 (factor 1 for a constant
-    embedding), from the column sums and sums of squares of ``n`` rows."""
-    mean = sums / n
-    spread = float(np.sum(np.maximum(sums_sq / n - mean * mean, 0.0)))
-    return mean, (1.0 / np.sqrt(spread) if spread > 0 else 1.0)

@@ -237,7 +237,8 @@ def _check_options_against_cells(store: RunStore, config: RunConfig) -> None:
 
 
 def _pca_reads_input(store: RunStore, config: RunConfig, hashes: dict) -> bool:
-    """Whether the pca stage is still to read ``work/input``: it is to be (re)done and ``.raw`` is absent."""
+    """Whether the pca stage is still to read ``work/input``: it is to be (re)done and there is no ``.raw``
+    (``preprocess.keep_counts`` off: preprocess removes it)."""
     return (config.pca.n_comps > 0 and not store.stage_done("pca", hashes["pca"])
             and not config.preprocess.keep_counts)
 
@@ -246,7 +247,7 @@ def _check_input_copy(store: RunStore, config: RunConfig, stages: list[str], has
     """Ingest again where preprocess (or pca without ``.raw``) is to be (re)done and the input copy was
     removed after the last one."""
     redo = "preprocess" in stages and not store.stage_done("preprocess", hashes["preprocess"])
-    redo = redo or ("pca" in stages and _pca_reads_input(store, config, hashes) and not store.has(KEYS.raw))
+    redo = redo or ("pca" in stages and _pca_reads_input(store, config, hashes))
     if redo and store.stage_done("ingest", hashes["ingest"]) and not store.has(KEYS.input):
         log.info("a stage that reads %s is to be redone and it was removed after the last one: ingesting again",
                  KEYS.input)

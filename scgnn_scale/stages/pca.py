@@ -18,7 +18,7 @@ when ``preprocess.keep_counts`` is off):
 
 Memory: one block of rows per thread, a genes x genes Gram matrix per pass-2 task (32 MB at 2,000 genes),
 and O(n_cells) library sizes. Tasks take store paths (as preprocess's), so they run in threads or on the
-Dask cluster of ``--scheduler``. Writes ``obsm/X_pca`` (float32, cells x n_comps) and
+Dask cluster of ``--scheduler`` (:mod:`scgnn_scale.csr_tasks`, shared with preprocess). Writes ``obsm/X_pca`` (float32, cells x n_comps) and
 ``work/pca/genes`` (the chosen genes, int64 indices into the input's genes); with ``n_comps`` 0 removes both.
 """
 
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..csr_tasks import compute_tasks, iter_selected_rows, per_cell_scale, tree_sum
 from ..errors import InputError
 from ..keys import KEYS
 from ..normalised_pca import components_from_gram, dispersion_genes
-from .preprocess import _compute, _iter_selected, _tree_sum
 
 # sampled rows of one pass-2 task, in chunks of the store's chunk rows (fewer genes x genes partial sums)
 _TASK_BLOCKS = 16
@@ -40,25 +40,17 @@ def _rows_csr(path: str, rows: np.ndarray, n_genes: int):
     """The CSR matrix of the sorted rows ``rows`` of the CSR group at ``path``."""
     import scipy.sparse as sp
 
-    counts, indices, data = [], [], []
-    for _, _, c, i, d in _iter_selected(path, rows):
-        counts.append(c)
-        indices.append(i)
-        data.append(d)
-    counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return sp.csr_matrix((np.concatenate(data).astype(np.float64) if data else np.zeros(0),
-                          np.concatenate(indices) if indices else np.zeros(0, np.int64), indptr),
-                         shape=(len(rows), n_genes))
+    pieces = list(iter_selected_rows(path, rows))  # rows is never empty
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate([p[2] for p in pieces]))]).astype(np.int64)
+    return sp.csr_matrix((np.concatenate([p[4] for p in pieces]).astype(np.float64),
+                          np.concatenate([p[3] for p in pieces]), indptr), shape=(len(rows), n_genes))
 
 
 def _library_and_gene_sums(path: str, rows: np.ndarray, n_genes: int):
     """Library sizes of ``rows`` and per gene the sums of ``x / library``, of its square, and non-zeros."""
     x = _rows_csr(path, rows, n_genes)
     library = np.asarray(x.sum(axis=1)).ravel()
-    inverse = np.zeros_like(library)
-    np.divide(1.0, library, out=inverse, where=library > 0)
-    share = x.data * np.repeat(inverse, np.diff(x.indptr))
+    share = x.data * np.repeat(per_cell_scale(library, 1.0), np.diff(x.indptr))
     return library, (np.bincount(x.indices, weights=share, minlength=n_genes),
                      np.bincount(x.indices, weights=share * share, minlength=n_genes),
                      np.bincount(x.indices[x.data != 0], minlength=n_genes).astype(np.int64))
@@ -114,10 +106,9 @@ def counts_source(ctx) -> tuple[str, np.ndarray, int]:
 
 
 def _check_config(cfg) -> None:
-    for option in ("n_comps", "n_top_genes", "max_cells"):
-        if getattr(cfg, option) < (0 if option == "n_comps" else 2):
-            raise InputError(f"config option pca.{option}: {getattr(cfg, option)} must be at least "
-                             f"{0 if option == 'n_comps' else 2}")
+    for option, least in (("n_comps", 0), ("n_top_genes", 2), ("max_cells", 2)):
+        if getattr(cfg, option) < least:
+            raise InputError(f"config option pca.{option}: {getattr(cfg, option)} must be at least {least}")
     if cfg.target_sum < 0:
         raise InputError(f"config option pca.target_sum: {cfg.target_sum} must be >= 0 (0: the median library size)")
 
@@ -140,12 +131,11 @@ def run(ctx) -> dict:
 
     # pass 1: library sizes and the genes' statistics after normalising
     outs = [dask.delayed(_library_and_gene_sums, nout=2)(path, rows[a:b], n_genes) for a, b in ranges]
-    library_parts, (share_sums, share_sq, nonzero) = _compute(ctx, "pca: library sizes and gene dispersions",
-                                                              [o[0] for o in outs], _tree_sum([o[1] for o in outs]))
+    library_parts, (share_sums, share_sq, nonzero) = compute_tasks(ctx, "pca: library sizes and gene dispersions",
+                                                                   [o[0] for o in outs], tree_sum([o[1] for o in outs]))
     library = np.concatenate(library_parts)
     target = cfg.target_sum or (float(np.median(library[library > 0])) if (library > 0).any() else 1.0)
-    scale = np.zeros(m)
-    np.divide(target, library, out=scale, where=library > 0)
+    scale = per_cell_scale(library, target)
     mean = target * share_sums / m
     var = np.maximum(target * target * (share_sq - share_sums * share_sums / m) / max(m - 1, 1), 0.0)
     genes = dispersion_genes(mean, var, nonzero > 0, cfg.n_top_genes)
@@ -164,20 +154,19 @@ def run(ctx) -> dict:
     col_map_d = dask.delayed(col_map)
     parts = [dask.delayed(_gram, nout=2)(path, rows[sample[a:a + step]], scale[sample[a:a + step]], n_genes,
                                          col_map_d, len(genes), chunk) for a in range(0, len(sample), step)]
-    ((gram, sums),) = _compute(ctx, "pca: gene covariance", _tree_sum(parts))
+    ((gram, sums),) = compute_tasks(ctx, "pca: gene covariance", tree_sum(parts))
     n_comps = min(cfg.n_comps, len(genes), len(sample) - 1)
     centre, axes, variance = components_from_gram(gram, sums, len(sample), n_comps)
     total = float(np.trace(gram) / len(sample) - centre @ centre) * len(sample) / max(len(sample) - 1, 1)
 
-    # pass 3: every cell's scores, whole chunks of obsm/X_pca per task
+    # pass 3: every cell's scores, one row chunk of obsm/X_pca per task
     with ctx.store.staging(ctx.stage) as st:
-        out = st.create_matrix(KEYS.pca, (m, n_comps), np.float32, chunks=(min(chunk, m), n_comps))
+        st.create_matrix(KEYS.pca, (m, n_comps), np.float32, chunks=(min(chunk, m), n_comps))
         out_path = st.path_of(KEYS.pca)
         axes_d, offset_d = dask.delayed(axes), dask.delayed(centre @ axes)
         tasks = [dask.delayed(_project)(path, rows[a:b], scale[a:b], n_genes, col_map_d, len(genes), axes_d,
                                         offset_d, out_path, a) for a, b in ranges]
-        _compute(ctx, "pca: scores", tasks)
-        del out
+        compute_tasks(ctx, "pca: scores", tasks)
         st.write_elem(PCA_GENES, genes)
     ratio = variance / total if total > 0 else np.zeros_like(variance)
     ctx.log.info("pca: %d components of %d genes (of %d) from %d cells, %.1f%% of their variance, target sum %.4g",

@@ -47,38 +47,21 @@ indices, int64 indptr) with ``raw/var`` (the input's genes) and an empty ``raw/v
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from ..csr_tasks import compute_tasks, iter_selected_rows, per_cell_scale, read_rows, tree_sum
 from ..errors import InputError
 from ..keys import KEYS
 from ..readers import source_name
 from ..store import CSR_CHUNK
 from ..store import compressors as store_compressors
 
-# input rows read at once by an X-writing task (bounds memory when kept cells are sparse in the input)
-_SUB_ROWS = 8192
-_TREE_FAN_IN = 8
-
-
 # ---------------------------------------------------------------------------------------------------
 # tasks (module level, taking paths: they run in threads or on Dask workers)
 
 
-def _read_rows(input_path: str, start: int, stop: int):
-    """CSR pieces (indptr from 0, indices, data) of input rows ``start:stop``."""
-    import zarr
-
-    indptr = np.asarray(zarr.open_array(f"{input_path}/indptr", mode="r")[start:stop + 1], dtype=np.int64)
-    lo, hi = int(indptr[0]), int(indptr[-1])
-    indices = np.asarray(zarr.open_array(f"{input_path}/indices", mode="r")[lo:hi])
-    data = np.asarray(zarr.open_array(f"{input_path}/data", mode="r")[lo:hi])
-    return indptr - lo, indices, data
-
-
 def _gene_nonzero_counts(input_path: str, start: int, stop: int, n_genes: int) -> np.ndarray:
-    _, indices, data = _read_rows(input_path, start, stop)
+    _, indices, data = read_rows(input_path, start, stop)
     return np.bincount(indices[data != 0], minlength=n_genes).astype(np.int64)
 
 
@@ -90,7 +73,7 @@ def _filter_and_stats(input_path: str, start: int, stop: int, gene_pos: np.ndarr
     count reaches ``min_genes``; the statistics cover the kept cells and the kept genes (positions from
     ``gene_pos``, -1 for dropped genes).
     """
-    indptr, indices, data = _read_rows(input_path, start, stop)
+    indptr, indices, data = read_rows(input_path, start, stop)
     n_rows = stop - start
     row = np.repeat(np.arange(n_rows), np.diff(indptr))
     pos = gene_pos[indices]
@@ -102,35 +85,12 @@ def _filter_and_stats(input_path: str, start: int, stop: int, gene_pos: np.ndarr
     in_kept_cell = cell_keep[row]
     row, pos, values = row[in_kept_cell], pos[in_kept_cell], values[in_kept_cell]
     if variance_on == "log":
-        values = np.log1p(values * _scale(library, normalize_total)[row]) if normalize_total else np.log1p(values)
+        values = np.log1p(values * per_cell_scale(library, normalize_total)[row]) if normalize_total else np.log1p(values)
     # astype: bincount of nothing is int64 even with weights (a block whose cells were all dropped)
     stats = (np.bincount(pos, weights=values, minlength=n_kept_genes).astype(np.float64),
              np.bincount(pos, weights=values * values, minlength=n_kept_genes).astype(np.float64),
              np.bincount(pos, minlength=n_kept_genes).astype(np.int64))
     return per_cell.astype(np.int32), library, stats
-
-
-def _scale(library: np.ndarray, target: float) -> np.ndarray:
-    """Per-cell factor ``target / library`` (0 for an empty cell, which stays all-zero)."""
-    out = np.zeros_like(library, dtype=np.float64)
-    np.divide(target, library, out=out, where=library > 0)
-    return out
-
-
-def _iter_selected(input_path: str, rows: np.ndarray):
-    """Yield ``(i, j, counts, indices, data)``: the entries of input rows ``rows[i:j]`` in row order and
-    their per-row counts, reading at most ``_SUB_ROWS`` input rows at once (``rows`` sorted)."""
-    i = 0
-    while i < len(rows):
-        j = int(np.searchsorted(rows, rows[i] + _SUB_ROWS, side="left"))
-        first, last = int(rows[i]), int(rows[j - 1])
-        indptr, indices, data = _read_rows(input_path, first, last + 1)
-        local = rows[i:j] - first
-        counts = indptr[local + 1] - indptr[local]
-        # positions of the selected rows' entries, in row order
-        take = np.repeat(indptr[local] - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
-        yield i, j, counts, indices[take], data[take]
-        i = j
 
 
 def _write_chunk(input_path: str, x_path: str, out_start: int, rows: np.ndarray, col_map: np.ndarray,
@@ -139,7 +99,7 @@ def _write_chunk(input_path: str, x_path: str, out_start: int, rows: np.ndarray,
     import zarr
 
     out = np.zeros((len(rows), n_out_genes), dtype=np.float32)
-    for i, j, counts, indices, data in _iter_selected(input_path, rows):
+    for i, j, counts, indices, data in iter_selected_rows(input_path, rows):
         out_row = np.repeat(np.arange(i, j), counts)
         cols = col_map[indices]
         keep = cols >= 0
@@ -160,7 +120,7 @@ def _write_raw_entries(input_path: str, raw_x_path: str, lo: int, hi: int, rows:
     """
     import zarr
 
-    parts = [(indices, data) for _, _, _, indices, data in _iter_selected(input_path, rows)]
+    parts = [(indices, data) for _, _, _, indices, data in iter_selected_rows(input_path, rows)]
     indices = np.concatenate([p[0] for p in parts])[lo - offset:hi - offset]
     data = np.concatenate([p[1] for p in parts])[lo - offset:hi - offset]
     zarr.open_array(f"{raw_x_path}/indices", mode="r+")[lo:hi] = indices
@@ -211,48 +171,6 @@ def _raw_tasks(input_path: str, raw_x_path: str, cells: np.ndarray, indptr: np.n
         tasks.append(dask.delayed(_write_raw_entries)(input_path, raw_x_path, lo, hi, cells[first:stop],
                                                       int(indptr[first])))
     return tasks
-
-
-def _sum_parts(*parts):
-    if isinstance(parts[0], tuple):
-        return tuple(_sum_parts(*items) for items in zip(*parts, strict=True))
-    total = parts[0].copy()
-    for p in parts[1:]:
-        total += p
-    return total
-
-
-def _tree_sum(parts: list):
-    """Sum delayed results pairwise in a tree (fan-in 8), so few partial sums are alive at once."""
-    import dask
-
-    while len(parts) > 1:
-        parts = [dask.delayed(_sum_parts)(*parts[i:i + _TREE_FAN_IN]) for i in range(0, len(parts), _TREE_FAN_IN)]
-    return parts[0]
-
-
-def _compute(ctx, desc: str, *objs):
-    """Compute delayed objects: threads by default, the Dask cluster when ``--scheduler`` is given or
-    the embedded cluster's workers are processes (``runtime.worker_processes``: on many cores the
-    scipy parts of these tasks hold the GIL)."""
-    import dask
-
-    if ctx.config.runtime.scheduler or ctx.config.runtime.worker_processes:
-        return dask.compute(*objs, scheduler=ctx.client())
-    from dask.callbacks import Callback
-
-    bar = ctx.progress(None, desc, "tasks")
-
-    class _Progress(Callback):
-        def _start_state(self, dsk, state):
-            bar.total = len(dsk)
-            bar.refresh()
-
-        def _posttask(self, key, result, dsk, state, worker_id):
-            bar.update(1)
-
-    with bar, _Progress():
-        return dask.compute(*objs, scheduler="threads", num_workers=ctx.config.runtime.n_workers or os.cpu_count())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,7 +236,7 @@ def run(ctx) -> dict:
 
     # pass A: gene filter
     parts = [dask.delayed(_gene_nonzero_counts)(input_path, a, b, n_genes) for a, b in ranges]
-    (gene_nnz,) = _compute(ctx, "gene counts", _tree_sum(parts))
+    (gene_nnz,) = compute_tasks(ctx, "gene counts", tree_sum(parts))
     expressed = np.flatnonzero(gene_nnz >= cfg.min_cell_fraction * n_cells)
     if len(expressed) == 0:
         raise InputError(f"{name}: nothing left after filtering: no gene is non-zero in at least "
@@ -332,8 +250,8 @@ def run(ctx) -> dict:
     min_genes = cfg.min_gene_fraction * len(expressed)
     outs = [dask.delayed(_filter_and_stats, nout=3)(input_path, a, b, gene_pos_d, len(expressed), min_genes,
                                                      cfg.normalize_total, cfg.variance_on) for a, b in ranges]
-    count_parts, library_parts, stats = _compute(ctx, "filters and variances", [o[0] for o in outs],
-                                                [o[1] for o in outs], _tree_sum([o[2] for o in outs]))
+    count_parts, library_parts, stats = compute_tasks(ctx, "filters and variances", [o[0] for o in outs],
+                                                      [o[1] for o in outs], tree_sum([o[2] for o in outs]))
     genes_per_cell = np.concatenate(count_parts)
     cell_keep = genes_per_cell >= min_genes  # the same test the tasks applied
     library = np.concatenate(library_parts)
@@ -355,7 +273,7 @@ def run(ctx) -> dict:
     col_map = np.full(n_genes, -1, dtype=np.int64)
     col_map[genes] = np.arange(n_out)
     col_map_d = dask.delayed(col_map)
-    scale = _scale(library[cells], cfg.normalize_total) if cfg.normalize_total else None
+    scale = per_cell_scale(library[cells], cfg.normalize_total) if cfg.normalize_total else None
     input_var = ctx.store.read_elem(KEYS.input_var)
     raw_nnz = None
     with ctx.store.staging(ctx.stage) as st:
@@ -373,7 +291,7 @@ def run(ctx) -> dict:
             tasks += _raw_tasks(input_path, raw_x_path, cells, raw_indptr)
         else:
             st.drop(KEYS.raw)  # a raw left by an earlier run with keep_counts would no longer match
-        _compute(ctx, "writing X" + (" and raw counts" if cfg.keep_counts else ""), tasks)
+        compute_tasks(ctx, "writing X" + (" and raw counts" if cfg.keep_counts else ""), tasks)
 
         obs = ctx.store.read_elem(KEYS.input_obs).iloc[cells]
         var = input_var.iloc[genes].copy()
