@@ -1,19 +1,22 @@
 """Which cell graph makes the first pass's clusters least seed-dependent: variants rebuilt from stored runs.
 
-    python bench/graph_variants.py --tag bf16_A --variants base,k15,k20,snn,pca_union [--leiden-seeds 10]
+    python bench/graph_variants.py --tag pca_A --variants base,k15,k20,k10-none [--leiden-seeds 10]
 
 Reads the runs that ``bench/bench_small.py --tag TAG --until cluster`` recorded (bench/out/small/TAG.jsonl:
 one run directory per set and seed). From each run's published feature embedding
-(``obsm/X_scgnn_feature``, what the graph stage searches) it builds the cell graph again under each
-variant and clusters it as the cluster stage does (Leiden at ``cluster.resolution``, then
-:func:`scgnn_scale.clustering.merge_small_clusters` in the GAE embedding ``obsm/X_scgnn``):
+(``obsm/X_scgnn_feature``) and, where the run has one, its ``obsm/X_pca`` side by side
+(:func:`scgnn_scale.cell_graph.searched_embedding`, what the graph stage searches), it builds the cell
+graph again under each variant and clusters it as the cluster stage does
+(:func:`scgnn_scale.clustering.cluster_embedding` with the default cluster options: ``cluster.restarts``
+Leiden runs and their consensus, then the small-cluster merge in the GAE embedding ``obsm/X_scgnn``;
+``--restarts 1`` for one Leiden run):
 
 - ``base``: the graph stage's own graph (``graph.k`` 10, 'std' pruning, union): reproduces the run's ARI;
-- ``kK``: the same with ``graph.k`` = K;
+- ``kK``: the same with ``graph.k`` = K; ``kK-none``: and no pruning;
 - ``snn``: the base graph's edges weighted by the Jaccard overlap of their ends' k-neighbourhoods (each
   with the cell itself), as PhenoGraph and Seurat weight theirs;
 - ``pca_union``: the union of the base graph and the same graph of the 50 leading principal components
-  of the published expression (``X``), which no seed of the run moves.
+  of the published expression (``X``), which no seed of the run moves (for runs without ``X_pca``).
 
 Per set and variant: ARI with the run's own seed (mean, SD over run seeds), and over Leiden seeds 0, 100,
 ..., the mean over all (run, Leiden seed) pairs and the SD on a fixed graph. One JSON line per set and
@@ -39,9 +42,8 @@ import scipy.sparse as sp  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seed_spread import sd  # noqa: E402  (this script's folder is on the path when it runs)
 
-from scgnn_scale import igraphs  # noqa: E402
-from scgnn_scale.cell_graph import knn_graph  # noqa: E402
-from scgnn_scale.clustering import communities, merge_small_clusters  # noqa: E402
+from scgnn_scale.cell_graph import knn_graph, searched_embedding  # noqa: E402
+from scgnn_scale.clustering import cluster_embedding  # noqa: E402
 from scgnn_scale.config import ClusterConfig, GraphConfig  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "small"
@@ -53,6 +55,9 @@ def load_run(run_dir: str):
 
     g = zarr.open_group(Path(run_dir) / "adata.zarr", mode="r")
     feature = np.asarray(g["obsm/X_scgnn_feature"][:], dtype=np.float32)
+    if "X_pca" in g["obsm"]:  # the graph stage searches both side by side
+        with searched_embedding([feature, np.asarray(g["obsm/X_pca"][:])], streamed=False) as both:
+            feature = both
     z = np.asarray(g["obsm/X_scgnn"][:], dtype=np.float32)
     x = read_elem(g["X"])
     truth = read_elem(g["obs"])["label"].astype(str).to_numpy()
@@ -83,8 +88,9 @@ def build(variant: str, feature, x, seed: int) -> sp.csr_matrix:
     gcfg = GraphConfig()
     if variant == "base":
         return knn_graph(feature, gcfg, device="cpu", seed=seed)[0]
-    if variant.startswith("k") and variant[1:].isdigit():
-        return knn_graph(feature, replace(gcfg, k=int(variant[1:])), device="cpu", seed=seed)[0]
+    if variant.startswith("k"):
+        k, _, prune = variant[1:].partition("-")
+        return knn_graph(feature, replace(gcfg, k=int(k)), device="cpu", seed=seed, prune=prune or None)[0]
     if variant == "snn":
         graph = knn_graph(feature, gcfg, device="cpu", seed=seed)[0]
         full = knn_graph(feature, gcfg, device="cpu", seed=seed, prune="none")[0]
@@ -99,12 +105,7 @@ def build(variant: str, feature, x, seed: int) -> sp.csr_matrix:
 
 
 def cluster(graph: sp.csr_matrix, z: np.ndarray, seed: int, cfg: ClusterConfig) -> np.ndarray:
-    coo = sp.triu(graph, k=1).tocoo()
-    weighted = not np.all(coo.data == 1.0)
-    g = igraphs.from_edges(graph.shape[0], np.column_stack([coo.row, coo.col]), coo.data if weighted else None)
-    membership, _ = communities(graph, "leiden", resolution=cfg.resolution, n_iterations=cfg.n_iterations,
-                                seed=seed, igraph_graph=g)
-    return merge_small_clusters(membership, z, min_size=cfg.min_cluster_size, max_clusters=cfg.max_clusters)
+    return cluster_embedding(z, graph, cfg, device="cpu", seed=seed)[0]
 
 
 def main() -> None:
@@ -113,11 +114,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tag", required=True)
     ap.add_argument("--sets", default="", help="comma-separated; default: every set of the tag")
-    ap.add_argument("--variants", default="base,k15,k20,snn,pca_union")
+    ap.add_argument("--variants", default="base,k15,k20,k10-none")
     ap.add_argument("--leiden-seeds", type=int, default=10)
     ap.add_argument("--resolution", type=float, default=ClusterConfig().resolution)
+    ap.add_argument("--restarts", type=int, default=ClusterConfig().restarts)
     args = ap.parse_args()
-    cfg = replace(ClusterConfig(), resolution=args.resolution)
+    cfg = replace(ClusterConfig(), resolution=args.resolution, restarts=args.restarts)
     rows = [json.loads(line) for line in (OUT / f"{args.tag}.jsonl").read_text().splitlines() if line.strip()]
     sets = args.sets.split(",") if args.sets else list(dict.fromkeys(r["set"] for r in rows))
     print("| set | variant | run's ARI | own seed: mean ± SD | mean over run x Leiden seeds | SD over Leiden seeds, "
@@ -138,7 +140,8 @@ def main() -> None:
                 aris = [ari(truth, cluster(graph, z, 100 * s, cfg)) for s in range(args.leiden_seeds)]
                 means.append(statistics.mean(aris))
                 within.append(sd(aris))
-            row = {"set": name, "variant": variant, "resolution": cfg.resolution, "runs_ari": [r[1] for r in loaded],
+            row = {"set": name, "variant": variant, "resolution": cfg.resolution, "restarts": cfg.restarts,
+                   "runs_ari": [r[1] for r in loaded],
                    "own": own, "mean": statistics.mean(own), "sd": sd(own), "mean_all": statistics.mean(means),
                    "sd_leiden_fixed_graph": statistics.mean(within), "clusters": counts,
                    "seconds": statistics.mean(seconds)}

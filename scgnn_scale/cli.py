@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", type=int, default=3000, help="number of cells (default 3000)")
     p.add_argument("--genes", type=int, default=2000, help="number of genes (default 2000)")
     p.add_argument("--types", type=int, default=6, help="number of planted cell types (default 6)")
-    p.add_argument("--dropout", type=float, default=0.3, help="extra dropout probability (default 0.3)")
+    p.add_argument("--dropout", type=float, default=0.3,
+                   help="chance that a non-zero count is zeroed where its expected count is near 0; it falls as "
+                        "1 / (1 + expected count) (default 0.3)")
+    p.add_argument("--dropout-model", choices=("expression", "uniform"), default="expression",
+                   help="'expression': dropout falls with the expected count, as in real data (default); "
+                        "'uniform': every non-zero is zeroed with the same chance, the atlases of commits "
+                        "before 2026-12-07 (a gene at hundreds of counts then reads 0 in 30%% of each type)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--block-rows", type=int, default=16384, help="cells simulated per block (default 16384)")
     p.add_argument("--workers", type=int, default=None,
@@ -293,7 +299,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .simulate import simulate_atlas
 
         path = simulate_atlas(args.out, n_cells=args.cells, n_genes=args.genes, n_types=args.types,
-                              dropout=args.dropout, seed=args.seed, block_rows=args.block_rows,
+                              dropout=args.dropout, dropout_model=args.dropout_model, seed=args.seed, block_rows=args.block_rows,
                               overwrite=args.overwrite, workers=args.workers, progress=not args.quiet)
         print(f"wrote {path}")
         return 0

@@ -10,7 +10,12 @@ The model (every draw seeded from ``seed``):
 - type proportions: half uniform, half ``Dirichlet(2)``, so every type holds at least half its uniform share;
 - per-cell library size ``LogNormal(0, 0.35)`` multiplying every mean;
 - counts ``NB(mean = size_c * mu_g * fold_{t(c), g}, r_g)`` drawn as Gamma-Poisson, then each non-zero
-  is set to zero with probability ``dropout``.
+  is set to zero with probability ``dropout * m0 / (m0 + mean)`` (``dropout_model`` 'expression', m0 = 1
+  count): likely where little is expected, rare where much is, as in real data (Splatter's dropout is
+  likewise a falling logistic of the mean). 'uniform' (the model before 2026-12-07) drops every non-zero
+  with probability ``dropout`` whatever its mean: a gene expected at hundreds of counts then reads 0 in a
+  ``dropout`` share of every type's cells, a second structure inside each type that a million-cell
+  graph resolves into communities of its own.
 
 Cells are drawn in tiles of a fixed number of rows (about 2 million values: 1024 cells at 2000 genes),
 each tile with its own seed (``SeedSequence(seed, spawn_key=(1, tile))``), so the atlas does not depend
@@ -40,6 +45,8 @@ from .progress import progress_bar
 _TILE_VALUES = 1 << 21
 ARRAY_CHUNK = 1 << 20  # entries per chunk of the 1-d arrays written
 _PARALLEL_FROM_TILES = 64  # below this many tiles, starting worker processes costs more than it saves
+DROPOUT_MODELS = ("expression", "uniform")
+DROPOUT_HALF_MEAN = 1.0  # expected count at which the 'expression' model's dropout is half of ``dropout``
 
 
 def _tile_rows(n_genes: int) -> int:
@@ -68,7 +75,14 @@ class _Programme:
         self.proportions /= self.proportions.sum()
 
 
-def _simulate_tile(prog: _Programme, seed: int, tile: int, n_rows: int, dropout: float):
+def dropout_probability(mean: np.ndarray, dropout: float, model: str) -> np.ndarray | float:
+    """Chance that a non-zero count whose NB mean is ``mean`` is set to zero."""
+    if model == "uniform":
+        return dropout
+    return dropout * DROPOUT_HALF_MEAN / (DROPOUT_HALF_MEAN + mean)
+
+
+def _simulate_tile(prog: _Programme, seed: int, tile: int, n_rows: int, dropout: float, model: str):
     """One tile of cells: (CSR counts float32, type codes)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, tile)))
     types = rng.choice(len(prog.proportions), size=n_rows, p=prog.proportions)
@@ -81,15 +95,16 @@ def _simulate_tile(prog: _Programme, seed: int, tile: int, n_rows: int, dropout:
     rows, cols = np.nonzero(counts)
     values = counts[rows, cols]
     if dropout > 0:
-        kept = rng.random(len(values)) >= dropout
+        kept = rng.random(len(values)) >= dropout_probability(mean[rows, cols], dropout, model)
         rows, cols, values = rows[kept], cols[kept], values[kept]
     block = sp.csr_matrix((values.astype(np.float32), (rows, cols)), shape=counts.shape, dtype=np.float32)
     return block, types
 
 
-def _simulate_block(prog: _Programme, seed: int, tiles: range, n_cells: int, tile: int, dropout: float):
+def _simulate_block(prog: _Programme, seed: int, tiles: range, n_cells: int, tile: int, dropout: float,
+                    model: str):
     """Tiles ``tiles`` stacked: (CSR counts float32, type codes)."""
-    parts = [_simulate_tile(prog, seed, t, min(tile, n_cells - t * tile), dropout) for t in tiles]
+    parts = [_simulate_tile(prog, seed, t, min(tile, n_cells - t * tile), dropout, model) for t in tiles]
     return sp.vstack([b for b, _ in parts], format="csr"), np.concatenate([c for _, c in parts])
 
 
@@ -214,8 +229,8 @@ class _Writer:
 
 
 def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int = 2000, n_types: int = 6,
-                   dropout: float = 0.3, seed: int = 0, block_rows: int = 16384, overwrite: bool = False,
-                   workers: int | None = None, progress: bool = False) -> Path:
+                   dropout: float = 0.3, dropout_model: str = "expression", seed: int = 0, block_rows: int = 16384,
+                   overwrite: bool = False, workers: int | None = None, progress: bool = False) -> Path:
     """Write a synthetic atlas with planted cell types (model in the module docstring).
 
     Parameters
@@ -225,7 +240,11 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
     n_cells, n_genes, n_types
         Size of the atlas and number of planted types (``obs['label']``: ``type0`` ...).
     dropout
-        Probability that a non-zero count is set to zero, in [0, 1).
+        Probability that a non-zero count is set to zero, in [0, 1): with ``dropout_model`` 'expression',
+        of a count whose mean is near 0, falling as ``dropout / (1 + mean)`` (half of it at a mean of 1);
+        with 'uniform', of every count.
+    dropout_model
+        'expression' or 'uniform' (the atlases of commits before 2026-12-07).
     seed
         The atlas is a function of the seed alone (not of ``block_rows``).
     block_rows
@@ -254,6 +273,8 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
         raise InputError(f"simulate --types {n_types}: more types than cells ({n_cells})")
     if not 0.0 <= dropout < 1.0:
         raise InputError(f"simulate --dropout {dropout}: must be in [0, 1)")
+    if dropout_model not in DROPOUT_MODELS:
+        raise InputError(f"simulate --dropout-model {dropout_model!r}: not one of {', '.join(DROPOUT_MODELS)}")
     if out.exists() and not overwrite:
         raise InputError(f"{out}: already exists; pass --overwrite to replace it")
     try:
@@ -286,7 +307,7 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
             ahead = workers + 1 if workers > 1 else 1
             pending = []
             for block in blocks:
-                pending.append(pool.submit(_simulate_block, prog, seed, block, n_cells, tile, dropout))
+                pending.append(pool.submit(_simulate_block, prog, seed, block, n_cells, tile, dropout, dropout_model))
                 if len(pending) >= ahead:
                     write(pending.pop(0))
             for future in pending:

@@ -53,11 +53,30 @@ def test_library_size_and_dropout_vary(tmp_path):
     dense = _read(simulate_atlas(tmp_path / "a.h5ad", n_cells=800, n_genes=200, n_types=2, dropout=0.0,
                                  seed=5)).X.toarray()
     dropped = _read(simulate_atlas(tmp_path / "b.h5ad", n_cells=800, n_genes=200, n_types=2, dropout=0.5,
-                                   seed=5)).X.toarray()
+                                   dropout_model="uniform", seed=5)).X.toarray()
     totals = dense.sum(axis=1)
     assert totals.std() / totals.mean() > 0.2  # per-cell library size variation
-    # dropout removes about half of the non-zeros
+    # the uniform model removes about half of the non-zeros, the large counts alike
     assert 0.4 < (dropped > 0).sum() / (dense > 0).sum() < 0.6
+    large = dense >= 50
+    assert large.sum() > 100 and 0.4 < (dropped[large] > 0).mean() < 0.6
+
+
+def test_expression_dropout_spares_what_is_highly_expressed(tmp_path):
+    # the counts are the same draws with or without dropout (dropout is drawn last), so what dropout
+    # removed is what the dense atlas has and the dropped one does not
+    dense = _read(simulate_atlas(tmp_path / "a.h5ad", n_cells=800, n_genes=200, n_types=2, dropout=0.0,
+                                 seed=5)).X.toarray()
+    dropped = _read(simulate_atlas(tmp_path / "b.h5ad", n_cells=800, n_genes=200, n_types=2, dropout=0.5,
+                                   seed=5)).X.toarray()
+    assert np.all(dropped[dropped > 0] == dense[dropped > 0]) and np.all(dropped[dense == 0] == 0)
+    means = simulate._Programme(200, 2, 5).type_means  # each gene's NB mean in each type (before library size)
+    removed = (dense > 0) & (dropped == 0)
+    rare, common = means.max(axis=0) < 0.05, means.min(axis=0) > 5
+    assert rare.sum() > 10 and common.sum() > 10
+    # near the full rate (0.5 / (1 + mean)) where almost nothing is expected, almost none where much is
+    assert removed[:, rare].sum() / (dense[:, rare] > 0).sum() > 0.4
+    assert removed[:, common].sum() / (dense[:, common] > 0).sum() < 0.1  # at most 0.5 / (1 + 5)
 
 
 def test_deterministic_and_independent_of_block_rows(tmp_path):
@@ -116,6 +135,8 @@ def test_bad_arguments(tmp_path):
         simulate_atlas(tmp_path / "a.h5ad", n_cells=10, n_genes=5, n_types=0)
     with pytest.raises(InputError, match="--dropout"):
         simulate_atlas(tmp_path / "a.h5ad", n_cells=10, n_genes=5, n_types=2, dropout=1.0)
+    with pytest.raises(InputError, match="dropout-model"):
+        simulate_atlas(tmp_path / "a.h5ad", n_cells=10, n_genes=5, n_types=2, dropout_model="flat")
 
 
 def test_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
