@@ -16,8 +16,9 @@ cells), plus ``l1 * sum|w|``. For a full batch of N <= 12,800 cells this is the 
 Schedule (:func:`training_steps`): ``max(min_steps, min(max_epochs * ceil(N / batch_size), max_steps))``
 Adam steps. The original trains 500 full-batch epochs, i.e. 500 optimiser steps, on data sets of a
 few thousand cells; with a loss whose scale does not depend on the batch, what fixes how far Adam
-gets is the number of steps, so small data sets get the same 500 steps (on minibatches of 512
-cells). Large data sets need more than 500 steps to see their cells; they get ``max_epochs`` passes
+gets is the number of steps, so small data sets get a fixed count (``feature.min_steps``: 200 since the
+graph is searched beside the PCA, which lost no ARI out of sample; 500 is the original's, on minibatches
+of 512 cells). Large data sets need more steps to see their cells; they get ``max_epochs`` passes
 (10 by default: about 1,960 steps at 100k cells), up to ``max_steps`` (2,000: about 1M cells seen,
 reached at about 102k cells). Above that the number of steps stops growing: a 1M-cell atlas is not a
 harder problem than a 100k one drawn from the same cell types (scvi-tools' default epoch count
