@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 / (1 + expected count) (default 0.3)")
     p.add_argument("--dropout-model", choices=("expression", "uniform"), default="expression",
                    help="'expression': dropout falls with the expected count, as in real data (default); "
-                        "'uniform': every non-zero is zeroed with the same chance, the atlases of commits "
-                        "before 2026-12-07 (a gene at hundreds of counts then reads 0 in 30%% of each type)")
+                        "'uniform': every non-zero is zeroed with the same chance, the atlases drawn "
+                        "before commit 1232111 (a gene at hundreds of counts then reads 0 in 30%% of each type)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--block-rows", type=int, default=16384, help="cells simulated per block (default 16384)")
     p.add_argument("--workers", type=int, default=None,
@@ -299,7 +299,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .simulate import simulate_atlas
 
         path = simulate_atlas(args.out, n_cells=args.cells, n_genes=args.genes, n_types=args.types,
-                              dropout=args.dropout, dropout_model=args.dropout_model, seed=args.seed, block_rows=args.block_rows,
+                              dropout=args.dropout, dropout_model=args.dropout_model, seed=args.seed,
+                              block_rows=args.block_rows,
                               overwrite=args.overwrite, workers=args.workers, progress=not args.quiet)
         print(f"wrote {path}")
         return 0

@@ -12,7 +12,7 @@ The model (every draw seeded from ``seed``):
 - counts ``NB(mean = size_c * mu_g * fold_{t(c), g}, r_g)`` drawn as Gamma-Poisson, then each non-zero
   is set to zero with probability ``dropout * m0 / (m0 + mean)`` (``dropout_model`` 'expression', m0 = 1
   count): likely where little is expected, rare where much is, as in real data (Splatter's dropout is
-  likewise a falling logistic of the mean). 'uniform' (the model before 2026-12-07) drops every non-zero
+  likewise a falling logistic of the mean). 'uniform' (the model before commit 1232111) drops every non-zero
   with probability ``dropout`` whatever its mean: a gene expected at hundreds of counts then reads 0 in a
   ``dropout`` share of every type's cells, a second structure inside each type that a million-cell
   graph resolves into communities of its own.
@@ -244,7 +244,7 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
         of a count whose mean is near 0, falling as ``dropout / (1 + mean)`` (half of it at a mean of 1);
         with 'uniform', of every count.
     dropout_model
-        'expression' or 'uniform' (the atlases of commits before 2026-12-07).
+        'expression' or 'uniform' (the atlases drawn before commit 1232111).
     seed
         The atlas is a function of the seed alone (not of ``block_rows``).
     block_rows

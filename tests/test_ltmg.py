@@ -241,7 +241,7 @@ def _atlas(tmp_path, n_cells, n_genes, seed):
     from scgnn_scale.simulate import simulate_atlas
 
     # the atlas the bounds below were set on: uniform dropout (with the expression model, the simulator's
-    # default since 2026-12-07, the 10k-cell sample agrees with the full fit on 0.984 of the entries)
+    # default since 1232111, the 10k-cell sample agrees with the full fit on 0.984 of the entries)
     path = simulate_atlas(tmp_path / "atlas.zarr", n_cells=n_cells, n_genes=n_genes, seed=seed,
                           dropout_model="uniform")
     g = zarr.open_group(path, mode="r")
