@@ -205,6 +205,24 @@ def _write_elem(group: zarr.Group, where, name: str, value: Any, **kwargs) -> No
         write_elem(zarr.open_group(str(local.parent), mode="a", zarr_format=3), local.name, value, **kwargs)
 
 
+def _write_small_elem(where, value: Any) -> None:
+    """anndata's ``write_elem`` of an element of many small arrays (the run summary: about 350 leaves)
+    encoded in memory, then its files written in one pass under ``where`` (a directory, or an object
+    store's prefix): zarr's round trip through its event loop for every file of every leaf cost 2.5 CPU-s
+    of a 28 CPU-s run on disk, 1.1 in memory."""
+    _, write_elem = _anndata_io()
+    files: dict = {}
+    write_elem(zarr.open_group(zarr.storage.MemoryStore(store_dict=files), mode="w", zarr_format=3), "element",
+               value)
+    with contextlib.ExitStack() as stack:
+        target = stack.enter_context(written_locally(where)) if isinstance(where, ObjectPath) else Path(where)
+        for key, buffer in files.items():
+            if key.startswith("element/"):
+                path = target / key[len("element/"):]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(buffer.to_bytes())
+
+
 def _summary_text(value: Any) -> str:
     """What a summary's non-JSON leaves (tables, arrays, numpy scalars) contribute to its digest."""
     return value.to_json() if hasattr(value, "to_json") else str(getattr(value, "tolist", lambda: value)())
@@ -630,7 +648,7 @@ class RunStore:
         uns = zarr.open_group(str(self.adata_path / "uns"), mode="a", zarr_format=3)
         if "scgnn" in uns:
             del uns["scgnn"]
-        _write_elem(uns, self.adata_path / "uns" / "scgnn", "scgnn", summary)
+        _write_small_elem(self.adata_path / "uns" / "scgnn", summary)
         self.manifest["uns_digest"] = digest
         self._save_manifest()
 
