@@ -213,7 +213,7 @@ class _Writer:
         self.nnz += block.nnz
         self.n_rows += block.shape[0]
 
-    def finish(self, var: pd.DataFrame) -> None:
+    def finish(self, var: pd.DataFrame, uns: dict) -> None:
         import anndata
         from anndata.io import write_elem
 
@@ -222,8 +222,9 @@ class _Writer:
         self.X.attrs["shape"] = [self.n_rows, self.n_genes]
         write_elem(self.label_group, "categories", np.array(self.categories, dtype=object))
         write_elem(self.root, "var", var)
-        for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
+        for name in ("layers", "obsm", "obsp", "varm", "varp"):
             write_elem(self.root, name, {})
+        write_elem(self.root, "uns", uns)
         if self.is_h5:
             self.root.close()
 
@@ -312,7 +313,10 @@ def simulate_atlas(out: str | os.PathLike, *, n_cells: int = 3000, n_genes: int 
                     write(pending.pop(0))
             for future in pending:
                 write(future)
-        writer.finish(pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(n_genes)])))
+        # how the atlas was drawn, so that a benchmark can tell an atlas of another simulator model
+        parameters = {"n_cells": n_cells, "n_genes": n_genes, "n_types": n_types, "dropout": dropout,
+                      "dropout_model": dropout_model, "seed": seed}
+        writer.finish(pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(n_genes)])), {"simulate": parameters})
     except BaseException:
         if writer.is_h5:
             writer.root.close()

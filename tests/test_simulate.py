@@ -32,6 +32,9 @@ def test_writes_an_anndata_store(tmp_path, suffix):
     assert adata.obs["label"].dtype == "category"
     assert set(adata.obs["label"].cat.categories) == {"type0", "type1", "type2"}
     assert adata.obs_names.is_unique and adata.var_names.is_unique
+    params = adata.uns["simulate"]  # how it was drawn
+    assert params["n_types"] == 3 and params["seed"] == 3 and params["dropout_model"] == "expression"
+    assert float(params["dropout"]) == pytest.approx(0.3)
     if suffix == ".zarr":
         import zarr
 
