@@ -94,9 +94,12 @@ def main(argv: list[str]) -> None:
     inp = args.input
     if inp is None:
         inp = str(work / f"atlas_{args.cells}x{args.genes}.h5ad")
-        if not Path(inp).exists():
+        from scgnn_scale.simulate import drawn_by_default_model
+
+        if not drawn_by_default_model(inp):
             subprocess.run([sys.executable, "-m", "scgnn_scale.cli", "simulate", "--cells", str(args.cells), "--genes",
-                            str(args.genes), "--types", str(args.types), inp], check=True, stdout=sys.stderr)
+                            str(args.genes), "--types", str(args.types), "--overwrite", inp], check=True,
+                           stdout=sys.stderr)
     embedded, cluster = work / "embedded", work / "cluster"
     for d in (embedded, cluster):
         subprocess.run(["rm", "-rf", str(d)], check=True)

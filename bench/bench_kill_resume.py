@@ -237,9 +237,12 @@ def ensure_input(args) -> Path:
     if args.input:
         return Path(args.input).resolve()
     path = args.dir / f"example_{args.cells}x{args.genes}_{args.types}types.h5ad"
-    if not path.exists():
+    from scgnn_scale.simulate import drawn_by_default_model
+
+    if not drawn_by_default_model(path):
         subprocess.run([*scgnn_command(), "simulate", str(path), "--cells", str(args.cells), "--genes",
-                        str(args.genes), "--types", str(args.types), "--quiet", "--log-level", "warning"], check=True)
+                        str(args.genes), "--types", str(args.types), "--quiet", "--overwrite", "--log-level",
+                        "warning"], check=True)
     return path.resolve()
 
 

@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         inp = Path(args.input)
     else:
         inp = work / f"atlas_{args.cells}x{args.genes}.h5ad"
-        if not inp.exists():
+        from scgnn_scale.simulate import drawn_by_default_model
+
+        if not drawn_by_default_model(inp):
             subprocess.run([*cli, "simulate", "--cells", str(args.cells), "--genes", str(args.genes), "--types",
-                            str(args.types), str(inp)], check=True, stdout=subprocess.DEVNULL)
+                            str(args.types), "--overwrite", str(inp)], check=True, stdout=subprocess.DEVNULL)
     moto, s3_env = _start_moto(work / "moto.log")
     env = {**os.environ, **s3_env, "PYTHONPATH": str(ROOT)}
     os.environ.update(s3_env)

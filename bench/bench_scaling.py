@@ -23,24 +23,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_disk import dir_bytes  # noqa: E402
 from measure import run_measured  # noqa: E402
 
+from scgnn_scale.simulate import drawn_by_default_model  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def _drawn_by_todays_simulator(data: Path) -> bool:
-    """Whether ``data`` is an atlas of the simulator's default dropout model (atlases drawn before 1232111
-    record no parameters)."""
-    import zarr
-
-    try:
-        model = zarr.open_group(data, mode="r")["uns/simulate/dropout_model"][()]
-    except (FileNotFoundError, KeyError, ValueError):
-        return False
-    return str(model) == "expression"
 
 
 def one_size(n: int, genes: int, until: str, extra: list[str], resume: bool = False, out: Path = OUT) -> dict:
     data = out / f"atlas_{n}x{genes}.zarr"
-    if not _drawn_by_todays_simulator(data):  # missing, or an atlas of the old uniform dropout (before 1232111)
+    if not drawn_by_default_model(data):  # missing, or drawn by an earlier simulator model
         sim = run_measured(["scgnn-scale", "simulate", str(data), "--cells", str(n), "--genes", str(genes),
                             "--types", "12", "--quiet", "--overwrite"], stdout=subprocess.DEVNULL)
         print(f"simulate: {n} cells in {sim['seconds']:.1f} s, peak RSS {sim['peak_rss_mb']:.0f} MB", file=sys.stderr,

@@ -53,9 +53,12 @@ def input_of(name: str) -> Path:
     if name.startswith("sim"):
         cells = int(name[3:])
         path = OUT / f"{name}.zarr"
-        if not path.exists():
+        from scgnn_scale.simulate import drawn_by_default_model
+
+        if not drawn_by_default_model(path):
             OUT.mkdir(parents=True, exist_ok=True)
-            subprocess.run([*_cli(), "simulate", str(path), "--cells", str(cells), "--quiet"], check=True, env=_env())
+            subprocess.run([*_cli(), "simulate", str(path), "--cells", str(cells), "--quiet", "--overwrite"], check=True,
+                           env=_env())
         return path
     return DATA / name / "counts.h5ad"
 

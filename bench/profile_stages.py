@@ -63,9 +63,11 @@ def summarise(path: Path, top: int = 10) -> dict:
 
 def profile(cells: int, genes: int, stages: list[str], rate: int) -> list[dict]:
     data = OUT / f"atlas_{cells}x{genes}.zarr"
-    if not data.exists():
+    from scgnn_scale.simulate import drawn_by_default_model
+
+    if not drawn_by_default_model(data):
         subprocess.run(["scgnn-scale", "simulate", str(data), "--cells", str(cells), "--genes", str(genes),
-                        "--types", "12", "--quiet"], check=True)
+                        "--types", "12", "--quiet", "--overwrite"], check=True)
     where = OUT / f"profile_{cells}"
     where.mkdir(parents=True, exist_ok=True)
     run_dir = where / "run"

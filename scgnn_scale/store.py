@@ -214,13 +214,19 @@ def _write_small_elem(where, value: Any) -> None:
     files: dict = {}
     write_elem(zarr.open_group(zarr.storage.MemoryStore(store_dict=files), mode="w", zarr_format=3), "element",
                value)
-    with contextlib.ExitStack() as stack:
-        target = stack.enter_context(written_locally(where)) if isinstance(where, ObjectPath) else Path(where)
+
+    def write_files(target: Path) -> None:
         for key, buffer in files.items():
             if key.startswith("element/"):
                 path = target / key[len("element/"):]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(buffer.to_bytes())
+
+    if isinstance(where, ObjectPath):
+        with written_locally(where) as local:
+            write_files(local)
+    else:
+        write_files(Path(where))
 
 
 def _summary_text(value: Any) -> str:

@@ -35,6 +35,7 @@ def test_writes_an_anndata_store(tmp_path, suffix):
     params = adata.uns["simulate"]  # how it was drawn
     assert params["n_types"] == 3 and params["seed"] == 3 and params["dropout_model"] == "expression"
     assert float(params["dropout"]) == pytest.approx(0.3)
+    assert simulate.recorded_parameters(path) == params and simulate.drawn_by_default_model(path)
     if suffix == ".zarr":
         import zarr
 
@@ -63,6 +64,16 @@ def test_library_size_and_dropout_vary(tmp_path):
     assert 0.4 < (dropped > 0).sum() / (dense > 0).sum() < 0.6
     large = dense >= 50
     assert large.sum() > 100 and 0.4 < (dropped[large] > 0).mean() < 0.6
+
+
+def test_an_old_model_or_another_file_is_not_taken_for_a_current_atlas(tmp_path):
+    uniform = simulate_atlas(tmp_path / "u.h5ad", n_cells=60, n_genes=20, n_types=2, dropout_model="uniform")
+    assert simulate.recorded_parameters(uniform)["dropout_model"] == "uniform"
+    assert not simulate.drawn_by_default_model(uniform)
+    other = tmp_path / "other.h5ad"
+    ad.AnnData(np.ones((3, 2), np.float32)).write_h5ad(other)  # an AnnData no simulator wrote
+    assert simulate.recorded_parameters(other) is None and not simulate.drawn_by_default_model(other)
+    assert not simulate.drawn_by_default_model(tmp_path / "missing.zarr")
 
 
 def test_expression_dropout_spares_what_is_highly_expressed(tmp_path):

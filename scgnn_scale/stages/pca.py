@@ -18,8 +18,9 @@ when ``preprocess.keep_counts`` is off):
 
 Memory: one block of rows per thread, a genes x genes Gram matrix per pass-2 task (32 MB at 2,000 genes),
 and O(n_cells) library sizes. Tasks take store paths (as preprocess's), so they run in threads or on the
-Dask cluster of ``--scheduler`` (:mod:`scgnn_scale.csr_tasks`, shared with preprocess). Writes ``obsm/X_pca`` (float32, cells x n_comps) and
-``work/pca/genes`` (the chosen genes, int64 indices into the input's genes); with ``n_comps`` 0 removes both.
+Dask cluster of ``--scheduler`` (:mod:`scgnn_scale.csr_tasks`, shared with preprocess). Writes
+``obsm/X_pca`` (float32, cells x n_comps) and ``work/pca/genes`` (the chosen genes, int64 indices into the
+input's genes); with ``n_comps`` 0 removes both.
 """
 
 from __future__ import annotations
