@@ -227,3 +227,18 @@ def test_export_under_a_file_is_an_input_error(small_run, tmp_path, capsys):
         assert main(["export", str(small_run.root), "--format", fmt, "--to", str(tmp_path / to)]) == 2
         err = capsys.readouterr().err
         assert "cannot create the directory" in err and "Traceback" not in err
+
+
+def test_an_element_of_unknown_encoding_is_an_input_error(tmp_path, capsys):
+    # found by tests/test_fuzz.py ('garbled'): anndata has no reader for an empty encoding-type
+    import h5py
+
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(np.ones((20, 5), np.float32)).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        f["var/_index"].attrs["encoding-type"] = ""
+    before = path.read_bytes()
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--until", "ingest", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+    assert path.read_bytes() == before

@@ -16,9 +16,14 @@ import scipy.sparse as sp
 
 from ..errors import ENVIRONMENT_ERRNOS, InputError
 
+try:  # anndata finds no reader for an element's encoding: a file not in the format it claims
+    from anndata._io.specs.registry import IORegistryError
+except ImportError:  # pragma: no cover - an anndata that moved it; its other errors are still caught
+    IORegistryError = RuntimeError
+
 # exceptions that mean "this file cannot be read as what it claims to be" (corrupt, truncated, malformed)
 _READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError, zlib.error,
-                UnicodeDecodeError, AttributeError)
+                UnicodeDecodeError, AttributeError, IORegistryError)
 
 
 def source_name(source: Any) -> str:
