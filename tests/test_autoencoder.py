@@ -89,8 +89,17 @@ def test_l1_penalty_is_sum_of_absolute_parameters():
     assert torch.equal(model.fc1.weight.grad, torch.sign(model.fc1.weight.detach()))
 
 
-def test_adam_takes_the_per_tensor_adam_steps_bit_for_bit():
-    """The optimiser is the for-each Adam: the same values as torch's per-tensor Adam, not the fused kernel's."""
+def _train_side_by_side(pairs, steps: int, x: torch.Tensor) -> None:
+    for _ in range(steps):
+        for model, opt in pairs:
+            opt.zero_grad()
+            ((model(x)[0] - x) ** 2).sum().backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adam_takes_torchs_adam_steps_bit_for_bit(foreach):
+    """Our Adam takes the same values as torch's for-each and per-tensor Adam, not the fused kernel's."""
     from scgnn_scale.nn.optim import adam
 
     torch.manual_seed(0)
@@ -98,14 +107,60 @@ def test_adam_takes_the_per_tensor_adam_steps_bit_for_bit():
     plain_model.load_state_dict(ours_model.state_dict())
     start = [p.detach().clone() for p in ours_model.parameters()]
     ours = adam(ours_model.parameters(), lr=1e-2)
-    plain = torch.optim.Adam(plain_model.parameters(), lr=1e-2, foreach=False)
-    assert not ours.param_groups[0]["fused"]
+    plain = torch.optim.Adam(plain_model.parameters(), lr=1e-2, foreach=foreach)
     x = torch.rand(8, 30)
-    for _ in range(20):
-        for model, opt in ((ours_model, ours), (plain_model, plain)):
-            opt.zero_grad()
-            ((model(x)[0] - x) ** 2).sum().backward()
-            opt.step()
+    _train_side_by_side(((ours_model, ours), (plain_model, plain)), 20, x)
+    for a, b, before in zip(ours_model.parameters(), plain_model.parameters(), start, strict=True):
+        assert not torch.equal(a, before)
+        assert torch.equal(a, b)
+    # a parameter without a gradient is left alone by both, and so is its state
+    for model in (ours_model, plain_model):
+        model.fc1.bias.requires_grad_(False)
+        model.fc1.bias.grad = None
+    frozen = ours_model.fc1.bias.detach().clone()
+    _train_side_by_side(((ours_model, ours), (plain_model, plain)), 5, x)
+    assert torch.equal(ours_model.fc1.bias, frozen)
     for a, b in zip(ours_model.parameters(), plain_model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert all(not torch.equal(a, b) for a, b in zip(ours_model.parameters(), start, strict=True))
+
+
+def test_adam_resumes_from_its_own_and_torchs_state():
+    """A checkpoint of ours or of torch's Adam resumes in ours with the same steps (torch's state layout)."""
+    from scgnn_scale.nn.optim import adam
+
+    torch.manual_seed(1)
+    x = torch.rand(8, 30)
+    reference = DenseAutoencoder(30, 16, 4)
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=True)
+    _train_side_by_side(((reference, opt),), 12, x)
+
+    for first in (adam, lambda p, lr: torch.optim.Adam(p, lr=lr, foreach=True)):
+        model = DenseAutoencoder(30, 16, 4)
+        model.load_state_dict(start)
+        opt_a = first(model.parameters(), lr=1e-2)
+        _train_side_by_side(((model, opt_a),), 7, x)
+        saved = torch.load(_round_trip(opt_a.state_dict()), weights_only=True)  # as a checkpoint holds it
+        opt_b = adam(model.parameters(), lr=1.0)  # the learning rate comes from the state
+        opt_b.load_state_dict(saved)
+        assert opt_b.param_groups[0]["lr"] == 1e-2
+        _train_side_by_side(((model, opt_b),), 5, x)
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+def _round_trip(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_adam_refuses_a_state_of_another_model():
+    from scgnn_scale.nn.optim import adam
+
+    small, large = DenseAutoencoder(30, 16, 4), torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="parameters"):
+        adam(large.parameters(), lr=1e-3).load_state_dict(adam(small.parameters(), lr=1e-3).state_dict())
