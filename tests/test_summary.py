@@ -44,3 +44,36 @@ def test_summary_of_a_resumed_run_equals_the_summary_of_a_run_in_one_process(tmp
     # the tables keep every column (sorted, as manifest.json stores the records)
     assert in_one_process["history"].columns.tolist() == ["ari_to_previous", "iteration", "n_clusters"]
     assert in_one_process["stages"]["feature"]["loss_history"].columns.tolist() == ["loss", "step"]
+
+
+def test_the_summary_writer_writes_anndatas_files_byte_for_byte(tmp_path):
+    """The run summary's fast writer (zarr directly for dicts, strings and numbers) writes the same files as
+    anndata's ``write_elem``, so every AnnData reader reads it as before."""
+    import anndata
+    import zarr
+    from anndata.io import read_elem, write_elem
+
+    from scgnn_scale.store import _write_small_elem
+
+    anndata.settings.zarr_write_format = 3
+    value = {"config": {"lr": 1e-3, "steps": 200, "name": "leiden", "on": True, "off": False, "empty": "",
+                        "unicode": "Zeisel – 3,005 cells"},
+             "numpy": {"f32": np.float32(0.25), "i64": np.int64(-3), "b": np.bool_(True), "f16": np.float16(1.5)},
+             "lists": {"ints": [1, 2, 3], "words": ["a", "b"], "history": [{"step": 1, "loss": 0.5}]},
+             "array": np.arange(6, dtype=np.float32).reshape(2, 3),
+             "table": pd.DataFrame({"x": [1.0, 2.0], "y": ["u", "v"]}),
+             "nested": {"deeper": {"deepest": 7}}}
+    theirs = zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w", zarr_format=3)
+    write_elem(theirs, "element", value)
+    _write_small_elem(tmp_path / "ours.zarr" / "element", value)
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    theirs_files, ours_files = files(tmp_path / "theirs.zarr" / "element"), files(tmp_path / "ours.zarr" / "element")
+    assert len(theirs_files) > 30
+    assert sorted(ours_files) == sorted(theirs_files)
+    for name, content in theirs_files.items():
+        assert ours_files[name] == content, name
+    back = read_elem(zarr.open_group(str(tmp_path / "ours.zarr" / "element"), mode="r"))
+    assert _frames_and_leaves(back) == _frames_and_leaves(read_elem(theirs["element"]))
