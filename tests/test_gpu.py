@@ -103,3 +103,25 @@ def test_pinned_loader_batches_equal_the_plain_ones():
         assert isinstance(q[0], torch.Tensor) and q[0].is_pinned()
         np.testing.assert_array_equal(p[0], q[0].numpy())
         np.testing.assert_array_equal(p.row_index, q.row_index)
+
+
+@requires_cuda
+def test_adam_on_cuda_takes_torchs_for_each_steps_bit_for_bit():
+    """Our Adam (scgnn_scale/nn/optim.py) on CUDA parameters: the same values as torch's for-each Adam there."""
+    from scgnn_scale.nn.autoencoder import DenseAutoencoder
+    from scgnn_scale.nn.optim import adam
+
+    torch.manual_seed(0)
+    ours_model = DenseAutoencoder(300, 64, 16).cuda()
+    plain_model = DenseAutoencoder(300, 64, 16).cuda()
+    plain_model.load_state_dict(ours_model.state_dict())
+    ours = adam(ours_model.parameters(), lr=1e-3)
+    plain = torch.optim.Adam(plain_model.parameters(), lr=1e-3, foreach=True)
+    x = torch.rand(256, 300, device="cuda")
+    for _ in range(30):
+        for model, opt in ((ours_model, ours), (plain_model, plain)):
+            opt.zero_grad()
+            ((model(x)[0] - x) ** 2).sum().backward()
+            opt.step()
+    for a, b in zip(ours_model.parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(a, b)
