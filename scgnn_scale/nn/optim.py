@@ -75,8 +75,9 @@ class Adam:
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
             # bias corrections in Python floats (doubles), from the float32 step count
-            step_sizes = [(lr / (1 - beta1 ** s.item())) * -1 for s in steps]
-            bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
+            counts = [s.item() for s in steps]
+            step_sizes = [(lr / (1 - beta1 ** t)) * -1 for t in counts]
+            bias_correction2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in counts]
             denominators = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_div_(denominators, bias_correction2_sqrt)
             torch._foreach_add_(denominators, eps)
