@@ -242,3 +242,21 @@ def test_an_element_of_unknown_encoding_is_an_input_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err
     assert path.read_bytes() == before
+
+
+def test_a_row_pointer_that_ends_short_of_the_data_is_an_input_error(tmp_path, capsys):
+    # found by tests/test_fuzz.py ('indptr_decreasing'): each block's rows were consistent, but the pointer
+    # ended before the stored values, so only a prefix of them was read
+    import h5py
+    import scipy.sparse as sp
+
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(sp.csr_matrix(np.arange(1, 13, dtype=np.float32).reshape(3, 4))).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        f["X/indptr"][...] = [0, 4, 8, 9]  # 12 values stored
+    before = path.read_bytes()
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--until", "ingest", "--quiet",
+                 "--ingest-block-rows", "2"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "indptr" in err and "Traceback" not in err
+    assert path.read_bytes() == before

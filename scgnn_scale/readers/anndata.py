@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputError
-from .base import InputReader, canonical, checked_csr, is_group, source_name, unique_names
+from .base import InputReader, canonical, check_csr_ends, checked_csr, is_group, source_name, unique_names
 from .location import Location
 from .registry import Format
 from .spool import SPOOL_BUFFER_ENTRIES, Spool
@@ -121,6 +121,7 @@ class AnnDataStoreReader(InputReader):
         n_obs, n_vars = self.shape
         if self.sparse == "csr_matrix":
             indptr_ds, indices_ds, data_ds = self.X["indptr"], self.X["indices"], self.X["data"]
+            check_csr_ends(indptr_ds, indices_ds, data_ds, self.name)
             for start, stop in self._row_ranges():
                 indptr = np.asarray(indptr_ds[start:stop + 1], dtype=np.int64)
                 lo, hi = int(indptr[0]), int(indptr[-1])

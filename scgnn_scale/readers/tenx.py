@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .base import InputReader, checked_csr, is_group, read_errors, unique_names
+from .base import InputReader, check_csr_ends, checked_csr, is_group, read_errors, unique_names
 from .location import Location
 from .registry import Format
 from .spool import Spool
@@ -68,6 +68,7 @@ class TenxH5Reader(InputReader):
     def _blocks(self):
         n_cells, n_genes = self.file_shape
         indptr_ds, indices_ds, data_ds = self.group["indptr"], self.group["indices"], self.group["data"]
+        check_csr_ends(indptr_ds, indices_ds, data_ds, self.name)
         for start, stop in self._row_ranges():
             indptr = np.asarray(indptr_ds[start:stop + 1], dtype=np.int64)
             lo, hi = int(indptr[0]), int(indptr[-1])
