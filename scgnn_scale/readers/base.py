@@ -78,9 +78,10 @@ def check_csr_ends(indptr_ds, indices_ds, data_ds, name: str) -> None:
     """The whole row pointer's ends against the stored arrays, once per file: the blocks check their own
     rows, and a pointer that ends short of ``data`` would otherwise read only a prefix of it."""
     first, last = int(indptr_ds[0]), int(indptr_ds[-1])
-    if first != 0 or last != len(data_ds) or len(indices_ds) != len(data_ds):
+    n_data, n_indices = int(data_ds.shape[0]), int(indices_ds.shape[0])  # h5py datasets or zarr arrays
+    if first != 0 or last != n_data or n_indices != n_data:
         raise InputError(f"{name}: corrupt sparse matrix (indptr runs from {first} to {last}; data holds "
-                         f"{len(data_ds)} values, indices {len(indices_ds)})")
+                         f"{n_data} values, indices {n_indices})")
 
 
 def checked_csr(data, indices, indptr, n_rows: int, n_cols: int, name: str) -> sp.csr_matrix:
