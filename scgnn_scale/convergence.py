@@ -138,13 +138,13 @@ def graph_threshold(reference, tol: float) -> float:
 
 def clustering_ari(previous, current) -> float:
     """Adjusted Rand index between two labelings of the same cells (consecutive iterations)."""
-    from sklearn.metrics import adjusted_rand_score
+    from .partition_scores import adjusted_rand_index
 
     previous = np.asarray(previous)
     current = np.asarray(current)
     if previous.shape != current.shape:
         raise ValueError(f"labelings differ in length: {previous.shape} vs {current.shape}")
-    return float(adjusted_rand_score(previous, current))
+    return adjusted_rand_index(previous, current)
 
 
 def should_stop(*, ari: float | None, change: float | None, threshold: float, ari_stop: float) -> str | None:

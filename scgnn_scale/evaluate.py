@@ -13,6 +13,7 @@ import pandas as pd
 from .atomic import write_json
 from .errors import InputError
 from .keys import CLUSTER_COLUMN, KEYS
+from .partition_scores import adjusted_rand_index, normalized_mutual_information, silhouette
 
 SILHOUETTE_MAX_CELLS = 10_000
 
@@ -39,8 +40,6 @@ def clustering_metrics(labels_true, labels_pred, embedding=None, seed: int = 0,
         ``ari``, ``nmi`` (arithmetic normalisation, scikit-learn's default), ``silhouette`` (None
         without embedding or with a single cluster), ``n_clusters``, ``n_labels``, ``n_cells``.
     """
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
-
     truth = pd.Series(np.asarray(labels_true, dtype=object))
     pred = np.asarray(labels_pred)
     if truth.size != pred.size:
@@ -51,8 +50,8 @@ def clustering_metrics(labels_true, labels_pred, embedding=None, seed: int = 0,
     t = truth[known].astype(str).to_numpy()
     p = pred[known].astype(str)
     out = {
-        "ari": float(adjusted_rand_score(t, p)),
-        "nmi": float(normalized_mutual_info_score(t, p)),
+        "ari": adjusted_rand_index(t, p),
+        "nmi": normalized_mutual_information(t, p),
         "silhouette": None,
         "n_clusters": int(np.unique(pred.astype(str)).size),
         "n_labels": int(np.unique(t).size),
@@ -68,7 +67,7 @@ def clustering_metrics(labels_true, labels_pred, embedding=None, seed: int = 0,
         sample_labels = pred[rows].astype(str)
         n_sample_clusters = np.unique(sample_labels).size
         if 2 <= n_sample_clusters <= rows.size - 1:
-            out["silhouette"] = float(silhouette_score(emb[rows], sample_labels))
+            out["silhouette"] = silhouette(emb[rows], sample_labels)
         out["silhouette_cells"] = int(rows.size)
     return out
 

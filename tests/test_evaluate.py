@@ -109,3 +109,48 @@ def test_evaluate_run_without_clusters(tmp_path):
     store = store_with_matrix(tmp_path / "run", np.ones((4, 2), np.float32), labels=[0, 1, 0, 1])
     with pytest.raises(InputError, match="no clusters"):
         evaluate_run(store.root)
+
+
+# -- the NumPy scores against scikit-learn's (a dev dependency; the package does not import it) --------
+
+@pytest.mark.parametrize("case", ["random", "nested", "one_each", "all_one", "many_values", "strings"])
+def test_partition_scores_equal_scikit_learn(rng, case):
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from scgnn_scale.partition_scores import adjusted_rand_index, normalized_mutual_information
+
+    n = 500
+    a = {"random": rng.integers(0, 6, n), "nested": np.repeat(np.arange(10), 50), "one_each": np.arange(n),
+         "all_one": np.zeros(n, int), "many_values": rng.integers(0, 300, n),
+         "strings": rng.choice(["T", "B", "NK"], n)}[case]
+    b = {"nested": np.repeat(np.arange(5), 100), "all_one": np.zeros(n, int)}.get(
+        case, np.where(rng.random(n) < 0.6, a, rng.permutation(a)))
+    assert adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), rel=1e-12, abs=1e-12)
+    assert normalized_mutual_information(a, b) == pytest.approx(normalized_mutual_info_score(a, b), rel=1e-12,
+                                                                abs=1e-12)
+
+
+def test_ari_of_many_cells_does_not_overflow(rng):
+    from sklearn.metrics import adjusted_rand_score
+
+    from scgnn_scale.partition_scores import adjusted_rand_index
+
+    a = rng.integers(0, 2, 300_000)  # products of pair counts pass int64 here
+    b = np.where(rng.random(a.size) < 0.9, a, 1 - a)
+    assert adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), rel=1e-12)
+    assert 0.6 < adjusted_rand_index(a, b) < 0.7
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_silhouette_equals_scikit_learn_with_a_lone_cell(rng, dtype):
+    from sklearn.metrics import silhouette_score
+
+    from scgnn_scale.partition_scores import silhouette
+
+    x = (rng.normal(size=(700, 8)) + np.repeat(np.eye(8)[:4] * 3, 175, axis=0)).astype(dtype)
+    labels = np.repeat(np.arange(4), 175)
+    labels[0] = 9  # a cluster of one cell: its width is 0
+    labels[1:40] = rng.integers(0, 4, 39)
+    assert silhouette(x, labels, block_rows=64) == pytest.approx(silhouette_score(x, labels), rel=1e-6)
+    with pytest.raises(ValueError, match="clusters"):
+        silhouette(x, np.zeros(700, int))
