@@ -180,7 +180,7 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
     import torch
 
     from .convergence import LossPlateau
-    from .nn.losses import l1_penalty, reconstruction_loss, reference_cells
+    from .nn.losses import add_l1_gradient, reconstruction_loss, reference_cells
 
     device = next(model.parameters()).device
     steps = int(plan.steps)
@@ -219,9 +219,9 @@ def fit_autoencoder(model, optimizer, arrays: list, plan: TrainPlan, *, cell_wei
                     recon, _ = model(x)
                 rec = reconstruction_loss(x, recon, trs=trs, gamma=plan.gamma, alpha=plan.alpha, cell_weight=w,
                                           reference_cells=n_ref)
-                loss = rec + plan.l1 * l1_penalty(model) if plan.l1 else rec
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                rec.backward()
+                loss = rec.detach() + plan.l1 * add_l1_gradient(model, plan.l1) if plan.l1 else rec
                 optimizer.step()
                 step += 1
                 window.append(loss.detach())

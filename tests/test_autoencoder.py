@@ -7,6 +7,7 @@ import torch
 from scgnn_scale.nn.autoencoder import DenseAutoencoder
 from scgnn_scale.nn.losses import (
     ORIGINAL_BATCH_CELLS,
+    add_l1_gradient,
     l1_penalty,
     reconstruction_loss,
     reference_cells,
@@ -87,6 +88,30 @@ def test_l1_penalty_is_sum_of_absolute_parameters():
     assert float(l1_penalty(model).detach()) == pytest.approx(dense, rel=1e-5)
     l1_penalty(model).backward()
     assert torch.equal(model.fc1.weight.grad, torch.sign(model.fc1.weight.detach()))
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_l1_gradient_added_directly_equals_backpropagating_the_penalty(rng, weight):
+    """The trainers add the L1 term's gradient after backward(): bit for bit what autograd gives."""
+    x = torch.from_numpy(rng.random((40, 30)).astype(np.float32))
+    grads, losses = [], []
+    for way in ("autograd", "direct", "without"):
+        torch.manual_seed(3)
+        model = DenseAutoencoder(30, hidden=16, latent=4)
+        with torch.no_grad():
+            model.fc2.bias[0] = 0.0  # sign 0: no L1 gradient there
+        rec = reconstruction_loss(x, model(x)[0], gamma=1.0, alpha=0.0, reference_cells=40)
+        if way == "autograd":
+            loss = rec + weight * l1_penalty(model)
+            loss.backward()
+        else:
+            rec.backward()
+            loss = rec.detach() + weight * add_l1_gradient(model, weight) if way == "direct" else rec.detach()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+    assert not torch.equal(grads[0][0], grads[2][0])  # the term is there
 
 
 def _train_side_by_side(pairs, steps: int, x: torch.Tensor) -> None:
