@@ -134,17 +134,19 @@ class FeatureConfig:
     checkpoint_minutes: float = _f(10.0, "save the model and optimiser this often during training, so a killed run resumes (0: never)")
     torch_threads: int = _f(0, "torch threads when training on CPU (0: all cores but one, which is left to the "
                             "loader's reads and decoding; oversubscribed torch threads slow training several-fold)")
-    precision: str = _f("float32", "arithmetic of the autoencoders' training steps (feature, its continuation, the "
+    precision: str = _f("auto", "arithmetic of the autoencoders' training steps (feature, its continuation, the "
                         "cluster and imputation AEs): 'float32'; 'bfloat16' (torch autocast: matrix products in "
                         "bfloat16, weights, optimiser and loss in float32; outputs are always computed in float32); "
-                        "'auto': bfloat16 on a CPU that has it in hardware (AVX512-BF16 or AMX), float32 elsewhere",
+                        "'auto': bfloat16 on a CPU that has it in hardware (AVX512-BF16 or AMX), float32 elsewhere "
+                        "(CUDA included)",
                         ("auto", "float32", "bfloat16"),
-                        why="bfloat16 took 0.58x the CPU time of a float32 step of the 2,000 -> 512 -> 128 network on a "
-                        "CPU with AVX512-BF16 and cut a whole run's CPU by about a third; over 5 seeds on the half of "
-                        "the gold sets defaults are chosen on it tied float32 on the Leiden-averaged ARI (0.6819 "
-                        "against 0.6822) and its own-seed runs averaged 0.035 lower, so float32 stays the default "
-                        "(bench/RESULTS.md, 'bfloat16 against float32 over five seeds'); on a CPU without bfloat16 "
-                        "in hardware it is emulated and slower")
+                        why="with the graph beside the PCA and the consensus of Leiden runs (the default since "
+                        "04d36a6), bfloat16 tied float32's mean ARI over 5 seeds on the half of the gold sets defaults "
+                        "are chosen on (0.7468 against 0.7468) with every set's seed SD at most 0.03 (goolam 0.0004 "
+                        "against 0.033), imputed as well, and took 0.6x the CPU of a float32 step on a CPU with "
+                        "AVX512-BF16 (bench/RESULTS.md, 'bfloat16 again, on today's default'); 'float32' restores the "
+                        "arithmetic of the published code; on a CPU without bfloat16 in hardware it is emulated and "
+                        "slower, so 'auto' keeps float32 there")
 
 
 @dataclass(frozen=True)

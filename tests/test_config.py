@@ -15,7 +15,7 @@ def test_defaults_are_the_papers_except_the_measured_departures():
     assert cfg.iterate.ari_stop == 0.99
     # departures chosen on HALF_A of bench/gold_split.py (README, "Method notes"); the paper's value restores it
     assert cfg.iterate.max_iterations == 0  # the paper: 10
-    assert cfg.feature.precision == "float32"
+    assert cfg.feature.precision == "auto"
     assert cfg.feature.batch_size == 512  # the paper: full batches of up to 12,800 cells; 1,024 here before ee8245f
 
 
