@@ -140,10 +140,11 @@ class FeatureConfig:
                         "'auto': bfloat16 on a CPU that has it in hardware (AVX512-BF16 or AMX), float32 elsewhere "
                         "(CUDA included)",
                         ("auto", "float32", "bfloat16"),
-                        why="with the graph beside the PCA and the consensus of Leiden runs (the default since "
-                        "04d36a6), bfloat16 tied float32's mean ARI over 5 seeds on the half of the gold sets defaults "
-                        "are chosen on (0.7468 against 0.7468) with every set's seed SD at most 0.03 (goolam 0.0004 "
-                        "against 0.033), imputed as well, and took 0.6x the CPU of a float32 step on a CPU with "
+                        why="with the graph beside the PCA (3d80d3b) and the consensus of Leiden runs (a2d764c), "
+                        "bfloat16 tied float32's mean ARI over 5 seeds on the half of the gold sets defaults are "
+                        "chosen on (0.7468 against 0.7468) with every set's seed SD at most 0.03 (goolam 0.0004 "
+                        "against 0.033), imputed as well as float32 on both halves, and took 0.6x the CPU of a "
+                        "float32 step on a CPU with "
                         "AVX512-BF16 (bench/RESULTS.md, 'bfloat16 again, on today's default'); 'float32' restores the "
                         "arithmetic of the published code; on a CPU without bfloat16 in hardware it is emulated and "
                         "slower, so 'auto' keeps float32 there")
