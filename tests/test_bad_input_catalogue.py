@@ -635,3 +635,14 @@ def test_an_in_memory_anndata_of_complex_values_is_refused():
 
     with pytest.raises(InputError, match=r"input AnnData: X holds complex values \(complex64\)"):
         open_input(ad.AnnData(X.astype(np.complex64)))
+
+
+def test_h5ad_csc_column_pointer_that_ends_short_of_its_data(tmp_path, capsys):
+    # the CSC reader reads whole column ranges: a pointer ending before the stored values read a prefix
+    def shorten(f):
+        indptr = f["X"]["indptr"][:]
+        indptr[-1] -= 1
+        _replace(f["X"], "indptr", indptr)
+
+    inp = write_h5ad(tmp_path / "counts.h5ad", layout="csc", edit=shorten)
+    refuse(capsys, inp, "corrupt sparse matrix (indptr runs from 0 to")

@@ -107,11 +107,9 @@ def add_l1_gradient(model: nn.Module, weight: float) -> torch.Tensor:
     reconstruction's gradient), without the graph and backward pass of a second loss over a million
     weights: 3-5% of an autoencoder step on CPU. Call it after ``backward()`` of the rest of the loss.
     """
-    scale = torch.tensor(float(weight), dtype=torch.float32)
     for p in model.parameters():
         if p.requires_grad:
-            term = scale.to(p.device) * p.sign()
-            p.grad = term if p.grad is None else p.grad.add_(term)
+            p.grad = weight * p.sign() if p.grad is None else p.grad.add_(p.sign(), alpha=weight)
     return l1_penalty(model)
 
 

@@ -140,6 +140,7 @@ class AnnDataStoreReader(InputReader):
         indptr = np.asarray(self.X["indptr"][:], dtype=np.int64)  # n_vars + 1: small
         if len(indptr) != n_vars + 1 or np.any(np.diff(indptr) < 0):
             raise InputError(f"{self.name}: corrupt sparse matrix (indptr is not a valid column pointer)")
+        check_csr_ends(indptr, self.X["indices"], self.X["data"], self.name)
         spool = self._open_spool()
         col = 0
         while col < n_vars:
@@ -151,9 +152,6 @@ class AnnDataStoreReader(InputReader):
             if len(rows) and (rows.min() < 0 or rows.max() >= n_obs):
                 raise InputError(f"{self.name}: corrupt sparse matrix (a row index is outside 0..{n_obs - 1})")
             values = np.asarray(self.X["data"][lo:hi], dtype=np.float32)
-            if len(rows) != hi - lo or len(values) != hi - lo:  # indices or data shorter than indptr says
-                raise InputError(f"{self.name}: corrupt sparse matrix (indptr points past the end of "
-                                 f"{'data' if len(values) != hi - lo else 'indices'})")
             cols = np.repeat(np.arange(col, end, dtype=np.int64), np.diff(indptr[col:end + 1]))
             spool.add(rows, cols, values)
             col = end

@@ -75,10 +75,13 @@ def unique_names(values, what: str, name: str) -> pd.Index:
 
 
 def check_csr_ends(indptr_ds, indices_ds, data_ds, name: str) -> None:
-    """The whole row pointer's ends against the stored arrays, once per file: the blocks check their own
-    rows, and a pointer that ends short of ``data`` would otherwise read only a prefix of it."""
+    """The whole pointer's ends (CSR rows or CSC columns) against the stored arrays, once per file: the blocks
+    check their own ranges, and a pointer that ends short of ``data`` would otherwise read only a prefix of it."""
     first, last = int(indptr_ds[0]), int(indptr_ds[-1])
     n_data, n_indices = int(data_ds.shape[0]), int(indices_ds.shape[0])  # h5py datasets or zarr arrays
+    if last > min(n_data, n_indices):
+        raise InputError(f"{name}: corrupt sparse matrix (indptr points past the end of "
+                         f"{'data' if n_data < last else 'indices'})")
     if first != 0 or last != n_data or n_indices != n_data:
         raise InputError(f"{name}: corrupt sparse matrix (indptr runs from {first} to {last}; data holds "
                          f"{n_data} values, indices {n_indices})")
